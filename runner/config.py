@@ -1,0 +1,140 @@
+"""Typed configuration: the schemas behind every Hydra group, and their validation.
+
+Hydra composes YAML files that extend these dataclasses (``conf/``); the entry point converts the result
+once with ``OmegaConf.to_object`` and from then on library code only sees these dataclasses. Each one
+checks its own values in ``__post_init__`` and raises ``ConfigError`` naming the field, so a bad value
+fails before any work starts, whether it came from the command line, a YAML file or ``LLM(**overrides)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from runner.errors import ConfigError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+ATTENTION_BACKENDS = ("torch", "triton")
+METADATA_STRATEGIES = ("persistent", "per_step")
+
+
+def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{field_name}={value!r} is not valid: choose one of {', '.join(choices)}")
+
+
+def _check_positive(field_name: str, value: Optional[int | float], allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{field_name}={value!r} is not valid: it must be a positive number")
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to run.
+
+    ``path`` is a Hugging Face checkpoint directory (config.json, safetensors shards with an index,
+    tokenizer). With ``path`` unset, a model whose ``preset`` is a tiny one is generated from ``seed``
+    into the user's cache the first time it is needed (the embedded default); the full-size presets
+    need a path.
+    """
+
+    name: str = MISSING
+    preset: str = MISSING  # an architecture in models.presets
+    path: Optional[str] = None
+    seed: int = 0
+    num_layers: Optional[int] = None  # keep only the first N decoder layers (studies, benchmarks)
+    trust_remote_code: bool = False  # for tokenizers that ship code (Kimi-K2's tiktoken tokenizer)
+
+    def __post_init__(self) -> None:
+        _check_positive("model.num_layers", self.num_layers, allow_none=True)
+
+
+@dataclass
+class AttentionConfig:
+    """The attention backend that runs MLA decode."""
+
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        _check_choice("attention.name", self.name, ATTENTION_BACKENDS)
+
+
+@dataclass
+class MetadataConfig:
+    """How the per-step attention metadata is built.
+
+    ``persistent``: fixed buffers sized once, filled on the device every step (no sync, graph-safe).
+    ``per_step``: fresh tensors built on the host every step and copied in (the baseline).
+    """
+
+    strategy: str = MISSING
+    num_kv_splits: Optional[int] = None  # split count: a cap for persistent, the fixed count for per_step
+
+    def __post_init__(self) -> None:
+        _check_choice("metadata.strategy", self.strategy, METADATA_STRATEGIES)
+        _check_positive("metadata.num_kv_splits", self.num_kv_splits, allow_none=True)
+
+
+@dataclass
+class GenerateTaskConfig:
+    """Prompts to completions."""
+
+    name: str = "generate"
+    prompts: Optional[str] = None  # a .jsonl or .txt file; unset: a few built-in prompts
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: Optional[int] = None
+    chat: bool = False  # apply the tokenizer's chat template
+    output: str = "completions.jsonl"  # written into the run's output directory
+
+    def __post_init__(self) -> None:
+        _check_positive("task.max_tokens", self.max_tokens)
+        if self.temperature < 0:
+            raise ConfigError(f"task.temperature={self.temperature} is not valid: it must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"task.top_p={self.top_p} is not valid: it must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"task.top_k={self.top_k} is not valid: it must be >= 0 (0 disables it)")
+
+
+@dataclass
+class RunConfig:
+    """One run: a model, an attention backend, a metadata strategy, a task and the run settings."""
+
+    model: ModelConfig = MISSING
+    attention: AttentionConfig = MISSING
+    metadata: MetadataConfig = MISSING
+    task: Any = MISSING
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    device: str = "auto"  # auto: cuda when available
+    seed: int = 0
+    max_batch_size: int = 32  # requests decoded together
+    max_model_len: int = 4096  # prompt + generated tokens per request
+    page_size: int = 64  # tokens per KV-cache page
+    num_pages: Optional[int] = None  # KV-cache capacity; unset: enough for max_batch_size full requests
+    progress: bool = True  # progress bars
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        _check_positive("max_batch_size", self.max_batch_size)
+        _check_positive("max_model_len", self.max_model_len)
+        _check_positive("page_size", self.page_size)
+        _check_positive("num_pages", self.num_pages, allow_none=True)
+
+
+def register_configs() -> None:
+    """Register the schemas that the YAML files in conf/ extend (``defaults: [base_...]``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_run", node=RunConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="attention", name="base_attention", node=AttentionConfig)
+    cs.store(group="metadata", name="base_metadata", node=MetadataConfig)
+    cs.store(group="task", name="base_generate", node=GenerateTaskConfig)

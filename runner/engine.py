@@ -1,0 +1,266 @@
+"""The engine: a model, its paged latent KV cache, a scheduler and the step loop.
+
+Each step is a prefill of newly admitted requests or a decode of every running request. Prefill goes
+through the torch reference attention (any correct path will do there); decode goes through the
+configured backend with metadata built once per step by the configured strategy, shared by every layer.
+Decode inputs live in persistent buffers sized once for ``max_batch_size``, so the positions the layers
+read are the step's input buffer itself.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from models.config import ModelArgs
+from models.context import ForwardContext
+from models.loader import load_model, load_tokenizer
+from runner.attention import StepMetadata, TorchAttention, make_backend, prepare_triton
+from runner.block_manager import BlockManager
+from runner.checkpoint import resolve_checkpoint
+from runner.config import RunConfig
+from runner.errors import ConfigError, UserError
+from runner.metadata import make_metadata_builder
+from runner.request import Request
+from runner.sampling import SamplingParams, sample
+from runner.scheduler import Scheduler
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+@dataclass
+class DecodeBuffers:
+    """The decode step's inputs, allocated once at their largest size and filled in place every step."""
+
+    input_ids: torch.Tensor  # [max_batch] int64
+    positions: torch.Tensor  # [max_batch] int64
+    slot_mapping: torch.Tensor  # [max_batch] int64
+    seq_lens: torch.Tensor  # [max_batch] int32
+    qo_indptr: torch.Tensor  # [max_batch + 1] int32
+    block_table: torch.Tensor  # [max_batch, max_pages_per_seq] int32
+
+    @classmethod
+    def allocate(cls, max_batch: int, max_pages_per_seq: int, device: torch.device) -> "DecodeBuffers":
+        def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(
+            input_ids=zeros(max_batch, dtype=torch.int64),
+            positions=zeros(max_batch, dtype=torch.int64),
+            slot_mapping=zeros(max_batch, dtype=torch.int64),
+            seq_lens=zeros(max_batch),
+            qo_indptr=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
+            block_table=zeros(max_batch, max_pages_per_seq),
+        )
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        prepare_triton(self.device)
+        torch.manual_seed(cfg.seed)
+        self.checkpoint: Path = resolve_checkpoint(cfg.model, progress=cfg.progress)
+        self.args = ModelArgs.from_dir(self.checkpoint)
+        if cfg.max_model_len > self.args.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={cfg.max_model_len} is larger than the model's "
+                f"max_position_embeddings={self.args.max_position_embeddings}"
+            )
+        kv_lora_rank = self.args.kv_lora_rank
+        self.backend = make_backend(cfg.attention.name, self.device, kv_lora_rank)
+        self.prefill_backend = TorchAttention(kv_lora_rank)
+
+        self.model = load_model(
+            self.checkpoint, dtype=self.dtype, device=self.device, num_layers=cfg.model.num_layers, progress=cfg.progress
+        )
+        self.tokenizer = load_tokenizer(self.checkpoint, trust_remote_code=cfg.model.trust_remote_code)
+        eos = self.args.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+        self.page_size = cfg.page_size
+        self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
+        num_pages = cfg.num_pages or cfg.max_batch_size * self.max_pages_per_seq
+        if num_pages < self.max_pages_per_seq:
+            raise ConfigError(
+                f"num_pages={num_pages} holds {num_pages * cfg.page_size} tokens, fewer than "
+                f"max_model_len={cfg.max_model_len}: raise num_pages or lower max_model_len"
+            )
+        latent_dim = kv_lora_rank + self.args.qk_rope_head_dim
+        attention_layers = self.model.attention_layers
+        self.kv_cache = torch.zeros(
+            len(attention_layers), num_pages, cfg.page_size, latent_dim, dtype=self.dtype, device=self.device
+        )
+        for attn, cache in zip(attention_layers, self.kv_cache):
+            attn.kv_cache = cache
+        self.blocks = BlockManager(num_pages, cfg.page_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_batch_size, max_prefill_tokens=max(cfg.max_model_len, 2048))
+        self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, self.device)
+        self.metadata = make_metadata_builder(
+            cfg.metadata,
+            num_heads=self.args.num_attention_heads,
+            max_batch=cfg.max_batch_size,
+            max_pages_per_seq=self.max_pages_per_seq,
+            page_size=cfg.page_size,
+            kv_lora_rank=kv_lora_rank,
+            rope_dim=self.args.qk_rope_head_dim,
+            device=self.device,
+        )
+        self.sm_scale = self.args.softmax_scale
+
+    # ----------------------------------------------------------------------------------------- requests
+    def make_request(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                     prompt: Optional[str] = None) -> Request:
+        """A request, or a ``UserError`` saying why this prompt cannot run (nothing is queued then)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise UserError(f"prompt {index} is empty")
+        if n >= self.cfg.max_model_len:
+            raise UserError(
+                f"prompt {index} has {n} tokens, max_model_len={self.cfg.max_model_len} leaves no room to generate"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise UserError(f"prompt {index} has token id {bad[0]} outside the vocabulary (size {self.args.vocab_size})")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        return Request(index, prompt, list(prompt_token_ids), params, generator)
+
+    def run(self, requests: Iterable[Request], on_finish: Callable[[Request], None] | None = None,
+            progress: bool | None = None) -> list[Request]:
+        """Run requests to completion, all batched together; returns them in the order given."""
+        requests = list(requests)
+        for req in requests:
+            self.scheduler.add(req)
+        show = self.cfg.progress if progress is None else progress
+        bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not show or not requests, leave=False)
+        start, generated = time.perf_counter(), 0
+        with torch.inference_mode():
+            while self.scheduler.has_work():
+                finished, n_new = self.step()
+                generated += n_new
+                for req in finished:
+                    bar.update(1)
+                    if on_finish is not None:
+                        on_finish(req)
+                bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}")
+        bar.close()
+        return requests
+
+    # --------------------------------------------------------------------------------------------- step
+    def step(self) -> tuple[list[Request], int]:
+        """One prefill or decode step; returns the requests it finished and the tokens it generated."""
+        batch, is_prefill = self.scheduler.schedule()
+        logits = self._prefill(batch) if is_prefill else self._decode(batch)
+        tokens = sample(logits, [r.params for r in batch], [r.generator for r in batch]).tolist()
+        now = time.perf_counter()
+        finished = []
+        for req, token in zip(batch, tokens):
+            req.output_token_ids.append(token)
+            req.first_token_time = req.first_token_time or now
+            if self._check_finished(req):
+                req.finish_time = now
+                self.scheduler.finish(req)
+                finished.append(req)
+        return finished, len(batch)
+
+    def _prefill(self, batch: list[Request]) -> torch.Tensor:
+        """Write the latent vectors of every token of each request; logits of each request's last token."""
+        ids, positions, slots, qo_indptr, seq_lens = [], [], [], [0], []
+        for req in batch:
+            n = req.num_tokens
+            ids.extend(req.token_ids)
+            positions.extend(range(n))
+            slots.extend(self._slot(req, p) for p in range(n))
+            qo_indptr.append(qo_indptr[-1] + n)
+            seq_lens.append(n)
+            req.num_cached = n
+        device = self.device
+        block_table = torch.zeros(len(batch), self.max_pages_per_seq, dtype=torch.int32)
+        for i, req in enumerate(batch):
+            block_table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
+        meta = StepMetadata(
+            qo_indptr=torch.tensor(qo_indptr, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_table=block_table.to(device),
+        )
+        ctx = ForwardContext(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            backend=self.prefill_backend,
+            attn_metadata=meta,
+        )
+        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=device), ctx)
+        last = torch.tensor(qo_indptr[1:], device=device) - 1
+        return self.model.compute_logits(hidden[last])
+
+    def _decode(self, batch: list[Request]) -> torch.Tensor:
+        """One new token per request through the configured backend and metadata strategy."""
+        B = len(batch)
+        seq_lens = [req.num_cached + 1 for req in batch]
+        table = torch.zeros(B, self.max_pages_per_seq, dtype=torch.int32)
+        for i, req in enumerate(batch):
+            table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
+        buf = self.buffers
+        buf.input_ids[:B].copy_(torch.tensor([req.token_ids[-1] for req in batch]), non_blocking=True)
+        buf.positions[:B].copy_(torch.tensor([req.num_cached for req in batch]), non_blocking=True)
+        buf.slot_mapping[:B].copy_(torch.tensor([self._slot(req, req.num_cached) for req in batch]), non_blocking=True)
+        buf.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        buf.block_table[:B].copy_(table, non_blocking=True)
+        for req in batch:
+            req.num_cached += 1
+        meta = self.metadata.build(
+            buf.seq_lens[:B], buf.qo_indptr[: B + 1], buf.block_table[:B],
+            seq_lens_host=seq_lens, q_lens_host=[1] * B,
+        )
+        ctx = ForwardContext(
+            positions=buf.positions[:B], slot_mapping=buf.slot_mapping[:B], backend=self.backend, attn_metadata=meta
+        )
+        hidden = self.model(buf.input_ids[:B], ctx)
+        return self.model.compute_logits(hidden)
+
+    def _slot(self, req: Request, position: int) -> int:
+        return req.pages[position // self.page_size] * self.page_size + position % self.page_size
+
+    def _check_finished(self, req: Request) -> bool:
+        """Set the finish reason and final text of a request that is done; False while it goes on."""
+        params, token = req.params, req.output_token_ids[-1]
+        cut = self._cut_at_stop_string(req) if params.stop else None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            req.finish_reason = "stop"
+        elif cut is not None:
+            req.finish_reason, req.text = "stop", cut
+            return True
+        elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.cfg.max_model_len:
+            req.finish_reason = "length"
+        else:
+            return False
+        req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        return True
+
+    def _cut_at_stop_string(self, req: Request) -> Optional[str]:
+        """The text before the first stop string, if the text so far contains one."""
+        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        cuts = [text.find(s) for s in req.params.stop if s and s in text]
+        return text[: min(cuts)] if cuts else None
