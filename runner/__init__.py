@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from runner.attention import use_interpreter_without_gpu
+
+use_interpreter_without_gpu()
+
 if TYPE_CHECKING:
     from runner.api import LLM, CompletionOutput, RequestOutput
     from runner.sampling import SamplingParams

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +57,21 @@ class TritonAttention:
         return self._decode(q, kv_cache, metadata, sm_scale, kv_lora_rank=self.kv_lora_rank)
 
 
+def use_interpreter_without_gpu() -> None:
+    """Without a CUDA GPU, Triton kernels (decode and metadata) run under Triton's interpreter, whose switch
+    must be on before triton itself is imported: ``import runner`` does this first thing."""
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def prepare_triton(device: torch.device) -> None:
-    """On a CPU, Triton kernels (decode and metadata) run under its interpreter, which must be switched on
-    before they are defined: call this before anything imports them."""
-    if device.type == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
+    """Check, before any kernel is defined, that Triton can run on ``device``."""
+    use_interpreter_without_gpu()
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(
+            "device=cpu runs the Triton kernels under Triton's interpreter, which must be switched on before "
+            "triton is imported: set TRITON_INTERPRET=1, or import runner before anything that imports triton"
+        )
 
 
 def make_backend(name: str, device: torch.device, kv_lora_rank: int):
@@ -69,5 +80,6 @@ def make_backend(name: str, device: torch.device, kv_lora_rank: int):
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             raise ConfigError("attention=triton needs the triton package: pip install triton (or use attention=torch)")
+        prepare_triton(device)
         return TritonAttention(kv_lora_rank)
     raise ConfigError(f"attention.name={name!r} is not a known backend")

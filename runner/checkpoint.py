@@ -1,10 +1,18 @@
-"""Where a model's weights come from: a checkpoint directory, or the embedded tiny checkpoint."""
+"""Where a model comes from: a checkpoint directory, the embedded tiny checkpoint, or random weights."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any, Optional
 
-from models.errors import CheckpointError
+import torch
+
 from models import presets
+from models.config import ModelArgs
+from models.deepseek_v3 import DeepseekV3ForCausalLM
+from models.errors import CheckpointError
+from models.loader import load_model, load_tokenizer
+from models.random_weights import random_model
 from models.tiny import ensure_tiny_checkpoint
 from runner.config import ModelConfig
 from runner.errors import ConfigError
@@ -18,7 +26,40 @@ PRESETS = {
 TINY_PRESETS = ("tiny_deepseek_v3", "tiny_kimi_k2")  # small enough to generate on first use
 
 
-def resolve_checkpoint(cfg: ModelConfig, progress: bool = True) -> Path:
+@dataclasses.dataclass
+class ModelSource:
+    """The architecture of the configured model, and where its weights will come from."""
+
+    cfg: ModelConfig
+    args: ModelArgs  # truncated to cfg.num_layers when set
+    path: Optional[Path]  # None: random weights
+
+    @classmethod
+    def resolve(cls, cfg: ModelConfig) -> "ModelSource":
+        if cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset={cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+        if cfg.random_weights:
+            path, args = None, ModelArgs.from_dict(PRESETS[cfg.preset], source=f"preset {cfg.preset}")
+        else:
+            path = checkpoint_dir(cfg)
+            args = ModelArgs.from_dir(path)
+        if cfg.num_layers is not None:
+            if cfg.num_layers > args.num_hidden_layers:
+                raise ConfigError(f"model.num_layers={cfg.num_layers} is more than the model's {args.num_hidden_layers}")
+            args = dataclasses.replace(args, num_hidden_layers=cfg.num_layers)
+        return cls(cfg, args, path)
+
+    def load(self, dtype: torch.dtype, device: torch.device, progress: bool) -> DeepseekV3ForCausalLM:
+        if self.path is None:
+            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed)
+        return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress)
+
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer; None for random weights (prompts are token ids then)."""
+        return None if self.path is None else load_tokenizer(self.path, trust_remote_code=self.cfg.trust_remote_code)
+
+
+def checkpoint_dir(cfg: ModelConfig) -> Path:
     """The checkpoint directory to load: ``cfg.path``, or the tiny preset generated into the cache."""
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
@@ -27,6 +68,5 @@ def resolve_checkpoint(cfg: ModelConfig, progress: bool = True) -> Path:
         return path
     if cfg.preset in TINY_PRESETS:
         return ensure_tiny_checkpoint(cfg.preset, PRESETS[cfg.preset], seed=cfg.seed)
-    if cfg.preset in PRESETS:
-        raise ConfigError(f"model={cfg.name} needs its checkpoint: pass model.path=/path/to/checkpoint")
-    raise ConfigError(f"model.preset={cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+    raise ConfigError(f"model={cfg.name} needs its checkpoint: pass model.path=/path/to/checkpoint "
+                      "(or model.random_weights=true for a benchmark)")

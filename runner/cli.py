@@ -1,17 +1,28 @@
-"""``python -m runner``: the Hydra entry point."""
+"""``python -m runner``: the Hydra entry point.
+
+Every job writes ``resolved_config.yaml`` and ``result.json`` into its output directory. A user error
+(bad config value, missing checkpoint, ...) is one line on stderr; in a single run it ends the process
+with exit code 1, in a multirun it is recorded in the job's result.json and the sweep goes on. Between
+jobs of a multirun (one process, Hydra's basic launcher) the engine, its CUDA graphs and its cache are
+dropped and the allocator's cache emptied.
+"""
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.compose import CONF_DIR, compose_config, to_run_config
 from runner.config import register_configs
 from runner.errors import ConfigError, UserError
+from runner.sweep.result import RESULT_FILE, hydra_job_info, make_result, write_result
 
 log = logging.getLogger("runner")
 
@@ -33,15 +44,34 @@ def _prevalidate(argv: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     (output_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run, outcome, error = None, {}, None
     try:
         run = to_run_config(cfg)
         from runner.tasks import TASKS
 
-        TASKS[run.task.name](run, output_dir)
+        outcome = TASKS[run.task.name](run, output_dir)
     except UserError as e:
+        error = str(e)
         print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # a bug: the sweep records it and goes on; a single run shows the traceback
+        if not multirun:
+            raise
+        error = f"{type(e).__name__}: {e}"
+        log.exception("job failed")
+    finally:
+        result = make_result(run, hydra_job_info(), outcome.get("metrics"), outcome.get("rows"), error)
+        write_result(output_dir / RESULT_FILE, result)
+        _release_memory()
+    if error is not None and not multirun:
         sys.exit(1)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run() -> None:

@@ -40,7 +40,7 @@ class ModelConfig:
     ``path`` is a Hugging Face checkpoint directory (config.json, safetensors shards with an index,
     tokenizer). With ``path`` unset, a model whose ``preset`` is a tiny one is generated from ``seed``
     into the user's cache the first time it is needed (the embedded default); the full-size presets
-    need a path.
+    need a path, or ``random_weights=true`` (benchmarks: no checkpoint, no tokenizer, token-id prompts).
     """
 
     name: str = MISSING
@@ -48,6 +48,7 @@ class ModelConfig:
     path: Optional[str] = None
     seed: int = 0
     num_layers: Optional[int] = None  # keep only the first N decoder layers (studies, benchmarks)
+    random_weights: bool = False  # the preset's shapes with random weights made on the device (no checkpoint)
     trust_remote_code: bool = False  # for tokenizers that ship code (Kimi-K2's tiktoken tokenizer)
 
     def __post_init__(self) -> None:
@@ -104,6 +105,29 @@ class GenerateTaskConfig:
             raise ConfigError(f"task.top_k={self.top_k} is not valid: it must be >= 0 (0 disables it)")
 
 
+BENCH_MODES = ("decode", "kernel", "metadata")
+
+
+@dataclass
+class BenchTaskConfig:
+    """One measured point: ``batch`` requests of ``context`` tokens (see runner/tasks/bench.py)."""
+
+    name: str = "bench"
+    mode: str = "decode"  # decode | kernel | metadata
+    batch: int = 8
+    context: int = 4096
+    q_len: int = 1  # query tokens per request (kernel mode; >1 is speculative/MTP verification)
+    lengths: str = "uniform"  # kernel mode: uniform | skewed (one request of `context`, the rest context/16)
+    warmup: int = 3
+    iters: int = 20
+
+    def __post_init__(self) -> None:
+        _check_choice("task.mode", self.mode, BENCH_MODES)
+        _check_choice("task.lengths", self.lengths, ("uniform", "skewed"))
+        for name in ("batch", "context", "q_len", "iters"):
+            _check_positive(f"task.{name}", getattr(self, name))
+
+
 @dataclass
 class RunConfig:
     """One run: a model, an attention backend, a metadata strategy, a task and the run settings."""
@@ -119,6 +143,7 @@ class RunConfig:
     max_model_len: int = 4096  # prompt + generated tokens per request
     page_size: int = 64  # tokens per KV-cache page
     num_pages: Optional[int] = None  # KV-cache capacity; unset: enough for max_batch_size full requests
+    cuda_graphs: Optional[bool] = None  # capture the decode step; unset: on wherever it can work
     progress: bool = True  # progress bars
 
     def __post_init__(self) -> None:
@@ -138,3 +163,4 @@ def register_configs() -> None:
     cs.store(group="attention", name="base_attention", node=AttentionConfig)
     cs.store(group="metadata", name="base_metadata", node=MetadataConfig)
     cs.store(group="task", name="base_generate", node=GenerateTaskConfig)
+    cs.store(group="task", name="base_bench", node=BenchTaskConfig)

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from models.config import ModelArgs
 from models.context import ForwardContext
-from models.loader import load_model, load_tokenizer
-from runner.attention import StepMetadata, TorchAttention, make_backend, prepare_triton
+from runner.attention import StepMetadata, TorchAttention, make_backend
 from runner.block_manager import BlockManager
-from runner.checkpoint import resolve_checkpoint
+from runner.checkpoint import ModelSource
 from runner.config import RunConfig
+from runner.cuda_graphs import DecodeGraphs
 from runner.errors import ConfigError, UserError
 from runner.metadata import make_metadata_builder
 from runner.request import Request
@@ -77,10 +75,9 @@ class Engine:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        prepare_triton(self.device)
         torch.manual_seed(cfg.seed)
-        self.checkpoint: Path = resolve_checkpoint(cfg.model, progress=cfg.progress)
-        self.args = ModelArgs.from_dir(self.checkpoint)
+        self.source = ModelSource.resolve(cfg.model)
+        self.args = self.source.args
         if cfg.max_model_len > self.args.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len={cfg.max_model_len} is larger than the model's "
@@ -90,10 +87,8 @@ class Engine:
         self.backend = make_backend(cfg.attention.name, self.device, kv_lora_rank)
         self.prefill_backend = TorchAttention(kv_lora_rank)
 
-        self.model = load_model(
-            self.checkpoint, dtype=self.dtype, device=self.device, num_layers=cfg.model.num_layers, progress=cfg.progress
-        )
-        self.tokenizer = load_tokenizer(self.checkpoint, trust_remote_code=cfg.model.trust_remote_code)
+        self.model = self.source.load(self.dtype, self.device, cfg.progress)
+        self.tokenizer = self.source.tokenizer()
         eos = self.args.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
@@ -107,9 +102,11 @@ class Engine:
             )
         latent_dim = kv_lora_rank + self.args.qk_rope_head_dim
         attention_layers = self.model.attention_layers
+        # One page more than the block manager hands out: CUDA-graph padding slots write their latent there.
         self.kv_cache = torch.zeros(
-            len(attention_layers), num_pages, cfg.page_size, latent_dim, dtype=self.dtype, device=self.device
+            len(attention_layers), num_pages + 1, cfg.page_size, latent_dim, dtype=self.dtype, device=self.device
         )
+        self.scratch_slot = num_pages * cfg.page_size
         for attn, cache in zip(attention_layers, self.kv_cache):
             attn.kv_cache = cache
         self.blocks = BlockManager(num_pages, cfg.page_size)
@@ -125,7 +122,22 @@ class Engine:
             rope_dim=self.args.qk_rope_head_dim,
             device=self.device,
         )
-        self.sm_scale = self.args.softmax_scale
+        self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, cfg.progress) \
+            if self._use_cuda_graphs() else None
+
+    def _use_cuda_graphs(self) -> bool:
+        """Graphs wherever they can work; ``cuda_graphs=true`` where they cannot is a config error."""
+        cfg = self.cfg
+        reasons = []
+        if self.device.type != "cuda":
+            reasons.append("device=cuda")
+        if cfg.metadata.strategy != "persistent":
+            reasons.append("metadata=persistent (per_step builds its metadata on the host and runs eager)")
+        if cfg.attention.name != "triton":
+            reasons.append(f"attention=triton (attention={cfg.attention.name} reads lengths on the host)")
+        if cfg.cuda_graphs and reasons:
+            raise ConfigError(f"cuda_graphs=true needs {' and '.join(reasons)}")
+        return not reasons if cfg.cuda_graphs is None else cfg.cuda_graphs
 
     # ----------------------------------------------------------------------------------------- requests
     def make_request(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
@@ -230,15 +242,26 @@ class Engine:
         buf.block_table[:B].copy_(table, non_blocking=True)
         for req in batch:
             req.num_cached += 1
+        if self.graphs is None:
+            return self._decode_forward(B, seq_lens_host=seq_lens)
+        bs = self.graphs.bucket(B)
+        buf.input_ids[B:bs].zero_()
+        buf.positions[B:bs].zero_()
+        buf.slot_mapping[B:bs].fill_(self.scratch_slot)
+        buf.seq_lens[B:bs].zero_()
+        return self.graphs.replay(B)
+
+    def _decode_forward(self, bs: int, seq_lens_host: Optional[list[int]] = None) -> torch.Tensor:
+        """Metadata, model and logits over the first ``bs`` decode slots: the part CUDA graphs capture."""
+        buf = self.buffers
         meta = self.metadata.build(
-            buf.seq_lens[:B], buf.qo_indptr[: B + 1], buf.block_table[:B],
-            seq_lens_host=seq_lens, q_lens_host=[1] * B,
+            buf.seq_lens[:bs], buf.qo_indptr[: bs + 1], buf.block_table[:bs],
+            seq_lens_host=seq_lens_host, q_lens_host=None if seq_lens_host is None else [1] * bs,
         )
         ctx = ForwardContext(
-            positions=buf.positions[:B], slot_mapping=buf.slot_mapping[:B], backend=self.backend, attn_metadata=meta
+            positions=buf.positions[:bs], slot_mapping=buf.slot_mapping[:bs], backend=self.backend, attn_metadata=meta
         )
-        hidden = self.model(buf.input_ids[:B], ctx)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(self.model(buf.input_ids[:bs], ctx))
 
     def _slot(self, req: Request, position: int) -> int:
         return req.pages[position // self.page_size] * self.page_size + position % self.page_size
@@ -256,11 +279,15 @@ class Engine:
             req.finish_reason = "length"
         else:
             return False
-        req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        req.text = self.detokenize(req.output_token_ids)
         return True
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Text of generated tokens ('' for a model without a tokenizer)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _cut_at_stop_string(self, req: Request) -> Optional[str]:
         """The text before the first stop string, if the text so far contains one."""
-        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        text = self.detokenize(req.output_token_ids)
         cuts = [text.find(s) for s in req.params.stop if s and s in text]
         return text[: min(cuts)] if cuts else None

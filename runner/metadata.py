@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from runner.attention import prepare_triton
 from runner.config import MetadataConfig
 
 
 def make_metadata_builder(cfg: MetadataConfig, *, num_heads: int, max_batch: int, max_pages_per_seq: int,
                           page_size: int, kv_lora_rank: int, rope_dim: int, device: torch.device, max_q_len: int = 1):
+    if cfg.strategy == "persistent":
+        prepare_triton(device)  # its buffers are filled by Triton kernels
     from kernels.metadata import make_metadata_builder as make
 
     return make(

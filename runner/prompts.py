@@ -67,6 +67,8 @@ def parse_prompt(item: Any, where: str) -> PromptSpec:
 
 def encode(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of a text prompt; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
+    if tokenizer is None:
+        raise UserError("this model has no tokenizer (random weights): give prompts as prompt_token_ids")
     if not chat:
         return tokenizer(prompt).input_ids
     if not getattr(tokenizer, "chat_template", None):

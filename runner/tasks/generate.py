@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
-    """Generate for every prompt; returns a summary (requests, errors, tokens, seconds, tokens/s)."""
+    """Generate for every prompt; the metrics are a summary (requests, errors, tokens, seconds, tokens/s)."""
     task = cfg.task
     specs = read_prompt_file(task.prompts) if task.prompts else [PromptSpec(prompt=p) for p in BUILTIN_PROMPTS]
     engine = Engine(cfg)
@@ -45,7 +45,7 @@ def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
                "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None}
     print(f"{len(requests)} requests ({errors} errors), {tokens} tokens in {elapsed:.2f} s: "
           f"{summary['tokens_per_s']} tokens/s  ->  {output_path}")
-    return summary
+    return {"metrics": summary}
 
 
 def _request(engine: Engine, index: int, spec: PromptSpec, defaults: SamplingParams, chat: bool) -> Request:

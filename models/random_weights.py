@@ -1,0 +1,40 @@
+"""A model with random weights made directly on the device: the full-width studies and benchmarks that need
+the real shapes (7168 wide, 128 heads, 256 experts) but no checkpoint.
+
+Matrices are drawn N(0, 1/fan_in) so activations keep their scale through the layers; norms are 1; the
+router's correction bias is small so routing stays spread over the experts, as in a trained model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelArgs
+from models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
+from models.layers import RMSNorm
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> DeepseekV3ForCausalLM:
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(args)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name.endswith(FP32_TENSOR_SUFFIXES):
+            value = torch.empty(tensor.shape, dtype=torch.float32, device=device).normal_(0, 1e-3, generator=gen)
+        elif isinstance(module, RMSNorm):
+            value = torch.ones(tensor.shape, dtype=dtype, device=device)
+        elif tensor.dim() == 2:
+            value = torch.empty(tensor.shape, dtype=dtype, device=device).normal_(0, tensor.shape[1] ** -0.5, generator=gen)
+        else:
+            continue  # non-persistent tables that post_load derives
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+    model.post_load()
+    return model.eval()
