@@ -56,9 +56,9 @@ def main(cfg: DictConfig) -> None:
         error = str(e)
         print(f"error: {e}", file=sys.stderr)
     except Exception as e:  # a bug: the sweep records it and goes on; a single run shows the traceback
+        error = f"{type(e).__name__}: {e}"
         if not multirun:
             raise
-        error = f"{type(e).__name__}: {e}"
         log.exception("job failed")
     finally:
         result = make_result(run, hydra_job_info(), outcome.get("metrics"), outcome.get("rows"), error)

@@ -117,6 +117,7 @@ class BenchTaskConfig:
     batch: int = 8
     context: int = 4096
     q_len: int = 1  # query tokens per request (kernel mode; >1 is speculative/MTP verification)
+    heads: Optional[int] = None  # attention heads per GPU (kernel, metadata); unset: the model's
     lengths: str = "uniform"  # kernel mode: uniform | skewed (one request of `context`, the rest context/16)
     warmup: int = 3
     iters: int = 20
@@ -126,6 +127,7 @@ class BenchTaskConfig:
         _check_choice("task.lengths", self.lengths, ("uniform", "skewed"))
         for name in ("batch", "context", "q_len", "iters"):
             _check_positive(f"task.{name}", getattr(self, name))
+        _check_positive("task.heads", self.heads, allow_none=True)
 
 
 @dataclass

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from runner.compose import CONF_DIR, compose_config, override
-from runner.config import (AttentionConfig, GenerateTaskConfig, MetadataConfig, ModelConfig, RunConfig)
+from runner.config import (AttentionConfig, BenchTaskConfig, GenerateTaskConfig, MetadataConfig, ModelConfig,
+                           RunConfig)
 from runner.errors import ConfigError
 
-GROUP_TYPES = {"model": ModelConfig, "attention": AttentionConfig, "metadata": MetadataConfig,
-               "task": GenerateTaskConfig}
+GROUP_TYPES = {"model": ModelConfig, "attention": AttentionConfig, "metadata": MetadataConfig, "task": None}
+TASK_TYPES = {"generate": GenerateTaskConfig, "bench": BenchTaskConfig}
 
 
 def options(group: str) -> list[str]:
@@ -20,7 +21,8 @@ def test_every_group_has_its_documented_options():
     assert options("model") == ["deepseek_v3", "kimi_k2", "tiny_deepseek_v3", "tiny_kimi_k2"]
     assert options("attention") == ["torch", "triton"]
     assert options("metadata") == ["per_step", "persistent"]
-    assert options("task") == ["generate"]
+    assert options("task") == ["bench", "generate"]
+    assert options("sweep") == ["backends", "decode_grid", "metadata_grid"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUP_TYPES for o in options(g)])
@@ -28,7 +30,7 @@ def test_every_option_composes_to_its_schema(group, option):
     cfg = compose_config([f"{group}={option}"])
     assert isinstance(cfg, RunConfig)
     node = getattr(cfg, group)
-    assert type(node) is GROUP_TYPES[group]
+    assert type(node) is (GROUP_TYPES[group] or TASK_TYPES[option])
     key = {"model": "name", "attention": "name", "metadata": "strategy", "task": "name"}[group]
     assert getattr(node, key) == option
 
@@ -61,6 +63,8 @@ def test_overrides_reach_the_dataclasses():
     (["task.top_p=1.5"], "task.top_p"),
     (["task.temperature=-1"], "task.temperature"),
     (["model.num_layers=0"], "model.num_layers"),
+    (["task=bench", "task.mode=train"], "task.mode"),
+    (["task=bench", "task.batch=0"], "task.batch"),
     (["attention=flash"], "attention"),
     (["max_batch=4"], "max_batch"),
 ])
@@ -82,3 +86,9 @@ def test_python_keyword_overrides():
     assert compose_config([override("model.path", path)]).model.path == path
     with pytest.raises(ConfigError, match="only strings"):
         override("dtype", [1])
+
+
+@pytest.mark.parametrize("preset,mode", [("decode_grid", "kernel"), ("metadata_grid", "metadata")])
+def test_bench_sweep_presets_select_the_bench_task(preset, mode):
+    cfg = compose_config([f"+sweep={preset}"])
+    assert isinstance(cfg.task, BenchTaskConfig) and cfg.task.mode == mode

@@ -18,8 +18,12 @@ from typing import Callable
 
 import torch
 
+from kernels.testing import make_problem
+from runner.attention import make_backend
+from runner.checkpoint import ModelSource
 from runner.config import BenchTaskConfig, RunConfig
-from runner.engine import Engine
+from runner.engine import Engine, resolve_device, resolve_dtype
+from runner.metadata import make_metadata_builder
 from runner.errors import ConfigError
 from runner.request import Request, Status
 from runner.roofline import Ceilings, measure_ceilings
@@ -28,8 +32,9 @@ from runner.sampling import SamplingParams
 
 def run_bench(cfg: RunConfig, output_dir: Path) -> dict:
     task: BenchTaskConfig = cfg.task
-    modes: dict[str, Callable[[RunConfig], dict]] = {"decode": bench_decode}
-    row = modes[task.mode](cfg)
+    modes: dict[str, Callable[[RunConfig], dict]] = {
+        "decode": bench_decode, "kernel": bench_kernel, "metadata": bench_metadata}
+    row = {"backend": cfg.attention.name, "strategy": cfg.metadata.strategy, **modes[task.mode](cfg)}
     print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
     return {"metrics": row, "rows": [row]}
 
@@ -44,7 +49,7 @@ def bench_decode(cfg: RunConfig) -> dict:
     )
     engine = Engine(cfg)
     ceilings = measure_ceilings(engine.device)
-    fill_running(engine, B, L, max_tokens=steps + 2)
+    fill_running(engine, [L] * B, max_tokens=steps + 2)
     experts = count_experts(engine)
     times = []
     for i in range(steps):
@@ -62,26 +67,116 @@ def bench_decode(cfg: RunConfig) -> dict:
     return {
         "mode": "decode", "batch": B, "context": L, "cuda_graphs": engine.graphs is not None,
         "step_ms": step_s * 1e3, "tokens_per_s": B / step_s,
-        "weight_GB": weight_bytes / 1e9, "kv_GB": kv_bytes / 1e9,
-        "GBps": (weight_bytes + kv_bytes) / step_s / 1e9,
+        "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
+        "gb_s": (weight_bytes + kv_bytes) / step_s / 1e9,
         "floor_ms": floor_s * 1e3, "roofline_fraction": floor_s / step_s,
-        "copy_GBps": ceilings.copy_gbps,
+        "copy_gb_s": ceilings.copy_gbps, "device_name": ceilings.device,
     }
 
 
-def fill_running(engine: Engine, batch: int, context: int, max_tokens: int) -> None:
-    """``batch`` running requests whose first ``context`` tokens are already in a random-filled cache."""
-    if engine.blocks.pages_needed(context + max_tokens) * batch > engine.blocks.num_free:
-        raise ConfigError(f"the KV cache cannot hold batch={batch} requests of context={context}: raise num_pages")
+def bench_kernel(cfg: RunConfig) -> dict:
+    """One layer's attention call over ``batch`` requests, metadata built beforehand (it is shared by all
+    layers, so its cost is not a per-call cost)."""
+    task: BenchTaskConfig = cfg.task
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    args = ModelSource.resolve(cfg.model).args
+    H = task.heads or args.num_attention_heads
+    lens = request_lengths(task)
+    p = make_problem(lens, [task.q_len] * len(lens), H, cfg.page_size, kv_lora_rank=args.kv_lora_rank,
+                     rope_dim=args.qk_rope_head_dim, dtype=dtype, device=device)
+    builder = _builder(cfg, H, len(lens), p.max_pages, args, device)
+    meta = builder.build(p.seq_lens, p.qo_indptr, p.block_table, p.seq_lens_host, p.q_lens_host)
+    backend = make_backend(cfg.attention.name, device, args.kv_lora_rank)
+    seconds = time_call(lambda: backend.forward(p.q, p.kv_cache, meta, args.softmax_scale), device, task)
+    ceilings = measure_ceilings(device)
+    D = args.kv_lora_rank + args.qk_rope_head_dim
+    nbytes = sum(lens) * D * p.kv_cache.element_size()
+    flops = sum(2 * H * task.q_len * L * (D + args.kv_lora_rank) for L in lens)
+    floor = max(nbytes / (ceilings.copy_gbps * 1e9), flops / (ceilings.matmul_tflops * 1e12))
+    return {
+        "mode": "kernel", "heads": H, "batch": len(lens), "context": task.context, "lengths": task.lengths,
+        "q_len": task.q_len, "time_us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9,
+        "tflops": flops / seconds / 1e12, "floor_us": floor * 1e6, "roofline_fraction": floor / seconds,
+        "copy_gb_s": ceilings.copy_gbps, "matmul_tflops": ceilings.matmul_tflops, "device_name": ceilings.device,
+    }
+
+
+def bench_metadata(cfg: RunConfig) -> dict:
+    """The metadata build of one step: GPU time for ``persistent`` (what a CUDA graph replays) and wall
+    time for both (``per_step`` is host work plus copies)."""
+    task: BenchTaskConfig = cfg.task
+    device = resolve_device(cfg.device)
+    args = ModelSource.resolve(cfg.model).args
+    H = task.heads or args.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, task.context + 1, (task.batch,), generator=gen).tolist()
+    q_lens = [task.q_len] * task.batch
+    max_pages = -(-task.context // cfg.page_size)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    qo_indptr = torch.arange(0, task.q_len * task.batch + 1, task.q_len, dtype=torch.int32, device=device)
+    block_table = torch.randint(0, 1 << 20, (task.batch, max_pages), generator=gen, dtype=torch.int32).to(device)
+    builder = _builder(cfg, H, task.batch, max_pages, args, device)
+
+    def build():
+        return builder.build(seq_lens, qo_indptr, block_table, lens, q_lens)
+
+    wall = time_call(build, device, task, wall=True)
+    row = {"mode": "metadata", "heads": H, "batch": task.batch, "context": task.context,
+           "metadata_wall_us": wall * 1e6, "metadata_us": wall * 1e6}
+    if device.type == "cuda" and cfg.metadata.strategy == "persistent":
+        row["metadata_us"] = time_call(build, device, task) * 1e6
+    return row
+
+
+def request_lengths(task: BenchTaskConfig) -> list[int]:
+    if task.lengths == "uniform":
+        return [task.context] * task.batch
+    return [task.context] + [max(task.context // 16, 1)] * (task.batch - 1)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, task: BenchTaskConfig, wall: bool = False) -> float:
+    """Median seconds per call: device time with the L2 flushed on a GPU (``do_bench``), or wall time."""
+    if device.type == "cuda" and not wall:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    for _ in range(task.warmup):
+        fn()
+    times = []
+    for _ in range(task.iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _builder(cfg: RunConfig, heads: int, batch: int, max_pages: int, args, device: torch.device):
+    return make_metadata_builder(cfg.metadata, num_heads=heads, max_batch=batch, max_pages_per_seq=max_pages,
+                                 page_size=cfg.page_size, kv_lora_rank=args.kv_lora_rank,
+                                 rope_dim=args.qk_rope_head_dim, device=device, max_q_len=cfg.task.q_len)
+
+
+def fill_running(engine: Engine, contexts: list[int], max_tokens: int) -> list[Request]:
+    """Running requests whose first ``contexts[i]`` tokens are already in the (random-filled) cache, as if
+    prefilled: decode steps can be measured at any context without running the prefill."""
+    if sum(engine.blocks.pages_needed(c + max_tokens) for c in contexts) > engine.blocks.num_free:
+        raise ConfigError(f"the KV cache cannot hold {len(contexts)} requests of up to {max(contexts)} tokens: "
+                          "raise num_pages")
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    for i in range(batch):
+    requests = []
+    for i, context in enumerate(contexts):
         ids = torch.randint(0, engine.args.vocab_size, (context + 1,), generator=gen).tolist()
         req = Request(i, None, ids[:context], params, output_token_ids=ids[context:], status=Status.RUNNING)
         engine.blocks.allocate(req, context)
         req.num_cached = context
         engine.scheduler.running.append(req)
+        requests.append(req)
     engine.kv_cache.normal_()
+    return requests
 
 
 def count_experts(engine: Engine) -> list[int]:
