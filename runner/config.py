@@ -17,7 +17,7 @@ from runner.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("torch", "triton", "flashmla", "aiter")
 METADATA_STRATEGIES = ("persistent", "per_step")
 
 

@@ -84,7 +84,8 @@ class Engine:
                 f"max_position_embeddings={self.args.max_position_embeddings}"
             )
         kv_lora_rank = self.args.kv_lora_rank
-        self.backend = make_backend(cfg.attention.name, self.device, kv_lora_rank)
+        self.backend = make_backend(cfg.attention.name, self.device, kv_lora_rank, self.args.num_attention_heads,
+                                    cfg.page_size)
         self.prefill_backend = TorchAttention(kv_lora_rank)
 
         self.model = self.source.load(self.dtype, self.device, cfg.progress)
@@ -133,8 +134,8 @@ class Engine:
             reasons.append("device=cuda")
         if cfg.metadata.strategy != "persistent":
             reasons.append("metadata=persistent (per_step builds its metadata on the host and runs eager)")
-        if cfg.attention.name != "triton":
-            reasons.append(f"attention=triton (attention={cfg.attention.name} reads lengths on the host)")
+        if cfg.attention.name not in ("triton", "flashmla"):
+            reasons.append(f"attention=triton or flashmla (attention={cfg.attention.name} reads lengths on the host)")
         if cfg.cuda_graphs and reasons:
             raise ConfigError(f"cuda_graphs=true needs {' and '.join(reasons)}")
         return not reasons if cfg.cuda_graphs is None else cfg.cuda_graphs
@@ -258,6 +259,7 @@ class Engine:
             buf.seq_lens[:bs], buf.qo_indptr[: bs + 1], buf.block_table[:bs],
             seq_lens_host=seq_lens_host, q_lens_host=None if seq_lens_host is None else [1] * bs,
         )
+        meta = self.backend.plan(meta, q_len=1)
         ctx = ForwardContext(
             positions=buf.positions[:bs], slot_mapping=buf.slot_mapping[:bs], backend=self.backend, attn_metadata=meta
         )

@@ -77,6 +77,8 @@ def test_multirun_two_jobs(env, tmp_path):
     (["no_such_setting=1"], "no_such_setting"),
     (["model.path=/does/not/exist"], "/does/not/exist"),
     (["model=deepseek_v3"], "model.path"),
+    (["attention=flashmla", "device=cpu"], "attention=flashmla needs"),
+    (["attention=aiter"], "attention=aiter"),
 ])
 def test_bad_input_fails_with_one_line(env, tmp_path, args, needle):
     proc = run_cli([f"hydra.run.dir={tmp_path / 'run'}", *args], env, tmp_path)

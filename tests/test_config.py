@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_its_documented_options():
     assert options("model") == ["deepseek_v3", "kimi_k2", "tiny_deepseek_v3", "tiny_kimi_k2"]
-    assert options("attention") == ["torch", "triton"]
+    assert options("attention") == ["aiter", "flashmla", "torch", "triton"]
     assert options("metadata") == ["per_step", "persistent"]
     assert options("task") == ["bench", "generate"]
     assert options("sweep") == ["backends", "decode_grid", "metadata_grid"]

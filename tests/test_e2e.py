@@ -55,12 +55,18 @@ def generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [out.outputs[0].token_ids for out in outs]
 
 
+GPU = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
 @pytest.mark.parametrize("attention,metadata", [("torch", "persistent"), ("torch", "per_step"),
                                                 ("triton", "persistent"), ("triton", "per_step")])
-def test_batched_greedy_equals_transformers(flavour, attention, metadata):
+def test_batched_greedy_equals_transformers(flavour, attention, metadata, device):
+    """On a GPU, triton + persistent runs its decode steps as CUDA-graph replays."""
     ckpt, prompts, expected = flavour
-    llm = LLM(str(ckpt), attention=attention, metadata=metadata, dtype="float32", device="cpu", page_size=16,
-              max_model_len=256, progress=False)
+    llm = LLM(str(ckpt), attention=attention, metadata=metadata, dtype="float32", device=device, page_size=16,
+              max_model_len=256, max_batch_size=8, progress=False)
+    assert (llm.engine.graphs is not None) == (device == "cuda" and (attention, metadata) == ("triton", "persistent"))
     assert generate(llm, prompts) == expected
 
 

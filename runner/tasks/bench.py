@@ -86,8 +86,9 @@ def bench_kernel(cfg: RunConfig) -> dict:
     p = make_problem(lens, [task.q_len] * len(lens), H, cfg.page_size, kv_lora_rank=args.kv_lora_rank,
                      rope_dim=args.qk_rope_head_dim, dtype=dtype, device=device)
     builder = _builder(cfg, H, len(lens), p.max_pages, args, device)
+    backend = make_backend(cfg.attention.name, device, args.kv_lora_rank, H, cfg.page_size)
     meta = builder.build(p.seq_lens, p.qo_indptr, p.block_table, p.seq_lens_host, p.q_lens_host)
-    backend = make_backend(cfg.attention.name, device, args.kv_lora_rank)
+    meta = backend.plan(meta, task.q_len)
     seconds = time_call(lambda: backend.forward(p.q, p.kv_cache, meta, args.softmax_scale), device, task)
     ceilings = measure_ceilings(device)
     D = args.kv_lora_rank + args.qk_rope_head_dim
