@@ -7,11 +7,10 @@ router's correction bias is small so routing stays spread over the experts, as i
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from models.config import ModelArgs
 from models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
 from models.layers import RMSNorm
+from models.loader import set_tensor
 
 
 @torch.no_grad()
@@ -22,8 +21,7 @@ def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
+        module = model.get_submodule(name.rpartition(".")[0])
         if name.endswith(FP32_TENSOR_SUFFIXES):
             value = torch.empty(tensor.shape, dtype=torch.float32, device=device).normal_(0, 1e-3, generator=gen)
         elif isinstance(module, RMSNorm):
@@ -32,9 +30,6 @@ def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | 
             value = torch.empty(tensor.shape, dtype=dtype, device=device).normal_(0, tensor.shape[1] ** -0.5, generator=gen)
         else:
             continue  # non-persistent tables that post_load derives
-        if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        else:
-            module._buffers[attr] = value
+        set_tensor(model, name, value)
     model.post_load()
     return model.eval()

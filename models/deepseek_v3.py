@@ -1,0 +1,78 @@
+"""``DeepseekV3ForCausalLM``: one implementation for DeepSeek-V3 and Kimi-K2 (same architecture, other numbers).
+
+Module names equal the checkpoint's tensor names (``model.layers.3.mlp.experts.7.up_proj.weight``), so loading
+needs no rename table. The model sees one flat batch of T tokens from any number of requests; everything about
+scheduling lives in the ``ForwardContext`` (positions, cache slots, attention metadata).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelArgs
+from models.context import ForwardContext
+from models.layers import MLP, RMSNorm
+from models.mla import MLA
+from models.moe import MoE
+from models.rope import RotaryEmbedding
+
+# Tensors kept in fp32 whatever the run dtype: the router bias is added to sigmoid scores near 1 whose
+# differences decide the routing.
+FP32_TENSOR_SUFFIXES = ("e_score_correction_bias",)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = MLA(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(args)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(ctx.positions)
+        for layer in self.layers:
+            x = layer(x, ctx, rope)
+        return self.norm(x)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = DeepseekV3Model(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids [T] (flat over requests) -> final hidden states [T, hidden_size]."""
+        return self.model(input_ids, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden_size] (typically each request's last token) -> fp32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
+
+    @property
+    def attention_layers(self) -> list[MLA]:
+        """The MLA modules, in layer order: the engine assigns each its ``kv_cache``."""
+        return [layer.self_attn for layer in self.model.layers]
+
+    def post_load(self) -> None:
+        """Derive what the checkpoint does not store, once the weights are in place on their device:
+        the RoPE tables and the per-head W_UK / W_UV views of kv_b_proj (in the run dtype)."""
+        self.model.rotary_emb.init_tables(self.lm_head.weight.device)
+        for attn in self.attention_layers:
+            attn.absorb_weights()

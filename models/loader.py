@@ -1,0 +1,192 @@
+"""Load a DeepSeek-V3 / Kimi-K2 checkpoint directory into ``DeepseekV3ForCausalLM``, one tensor at a time.
+
+The model is built on the meta device, so its state dict is the list of expected tensors (names equal the
+checkpoint's). Each stored tensor is read with ``safe_open`` (never a whole shard), dequantized from FP8
+blocks if needed, cast to the run dtype (router bias: fp32) on the target device and put in place, so peak
+host memory stays near one tensor. Every inconsistency between files and architecture is a
+``CheckpointError`` naming the file and tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm import tqdm
+
+from models.config import ModelArgs
+from models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
+from models.errors import CheckpointError
+from models.fp8 import DEFAULT_BLOCK, dequantize_fp8_block, scale_grid
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    num_layers: int | None = None,
+    progress: bool = True,
+) -> DeepseekV3ForCausalLM:
+    """The model of checkpoint directory ``path`` in ``dtype`` on ``device``, ready to run (``post_load`` done).
+
+    ``num_layers`` keeps only the first layers (a truncated model for quick runs); ``model.args`` reflects it.
+    Skipped: ``*rotary_emb.inv_freq`` and layers >= num_hidden_layers (the MTP module, or truncated layers).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory does not exist")
+    args = ModelArgs.from_dir(root)
+    if num_layers is not None:
+        if not 1 <= num_layers <= args.num_hidden_layers:
+            raise CheckpointError(f"num_layers={num_layers} is outside 1..{args.num_hidden_layers} of {root}")
+        args = dataclasses.replace(args, num_hidden_layers=num_layers)
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(args)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    weight_map = read_weight_map(root)
+    _check_names(root, weight_map, expected, args.num_hidden_layers)
+
+    reader = _TensorReader(root, weight_map)
+    block = args.fp8_block or DEFAULT_BLOCK
+    with tqdm(total=len(expected), desc=f"loading {root.name}", unit="tensor", disable=not progress) as bar:
+        try:
+            for name in sorted(expected, key=weight_map.__getitem__):  # shard by shard, each opened once
+                w = reader.read(name, expected[name])
+                scale_name = name + SCALE_SUFFIX
+                if w.dtype == torch.float8_e4m3fn:
+                    if scale_name not in weight_map:
+                        raise CheckpointError(f"{reader.file(name)}: FP8 tensor {name} has no {scale_name}")
+                    scale = reader.read(scale_name, torch.Size(scale_grid(w.shape, block)))
+                    w = dequantize_fp8_block(w.to(device), scale.to(device), block)
+                elif scale_name in weight_map:
+                    raise CheckpointError(
+                        f"{reader.file(scale_name)}: unexpected tensor {scale_name} (not FP8: {name})"
+                    )
+                target = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
+                set_tensor(model, name, w.to(device=device, dtype=target))
+                bar.update()
+        finally:
+            reader.close()
+    model.post_load()
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer through transformers (Kimi-K2's tiktoken tokenizer needs remote code).
+
+    A neutral model config is passed so AutoTokenizer picks the class from the tokenizer files alone: left to
+    itself it parses config.json, which fails for ``model_type: kimi_k2`` (unknown to transformers).
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(root), config=PretrainedConfig(), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{root}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def read_weight_map(root: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index (any shard names) or a single ``model.safetensors``."""
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: unreadable index, no weight_map ({e!r})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map is not an object")
+        for shard in sorted(set(weight_map.values())):
+            if not (root / shard).is_file():
+                raise CheckpointError(f"{index}: shard {shard} named by the index does not exist")
+        return weight_map
+    single = root / SINGLE_FILE
+    if single.is_file():
+        with _open(single) as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
+    raise CheckpointError(f"{root}: no {INDEX_FILE} or {SINGLE_FILE}")
+
+
+def is_skipped(name: str, num_layers: int) -> bool:
+    """Stored tensors the model does not use: RoPE caches, and layers past ``num_layers`` (MTP, truncation)."""
+    if name.endswith("rotary_emb.inv_freq"):
+        return True
+    m = _LAYER.match(name)
+    return m is not None and int(m.group(1)) >= num_layers
+
+
+def _check_names(root: Path, weight_map: dict[str, str], expected: dict[str, torch.Size], num_layers: int) -> None:
+    stored = {n for n in weight_map if not is_skipped(n, num_layers)}
+    for name in sorted(stored):
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) not in stored:
+            weight = name.removesuffix(SCALE_SUFFIX)
+            raise CheckpointError(f"{root / weight_map[name]}: scale {name} has no weight {weight}")
+    missing = sorted(set(expected) - stored)
+    if missing:
+        raise CheckpointError(f"{root}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+    extra = sorted(n for n in stored - set(expected) if not n.endswith(SCALE_SUFFIX))
+    if extra:
+        raise CheckpointError(f"{root / weight_map[extra[0]]}: unexpected tensor {extra[0]} ({len(extra)} in all)")
+
+
+def _open(file: Path) -> Any:
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+
+
+class _TensorReader:
+    """Reads single tensors by name, keeping only the shard of the last read open (reads come shard by shard)."""
+
+    def __init__(self, root: Path, weight_map: dict[str, str]) -> None:
+        self.root, self.weight_map = root, weight_map
+        self._shard: str | None = None
+        self._handle: Any = None
+
+    def file(self, name: str) -> Path:
+        return self.root / self.weight_map[name]
+
+    def read(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """The tensor ``name``, checked to have ``shape``."""
+        if self._shard != self.weight_map[name]:
+            self.close()
+            self._handle = _open(self.file(name)).__enter__()
+            self._shard = self.weight_map[name]
+        try:
+            t = self._handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{self.file(name)}: cannot read tensor {name} ({e})") from None
+        if t.shape != shape:
+            raise CheckpointError(f"{self.file(name)}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        return t
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+        self._shard = self._handle = None
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace the meta parameter or buffer ``name`` with ``value``."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value

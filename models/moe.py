@@ -1,0 +1,76 @@
+"""DeepSeek-V3 mixture of experts: sigmoid router with group-limited top-k, routed experts and shared experts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelArgs
+from models.layers import MLP
+
+
+class Gate(nn.Module):
+    """Router (``noaux_tc``): picks ``num_experts_per_tok`` experts per token and their weights.
+
+    Scores are fp32 sigmoids. ``e_score_correction_bias`` (a load-balancing term, fp32) only steers the
+    selection: groups are ranked by the sum of their top-2 biased scores, the best ``topk_group`` groups are
+    kept (others masked with -inf), then the top-k experts are taken. The weights are the unbiased scores of
+    the chosen experts, normalized to sum 1 and times ``routed_scaling_factor``.
+    Returning (weights, indices) lets tests observe the routing with a forward hook.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k, self.n_group, self.topk_group = args.num_experts_per_tok, args.n_group, args.topk_group
+        self.normalize, self.scale = args.norm_topk_prob, args.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (weights [T, k] fp32, expert ids [T, k] int64)."""
+        scores = (x.float() @ self.weight.float().t()).sigmoid()
+        biased = scores + self.e_score_correction_bias
+        if self.topk_group < self.n_group:
+            grouped = biased.unflatten(-1, (self.n_group, -1))
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
+        indices = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, indices
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(
+            MLP(args.hidden_size, args.moe_intermediate_size) for _ in range(args.n_routed_experts)
+        )
+        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, indices = self.gate(x)
+        return self.routed(x, weights, indices).to(x.dtype) + self.shared_experts(x)
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's chosen experts, in fp32.
+
+        (token, expert) pairs are sorted by expert so each expert that received tokens runs once on a contiguous
+        slice; results are scattered back with index_add. The host sync on the counts is the price of an eager
+        per-expert loop (a fused MoE kernel replaces it).
+        """
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        tokens, token_weights = order // indices.shape[1], weights.flatten()[order, None]
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                rows = slice(start, start + count)
+                out.index_add_(0, tokens[rows], expert(x[tokens[rows]]).float() * token_weights[rows])
+                start += count
+        return out

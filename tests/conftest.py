@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny checkpoints of both flavours in the real format, and the transformers oracle on them.
+
+- ``dsv3_ckpt``: DeepSeek-V3 flavour, DeepSeek shard names (``model-00001-of-000003``), with its MTP layer.
+- ``kimi_ckpt``: Kimi-K2 flavour (``model_type: kimi_k2``), Kimi shard names (``model-1-of-3``), with
+  ``rotary_emb.inv_freq`` tensors, bos/eos at the end of the vocabulary.
+- ``dsv3_oracle`` / ``kimi_oracle``: transformers' DeepseekV3ForCausalLM (fp32) on a dequantized copy.
+- ``dsv3_model`` / ``kimi_model``: ours, fp32 on CPU, loaded from the FP8 checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.loader import load_model
+from models.presets import TINY_DEEPSEEK_V3_CONFIG, TINY_KIMI_K2_CONFIG
+from models.tiny import make_tiny_checkpoint
+from oracle import load_oracle
+
+
+@pytest.fixture(scope="session")
+def dsv3_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-dsv3")
+    return make_tiny_checkpoint(out, TINY_DEEPSEEK_V3_CONFIG, seed=0, shard_style="deepseek", mtp=True)
+
+
+@pytest.fixture(scope="session")
+def kimi_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-kimi")
+    return make_tiny_checkpoint(out, TINY_KIMI_K2_CONFIG, seed=1, shard_style="kimi", inv_freq=True)
+
+
+@pytest.fixture(scope="session")
+def dsv3_oracle(dsv3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    return load_oracle(dsv3_ckpt, tmp_path_factory.mktemp("oracle-dsv3"))
+
+
+@pytest.fixture(scope="session")
+def kimi_oracle(kimi_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    return load_oracle(kimi_ckpt, tmp_path_factory.mktemp("oracle-kimi"))
+
+
+@pytest.fixture(scope="session")
+def dsv3_model(dsv3_ckpt: Path) -> torch.nn.Module:
+    return load_model(dsv3_ckpt, dtype=torch.float32, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def kimi_model(kimi_ckpt: Path) -> torch.nn.Module:
+    return load_model(kimi_ckpt, dtype=torch.float32, device="cpu", progress=False)
