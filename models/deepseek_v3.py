@@ -72,7 +72,11 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def post_load(self) -> None:
         """Derive what the checkpoint does not store, once the weights are in place on their device:
-        the RoPE tables and the per-head W_UK / W_UV views of kv_b_proj (in the run dtype)."""
+        the RoPE tables, the per-head W_UK / W_UV views of kv_b_proj (in the run dtype) and the stacked
+        expert weights of the fused MoE."""
         self.model.rotary_emb.init_tables(self.lm_head.weight.device)
         for attn in self.attention_layers:
             attn.absorb_weights()
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.stack_experts()

@@ -42,6 +42,12 @@ class Gate(nn.Module):
         return weights * self.scale, indices
 
 
+# On a GPU, batches up to this many tokens (every decode step) take the fused Triton MoE, which never
+# synchronizes with the host and so runs inside CUDA graphs; its expert-sorting step is one program, sized
+# for decode. Larger batches (prefill) take the per-expert loop.
+FUSED_MAX_TOKENS = 1024
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -50,10 +56,31 @@ class MoE(nn.Module):
             MLP(args.hidden_size, args.moe_intermediate_size) for _ in range(args.n_routed_experts)
         )
         self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+        # Stacked expert weights for the fused kernel, [E, 2 * inter, hidden] (gate rows, then up rows) and
+        # [E, hidden, inter]; set by stack_experts() once the weights are loaded.
+        self.w13: torch.Tensor | None = None
+        self.w2: torch.Tensor | None = None
+
+    def stack_experts(self) -> None:
+        """Stack the experts' weights once; each expert's own weights become views into the stacks, so the
+        two layouts share memory."""
+        inter = self.experts[0].gate_proj.weight.shape[0]
+        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+        self.w2 = torch.stack([e.down_proj.weight for e in self.experts])
+        for i, e in enumerate(self.experts):
+            e.gate_proj.weight = nn.Parameter(self.w13[i, :inter], requires_grad=False)
+            e.up_proj.weight = nn.Parameter(self.w13[i, inter:], requires_grad=False)
+            e.down_proj.weight = nn.Parameter(self.w2[i], requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, indices = self.gate(x)
-        return self.routed(x, weights, indices).to(x.dtype) + self.shared_experts(x)
+        if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS and self.w13 is not None:
+            from kernels.fused_moe import fused_moe  # imported on a GPU only: no Triton interpreter involved
+
+            routed = fused_moe(x, self.w13, self.w2, weights, indices)
+        else:
+            routed = self.routed(x, weights, indices).to(x.dtype)
+        return routed + self.shared_experts(x)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's chosen experts, in fp32.

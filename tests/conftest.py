@@ -8,15 +8,20 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from models.loader import load_model
-from models.presets import TINY_DEEPSEEK_V3_CONFIG, TINY_KIMI_K2_CONFIG
-from models.tiny import make_tiny_checkpoint
-from oracle import load_oracle
+# Without a GPU, Triton kernels run under its interpreter, whose switch must be on before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from models.loader import load_model  # noqa: E402
+from models.presets import TINY_DEEPSEEK_V3_CONFIG, TINY_KIMI_K2_CONFIG  # noqa: E402
+from models.tiny import make_tiny_checkpoint  # noqa: E402
+from oracle import load_oracle  # noqa: E402
 
 
 @pytest.fixture(scope="session")

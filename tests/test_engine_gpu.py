@@ -33,3 +33,24 @@ def test_graph_replay_equals_eager_full_width(model, layers):
             req.output_token_ids.append(token)
     del engine
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_in_the_model_equals_the_expert_loop(dtype):
+    from models.config import ModelArgs
+    from models.moe import MoE
+    from models.presets import DEEPSEEK_V3_CONFIG
+    from models.random_weights import random_model
+
+    # DeepSeek-V3 widths, one MoE layer with 64 of its 256 experts (memory)
+    args = ModelArgs.from_dict({**DEEPSEEK_V3_CONFIG, "num_hidden_layers": 1, "first_k_dense_replace": 0,
+                                "n_routed_experts": 64})
+    model = random_model(args, dtype=dtype, device="cuda")
+    moe = model.model.layers[0].mlp
+    assert isinstance(moe, MoE)
+    x = torch.randn(37, args.hidden_size, device="cuda", dtype=dtype)
+    fused = moe(x)
+    weights, ids = moe.gate(x)
+    loop = moe.routed(x, weights, ids).to(dtype) + moe.shared_experts(x)
+    err = (fused.float() - loop.float()).norm() / loop.float().norm()
+    assert err < (1e-4 if dtype == torch.float32 else 2e-2), err

@@ -122,3 +122,14 @@ def test_plain_q_proj_without_q_lora(tmp_path: Path) -> None:
     prompt = list(range(5, 30))
     expected, _ = oracle_forward(oracle, prompt)
     assert rel_err(PagedRunner(model).step({0: prompt})[0], expected) < TOL
+
+
+def test_stacked_experts_share_memory_with_the_experts(dsv3_model):
+    from models.moe import MoE
+
+    moe = next(layer.mlp for layer in dsv3_model.model.layers if isinstance(layer.mlp, MoE))
+    inter = moe.experts[0].gate_proj.weight.shape[0]
+    for i, expert in enumerate(moe.experts):
+        assert expert.gate_proj.weight.data_ptr() == moe.w13[i].data_ptr()
+        assert expert.up_proj.weight.data_ptr() == moe.w13[i, inter:].data_ptr()
+        assert expert.down_proj.weight.data_ptr() == moe.w2[i].data_ptr()

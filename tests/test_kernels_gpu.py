@@ -1,0 +1,174 @@
+"""MLA decode on a CUDA GPU: full-size shapes, no host sync, no allocation, CUDA-graph capture and replay."""
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+from kernels.metadata import PersistentMetadataBuilder, make_metadata_builder  # noqa: E402
+from kernels.mla_decode import mla_decode  # noqa: E402
+from kernels.reference import mla_attention_reference, persistent_plan_reference  # noqa: E402
+from kernels.testing import REL_TOL, rel_err  # noqa: E402
+
+DEV = "cuda"
+DV, DPE = 512, 64
+
+
+def gpu_problem(seq_lens, q_lens, H, page, dtype=torch.bfloat16, max_pages=None, seed=0):
+    """Like kernels.testing.make_problem, generated on the GPU (full-size caches)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    need = [-(-L // page) for L in seq_lens]
+    max_pages = max_pages or max(max(need), 1)
+    n_pages = sum(need) + 4
+    kv = torch.randn(n_pages, page, DV + DPE, device=DEV, generator=g).to(dtype)
+    perm = torch.randperm(n_pages, device=DEV, generator=g).int()
+    bt = torch.full((len(seq_lens), max_pages), -1, dtype=torch.int32, device=DEV)
+    at = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[at:at + n]
+        at += n
+    qo = [0]
+    for n in q_lens:
+        qo.append(qo[-1] + n)
+    q = torch.randn(qo[-1], H, DV + DPE, device=DEV, generator=g).to(dtype)
+    return (q, kv, torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
+            torch.tensor(qo, dtype=torch.int32, device=DEV), bt)
+
+
+def check(seq_lens, q_lens, H, page=64, dtype=torch.bfloat16, strategy="persistent"):
+    q, kv, sl, qo, bt = gpu_problem(seq_lens, q_lens, H, page, dtype)
+    builder = make_metadata_builder(strategy, num_heads=H, max_batch=len(seq_lens), max_q_len=max(q_lens),
+                                    max_pages_per_seq=bt.shape[1], page_size=page, device=DEV)
+    meta = builder.build(sl, qo, bt, seq_lens, q_lens)
+    out = torch.full((q.shape[0], H, DV), float("nan"), dtype=dtype, device=DEV)
+    mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, out=out)
+    ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err < REL_TOL[dtype], f"rel err {err:.2e}"
+    return meta
+
+
+@pytest.mark.parametrize("H", [128, 64, 16, 8])
+@pytest.mark.parametrize("lens", [[16384], [4096] * 4, [1, 64, 1000, 3001, 16384, 5, 128, 77]])
+def test_full_size_bf16(H, lens):
+    check(lens, [1] * len(lens), H)
+
+
+@pytest.mark.parametrize("H", [128, 8])
+def test_q_len_2_and_mixed(H):
+    check([4096, 100, 2000], [2, 2, 2], H)
+    check([300, 5000, 17, 64], [1, 3, 2, 1], H, page=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_other_dtypes(dtype):
+    check([2000, 1, 515], [1, 1, 2], 16, dtype=dtype)
+
+
+@pytest.mark.parametrize("page", [1, 16])
+def test_small_pages(page):
+    check([3000, 1, 129], [1, 1, 1], 64, page=page)
+
+
+def test_per_step_matches():
+    check([9000, 3, 700, 64], [1, 2, 1, 1], 64, strategy="per_step")
+
+
+def test_plan_kernel_matches_reference_b256():
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(0, 20000, (256,), generator=g).tolist()
+    qls = torch.randint(0, 3, (256,), generator=g).tolist()
+    q, kv, sl, qo, bt = gpu_problem([1] * 256, qls, 1, 64, max_pages=1)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    b = PersistentMetadataBuilder(num_heads=128, max_batch=256, max_q_len=2, max_pages_per_seq=1, page_size=64,
+                                  device=DEV)
+    meta = b.build(sl, qo, bt)
+    r = persistent_plan_reference(lens, qls, b.num_parts, b.plan_block, b.overhead, b.min_chunk)
+    assert meta.part_bounds.tolist() == r["part_bounds"]
+    assert meta.part_reqs.flatten().tolist() == r["part_reqs"]
+    assert meta.num_splits.tolist() == r["num_splits"]
+    assert meta.split_indptr.tolist() == r["split_indptr"]
+    assert meta.merge_reqs[: meta.num_merge.item()].tolist() == r["merge_reqs"]
+    assert meta.max_qo_len.item() == max(qls)
+
+
+class _Engine:
+    """Persistent input buffers as an engine holds them, sized for a bucket of B slots."""
+
+    def __init__(self, B, H, max_q, max_pages, page, n_pages, dtype=torch.bfloat16):
+        self.sl = torch.zeros(B, dtype=torch.int32, device=DEV)
+        self.qo = torch.zeros(B + 1, dtype=torch.int32, device=DEV)
+        self.bt = torch.zeros(B, max_pages, dtype=torch.int32, device=DEV)
+        self.q = torch.zeros(B * max_q, H, DV + DPE, dtype=dtype, device=DEV)
+        self.out = torch.zeros(B * max_q, H, DV, dtype=dtype, device=DEV)
+        self.kv = torch.randn(n_pages, page, DV + DPE, device=DEV).to(dtype)
+        self.builder = PersistentMetadataBuilder(num_heads=H, max_batch=B, max_q_len=max_q,
+                                                 max_pages_per_seq=max_pages, page_size=page, device=DEV)
+        self.page, self.n_pages = page, n_pages
+
+    def fill(self, lens, qls, seed):
+        """Write a new step into the buffers in place; slots past len(lens) are padding (0 / 0)."""
+        g = torch.Generator().manual_seed(seed)
+        B = self.sl.shape[0]
+        lens = lens + [0] * (B - len(lens))
+        qls = qls + [0] * (B - len(qls))
+        self.sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        qo = [0]
+        for n in qls:
+            qo.append(qo[-1] + n)
+        self.qo.copy_(torch.tensor(qo, dtype=torch.int32))
+        self.bt.copy_(torch.randint(0, self.n_pages, self.bt.shape, generator=g, dtype=torch.int32))
+        self.q.copy_(torch.randn(self.q.shape, generator=g).to(self.q.dtype))
+        return qo[-1]
+
+    def step(self):
+        meta = self.builder.build(self.sl, self.qo, self.bt)
+        return mla_decode(self.q, self.kv, meta, (DV + DPE) ** -0.5, DV, out=self.out)
+
+    def reference(self):
+        return mla_attention_reference(self.q, self.kv, self.qo, self.sl, self.bt, (DV + DPE) ** -0.5, DV)
+
+
+def test_no_sync_no_allocation():
+    e = _Engine(B=8, H=64, max_q=2, max_pages=64, page=64, n_pages=600)
+    T = e.fill([4000, 17, 64, 1], [1, 2, 1, 1], seed=0)
+    e.step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            e.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert rel_err(e.out[:T], e.reference()[:T]) < REL_TOL[torch.bfloat16]
+
+
+def test_cuda_graph_replay_new_lengths():
+    e = _Engine(B=16, H=128, max_q=1, max_pages=128, page=64, n_pages=2000)
+    e.fill([100] * 16, [1] * 16, seed=0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            e.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        e.step()
+    steps = [([8000, 3, 1, 700], [1, 1, 1, 1]), ([1] * 16, [1] * 16), ([2, 8191] + [64] * 13, [1] * 15),
+             ([5000], [1])]
+    for i, (lens, qls) in enumerate(steps):
+        T = e.fill(lens, qls, seed=i + 1)
+        e.out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = e.out.clone()
+        assert torch.isnan(replayed[T:]).all(), "padding rows written"
+        e.out.fill_(float("nan"))
+        e.step()  # eager
+        torch.cuda.synchronize()
+        torch.testing.assert_close(replayed[:T], e.out[:T], rtol=0, atol=0)
+        assert rel_err(replayed[:T], e.reference()[:T]) < REL_TOL[torch.bfloat16]

@@ -1,0 +1,154 @@
+"""Metadata: the persistent plan kernel and kv-indices kernel against their torch references."""
+import os
+import random
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.metadata import (PerStepMetadataBuilder, PersistentMetadataBuilder,  # noqa: E402
+                              make_metadata_builder)
+from kernels.plan_kernels import build_kv_indices  # noqa: E402
+from kernels.reference import kv_indices_reference, persistent_plan_reference  # noqa: E402
+from kernels.testing import make_problem  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_plan(meta, seq_lens, q_lens, builder):
+    ref = persistent_plan_reference(seq_lens, q_lens, builder.num_parts, builder.plan_block, builder.overhead,
+                                    builder.min_chunk)
+    B = len(seq_lens)
+    assert meta.kv_indptr.tolist() == ref["kv_indptr"]
+    assert meta.max_qo_len.item() == ref["max_qo_len"] == max(q_lens)
+    assert meta.cu_cost.tolist() == ref["cu_cost"]
+    assert meta.part_bounds.tolist() == ref["part_bounds"]
+    assert meta.part_reqs.flatten().tolist() == ref["part_reqs"]
+    assert meta.num_splits.tolist() == ref["num_splits"]
+    active = [b for b in range(B) if ref["num_splits"][b] > 0]
+    assert [meta.first_part.tolist()[b] for b in active] == [ref["first_part"][b] for b in active]
+    assert meta.split_indptr.tolist() == ref["split_indptr"]
+    n = meta.num_merge.item()
+    assert n == ref["num_merge"]
+    assert meta.merge_reqs[:n].tolist() == ref["merge_reqs"]
+    assert ref["num_slots"] <= meta.o_partial.shape[0]
+    assert n <= meta.max_merges
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_persistent_plan_matches_reference(seed):
+    rng = random.Random(seed)
+    B = rng.randint(1, 40)
+    seq_lens = [rng.choice([0, 1, 64, 128, rng.randint(1, 3000)]) for _ in range(B)]
+    q_lens = [rng.choice([0, 1, 1, 2, 3]) for _ in range(B)]
+    if seed == 0:
+        seq_lens[-1], q_lens[-1] = 20000, 1  # one long request among short ones, last
+    pb = make_problem(seq_lens, q_lens, 2, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=2, max_batch=64, max_q_len=3, max_pages_per_seq=pb.max_pages,
+                                        page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0,
+                                        num_parts=rng.choice([1, 3, 16, 132]), min_chunk=rng.choice([1, 4]))
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    _check_plan(meta, seq_lens, q_lens, builder)
+
+
+def test_persistent_plan_balances_long_request():
+    seq_lens, q_lens = [16384] + [256] * 31, [1] * 32
+    pb = make_problem(seq_lens, q_lens, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=64, max_batch=32, max_q_len=1, max_pages_per_seq=pb.max_pages,
+                                        page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=16,
+                                        min_chunk=1)
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    _check_plan(meta, seq_lens, q_lens, builder)
+    bounds = meta.part_bounds.tolist()
+    sizes = [bounds[p + 1] - bounds[p] for p in range(16)]
+    assert len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]  # equal slices of the total cost
+    assert meta.num_splits.tolist()[0] >= 8  # the long request spreads over most parts
+
+
+def test_max_qo_len_is_max_over_all_requests():
+    seq_lens, q_lens = [50, 60, 70], [1, 4, 2]  # the longest q is in the middle
+    pb = make_problem(seq_lens, q_lens, 1, 16, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    for strategy in ("persistent", "per_step"):
+        builder = make_metadata_builder(strategy, num_heads=1, max_batch=4, max_q_len=4,
+                                        max_pages_per_seq=pb.max_pages, page_size=16, device=DEVICE,
+                                        kv_lora_rank=16, rope_dim=0)
+        meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table, seq_lens, q_lens)
+        assert meta.max_qo_len.item() == 4
+
+
+def test_persistent_rebuild_in_place_same_buffers():
+    builder = PersistentMetadataBuilder(num_heads=4, max_batch=8, max_q_len=1, max_pages_per_seq=20, page_size=16,
+                                        device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=4, min_chunk=1)
+    ptrs = None
+    for seed, lens in enumerate([[5, 300, 17], [200, 1, 1, 1, 1, 1, 1, 0], [320]]):
+        pb = make_problem(lens, [1] * len(lens), 4, 16, kv_lora_rank=16, rope_dim=0, device=DEVICE,
+                          dtype=torch.float32, max_pages=20, seed=seed)
+        meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+        _check_plan(meta, lens, [1] * len(lens), builder)
+        p = (meta.kv_indptr.data_ptr(), meta.part_bounds.data_ptr(), meta.o_partial.data_ptr())
+        assert ptrs is None or p == ptrs
+        ptrs = p
+
+
+@pytest.mark.parametrize("page", [1, 16, 64])
+def test_kv_indices_match_reference(page):
+    seq_lens = [1, 64, 0, 200, 33]
+    pb = make_problem(seq_lens, [1] * 5, 1, page, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=1, max_batch=8, max_q_len=1, max_pages_per_seq=pb.max_pages,
+                                        page_size=page, device=DEVICE, kv_lora_rank=16, rope_dim=0,
+                                        with_kv_indices=True)
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    ref = kv_indices_reference(pb.seq_lens.cpu(), pb.block_table.cpu(), page)
+    assert meta.kv_indices[: sum(seq_lens)].cpu().tolist() == ref.tolist()
+    out = torch.zeros(sum(seq_lens), dtype=torch.int32, device=DEVICE)
+    build_kv_indices(pb.seq_lens, meta.kv_indptr, pb.block_table, page, out)
+    assert out.cpu().tolist() == ref.tolist()
+    per_step = PerStepMetadataBuilder(num_heads=1, max_batch=8, max_q_len=1, max_pages_per_seq=pb.max_pages,
+                                      page_size=page, device=DEVICE, kv_lora_rank=16, rope_dim=0,
+                                      with_kv_indices=True)
+    m2 = per_step.build(pb.seq_lens, pb.qo_indptr, pb.block_table, seq_lens, [1] * 5)
+    assert m2.kv_indices.cpu().tolist() == ref.tolist()
+    assert m2.kv_indptr.tolist() == meta.kv_indptr.tolist()
+
+
+def test_builder_errors():
+    with pytest.raises(ValueError, match="unknown metadata strategy"):
+        make_metadata_builder("static", num_heads=1, max_batch=1, max_q_len=1, max_pages_per_seq=1, page_size=16,
+                              device=DEVICE)
+    with pytest.raises(ValueError, match="page_size"):
+        PersistentMetadataBuilder(num_heads=1, max_batch=1, max_q_len=1, max_pages_per_seq=1, page_size=24,
+                                  device=DEVICE)
+    b = PersistentMetadataBuilder(num_heads=1, max_batch=2, max_q_len=1, max_pages_per_seq=4, page_size=16,
+                                  device=DEVICE)
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="max_batch"):
+        b.build(torch.ones(3, **i32), torch.arange(4, **i32), torch.zeros(3, 4, **i32))
+    with pytest.raises(ValueError, match="int32"):
+        b.build(torch.ones(2, dtype=torch.int64, device=DEVICE), torch.arange(3, **i32), torch.zeros(2, 4, **i32))
+    with pytest.raises(ValueError, match="qo_indptr"):
+        b.build(torch.ones(2, **i32), torch.arange(2, **i32), torch.zeros(2, 4, **i32))
+    p = PerStepMetadataBuilder(num_heads=1, max_batch=2, max_q_len=1, max_pages_per_seq=4, page_size=16,
+                               device=DEVICE)
+    with pytest.raises(ValueError, match="host"):
+        p.build(torch.ones(2, **i32), torch.arange(3, **i32), torch.zeros(2, 4, **i32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_step_plan_matches_reference(seed):
+    """The O(B + parts) host plan of per_step equals the enumerating reference on its part bounds."""
+    from kernels.metadata import per_step_plan
+    from kernels.reference import plan_from_bounds, request_costs
+
+    rng = random.Random(seed)
+    B = rng.randint(1, 30)
+    seq_lens = [rng.choice([0, 1, 64, 65, rng.randint(1, 5000)]) for _ in range(B)]
+    q_lens = [rng.choice([0, 1, 2]) for _ in range(B)]
+    plan = per_step_plan(seq_lens, q_lens, num_kv_splits=rng.choice([1, 3, 4]))
+    ref = plan_from_bounds(request_costs(seq_lens, q_lens, 64, 2), 2, plan["part_bounds"])
+    for k in ("cu_cost", "part_reqs", "num_splits", "split_indptr", "merge_reqs", "num_merge", "num_slots"):
+        assert plan[k] == ref[k], k
+    active = [b for b in range(B) if ref["num_splits"][b]]
+    assert [plan["first_part"][b] for b in active] == [ref["first_part"][b] for b in active]
