@@ -70,6 +70,9 @@ def test_decode_one_long_among_short():
     # the long request is cut over several parts, short ones share a part
     out, meta = run_case([900, 3, 5, 2, 9, 1], [1] * 6, 4, 16, num_parts=4, min_chunk=1)
     assert meta.num_splits.tolist()[0] > 1
+    # a cap on the parts of one request (the slices grow instead)
+    out, meta = run_case([900, 3, 5, 2, 9, 1], [1] * 6, 4, 16, num_parts=8, min_chunk=1, max_kv_splits=3)
+    assert 1 < max(meta.num_splits.tolist()) <= 3
     # more splits than the merge kernel loads at once (32)
     out, meta = run_case([3000, 3, 5], [1] * 3, 2, 16, num_parts=40, min_chunk=1, seed=5, plan_block=16)
     assert meta.num_splits.tolist()[0] > 32
@@ -114,6 +117,8 @@ def test_decode_allocates_output_and_checks_inputs():
         mla_decode(pb.q[:, :2].contiguous(), pb.kv_cache, meta, 0.1, 512)
     with pytest.raises(ValueError, match="kv_lora_rank"):
         mla_decode(pb.q, pb.kv_cache, meta, 0.1, 256)
+    with pytest.raises(ValueError, match="max_q_len"):
+        mla_decode(torch.cat([pb.q, pb.q]), pb.kv_cache, meta, 0.1, 512)
     with pytest.raises(ValueError, match="out must be"):
         mla_decode(pb.q, pb.kv_cache, meta, 0.1, 512, out=torch.empty(2, 4, 500, device=DEVICE))
 

@@ -83,8 +83,10 @@ def test_plan_kernel_matches_reference_b256():
     b = PersistentMetadataBuilder(num_heads=128, max_batch=256, max_q_len=2, max_pages_per_seq=1, page_size=64,
                                   device=DEV)
     meta = b.build(sl, qo, bt)
-    r = persistent_plan_reference(lens, qls, b.num_parts, b.plan_block, b.overhead, b.min_chunk)
+    r = persistent_plan_reference(lens, qls, b.num_parts, b.plan_block, b.overhead, b.min_chunk, b.snap_div,
+                                  b.snap_max, b.max_kv_splits)
     assert meta.part_bounds.tolist() == r["part_bounds"]
+    assert meta.first_part.tolist() == r["first_part"]
     assert meta.part_reqs.flatten().tolist() == r["part_reqs"]
     assert meta.num_splits.tolist() == r["num_splits"]
     assert meta.split_indptr.tolist() == r["split_indptr"]

@@ -20,7 +20,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def _check_plan(meta, seq_lens, q_lens, builder):
     ref = persistent_plan_reference(seq_lens, q_lens, builder.num_parts, builder.plan_block, builder.overhead,
-                                    builder.min_chunk)
+                                    builder.min_chunk, builder.snap_div,
+                                    builder.snap_max, builder.max_kv_splits)
     B = len(seq_lens)
     assert meta.kv_indptr.tolist() == ref["kv_indptr"]
     assert meta.max_qo_len.item() == ref["max_qo_len"] == max(q_lens)
@@ -38,20 +39,24 @@ def _check_plan(meta, seq_lens, q_lens, builder):
     assert n <= meta.max_merges
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(24))
 def test_persistent_plan_matches_reference(seed):
     rng = random.Random(seed)
     B = rng.randint(1, 40)
-    seq_lens = [rng.choice([0, 1, 64, 128, rng.randint(1, 3000)]) for _ in range(B)]
+    seq_lens = [rng.choice([0, 1, 64, 128, rng.randint(1, 3000), rng.randint(1, 300)]) for _ in range(B)]
     q_lens = [rng.choice([0, 1, 1, 2, 3]) for _ in range(B)]
     if seed == 0:
         seq_lens[-1], q_lens[-1] = 20000, 1  # one long request among short ones, last
     pb = make_problem(seq_lens, q_lens, 2, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
     builder = PersistentMetadataBuilder(num_heads=2, max_batch=64, max_q_len=3, max_pages_per_seq=pb.max_pages,
                                         page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0,
-                                        num_parts=rng.choice([1, 3, 16, 132]), min_chunk=rng.choice([1, 4]))
+                                        num_parts=rng.choice([1, 3, 16, 132]), min_chunk=rng.choice([1, 4]),
+                                        snap_div=rng.choice([0, 2, 4]), snap_max=rng.choice([1, 4, 1000]),
+                                        max_kv_splits=rng.choice([None, 1, 2, 5]))
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
     _check_plan(meta, seq_lens, q_lens, builder)
+    if builder.max_kv_splits:
+        assert max(meta.num_splits.tolist()) <= max(builder.max_kv_splits, 2)
 
 
 def test_persistent_plan_balances_long_request():
@@ -59,13 +64,30 @@ def test_persistent_plan_balances_long_request():
     pb = make_problem(seq_lens, q_lens, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
     builder = PersistentMetadataBuilder(num_heads=64, max_batch=32, max_q_len=1, max_pages_per_seq=pb.max_pages,
                                         page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=16,
-                                        min_chunk=1)
+                                        min_chunk=1, snap_div=0)
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
     _check_plan(meta, seq_lens, q_lens, builder)
     bounds = meta.part_bounds.tolist()
     sizes = [bounds[p + 1] - bounds[p] for p in range(16)]
     assert len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]  # equal slices of the total cost
     assert meta.num_splits.tolist()[0] >= 8  # the long request spreads over most parts
+
+
+def test_snapping_avoids_cutting_short_requests():
+    # 128 equal requests of 18 units over 66 parts: plain slices of 35 units cut ~every other request
+    seq_lens, q_lens = [1024] * 128, [1] * 128
+    pb = make_problem(seq_lens, q_lens, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    n_merge = {}
+    for snap_div in (0, 2):
+        builder = PersistentMetadataBuilder(num_heads=1, max_batch=128, max_q_len=1, max_pages_per_seq=pb.max_pages,
+                                            page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=66,
+                                            snap_div=snap_div, snap_max=1000)
+        meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+        _check_plan(meta, seq_lens, q_lens, builder)
+        n_merge[snap_div] = meta.num_merge.item()
+        bounds = meta.part_bounds.tolist()
+        assert max(bounds[p + 1] - bounds[p] for p in range(66)) <= 35 + 35 // 2
+    assert n_merge[0] > 50 and n_merge[2] == 0, n_merge
 
 
 def test_max_qo_len_is_max_over_all_requests():

@@ -1,0 +1,363 @@
+"""Benchmark of the MLA decode kernels and the metadata strategies: ``python -m kernels.bench [--quick]``.
+
+Kernel time = triton.testing.do_bench median (it flushes L2 before every call) of a CUDA-graph replay of
+the decode + merge of one layer, with the step's metadata built beforehand (graph replay keeps Python
+launch overhead out, as in the engine's captured decode step). Reported beside it: GB/s of KV read (sum L * 576 *
+elem bytes), TFLOP/s (2 * H * q_len * L * (576 + 512) per request), the roofline floor
+max(bytes / copy BW, flops / matmul rate) with both ceilings measured in the same run, FlashMLA when
+``flash_mla`` imports, and the H100 reference numbers of FlashMLA and SGLang's Triton kernel
+(/work/shared/reference/mla_decode.md). Metadata build: GPU time of the persistent build (CUDA graph
+replay) and wall time of the per-step build (host work + copies) at B = 1..256.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+DV, DPE, D = 512, 64, 576
+
+# H100 80GB HBM3, torch 2.11, triton 3.6 (mla_decode.md): (H, B, L) -> (FlashMLA us, SGLang Triton us), q_len 1
+REF_UNIFORM = {
+    (64, 1, 16384): (51.1, 59.5), (64, 8, 4096): (36.4, 66.5), (64, 32, 4096): (75.7, 213.9),
+    (64, 64, 4096): (131.9, 407.9), (64, 128, 4096): (234.8, 846.2), (64, 128, 16384): (874.5, 3238.7),
+    (128, 1, 16384): (44.5, 68.7), (128, 8, 4096): (40.0, 108.2), (128, 32, 4096): (84.1, 401.2),
+    (128, 64, 4096): (134.2, 799.3), (128, 128, 4096): (262.0, 1676.8), (128, 128, 16384): (1041.7, 6672.3),
+    (16, 128, 16384): (None, 939.6),
+}
+# case name -> H -> (FlashMLA q1, FlashMLA q2, SGLang q1) us
+REF_UNEVEN = {
+    "1x32k+63x512": {64: (56.5, 61.1, 290.1), 128: (60.7, 92.0, 480.2)},
+    "1x16k+127x256": {64: (52.8, 59.8, 268.4), 128: (60.6, 96.2, 471.3)},
+    "64 random in [1,8k]": {64: (153.0, 173.2, 542.1), 128: (173.2, 280.1, 1026.4)},
+    "B1 L65536": {64: (71.1, 62.0, 172.5), 128: (61.4, 86.5, 199.5)},
+    "B256 L2048": {64: (240.8, 278.9, 1222.4), 128: (280.2, 498.2, 2420.0)},
+}
+
+
+def uneven_lens(name: str) -> list[int]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "1x32k+63x512": lambda: [32768] + [512] * 63,
+        "1x16k+127x256": lambda: [16384] + [256] * 127,
+        "64 random in [1,8k]": lambda: torch.randint(1, 8193, (64,), generator=g).tolist(),
+        "B1 L65536": lambda: [65536],
+        "B256 L2048": lambda: [2048] * 256,
+    }[name]()
+
+
+def measure_ceilings() -> dict:
+    """Device-to-device copy GB/s (read + write) and bf16 8192^3 matmul TFLOP/s, median of do_bench."""
+    from triton.testing import do_bench
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    copy_gbs = 2 * n / (t * 1e-3) / 1e9
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
+    mm = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
+    return {"copy_GBps": copy_gbs, "matmul_bf16_TFLOPs": mm, "device": torch.cuda.get_device_name()}
+
+
+def _problem(lens, q_len, H, page, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    need = [-(-L // page) for L in lens]
+    n_pages = sum(need) + 1
+    kv = torch.randn(n_pages, page, D, device="cuda", dtype=dtype, generator=g)
+    perm = torch.randperm(n_pages, device="cuda", generator=g).int()
+    bt = torch.zeros(len(lens), max(need), dtype=torch.int32, device="cuda")
+    at = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[at:at + n]
+        at += n
+    T = q_len * len(lens)
+    q = torch.randn(T, H, D, device="cuda", dtype=dtype, generator=g)
+    sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    qo = torch.arange(0, T + 1, q_len, dtype=torch.int32, device="cuda")
+    return q, kv, sl, qo, bt
+
+
+def _flash_mla_time(q, kv, sl, bt, H, q_len, page):
+    """FlashMLA's dense decode (kernels/flashmla.py) with its schedule planned once, when it can run here."""
+    from kernels import flashmla
+
+    if flashmla.unavailable_reason(q.device) is not None or H not in flashmla.HEAD_COUNTS:
+        return None
+    try:
+        step = flashmla.plan(sl, bt, q_len, H)
+
+        def fn():
+            return flashmla.flashmla_decode(q, kv, step, D ** -0.5, DV)
+
+        fn()
+        return _graph_time(fn)
+    except Exception as e:  # keep the run going; report why in the row
+        return f"error: {type(e).__name__}: {e}"[:200]
+
+
+def _graph_time(fn, rep: int = 100) -> float:
+    """Median GPU time (us) of ``fn`` captured in a CUDA graph: do_bench flushes L2 before every replay,
+    and graph replay keeps the Python launch overhead out of the kernel time."""
+    from triton.testing import do_bench
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=25, rep=rep, return_mode="median") * 1e3
+
+
+def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=torch.bfloat16,
+                     builder_kw: dict | None = None, config=None) -> list[dict]:
+    """Time decode + merge for each shape dict {H, lens, q_len, name}; returns one row per shape."""
+    from kernels.metadata import PersistentMetadataBuilder
+    from kernels.mla_decode import mla_decode
+
+    rows = []
+    esize = torch.tensor([], dtype=dtype).element_size()
+    for s in shapes:
+        H, lens, q_len = s["H"], s["lens"], s["q_len"]
+        q, kv, sl, qo, bt = _problem(lens, q_len, H, page, dtype)
+        builder = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=q_len,
+                                            max_pages_per_seq=bt.shape[1], page_size=page, device="cuda",
+                                            **(builder_kw or {}))
+        meta = builder.build(sl, qo, bt)
+        out = torch.empty(q.shape[0], H, DV, device="cuda", dtype=dtype)
+        us = _graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=config))
+        nbytes = sum(lens) * D * esize
+        flops = sum(2 * H * q_len * L * (D + DV) for L in lens)
+        floor = max(nbytes / (ceilings["copy_GBps"] * 1e3), flops / (ceilings["matmul_bf16_TFLOPs"] * 1e6))
+        row = dict(name=s.get("name", "uniform"), H=H, B=len(lens), L=s.get("L", max(lens)), q_len=q_len,
+                   kv_MB=nbytes / 1e6, us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, floor_us=floor,
+                   pct_floor=100 * floor / us, num_parts=meta.num_parts)
+        fm = _flash_mla_time(q, kv, sl, bt, H, q_len, page) if page == 64 else None
+        row["flashmla_us"] = fm
+        ref = REF_UNIFORM.get((H, len(lens), row["L"])) if row["name"] == "uniform" and q_len == 1 else None
+        if row["name"] in REF_UNEVEN and H in REF_UNEVEN[row["name"]]:
+            r = REF_UNEVEN[row["name"]][H]
+            ref = (r[0] if q_len == 1 else r[1], r[2] if q_len == 1 else None)
+        if ref:
+            row["ref_flashmla_us"], row["ref_sglang_us"] = ref
+        rows.append(row)
+        del q, kv, out, meta, builder
+        torch.cuda.empty_cache()
+    return rows
+
+
+def kernel_shapes(quick: bool) -> list[dict]:
+    Hs = [16, 64, 128]
+    Bs = [1, 8, 32, 128] if quick else [1, 8, 32, 64, 128]
+    Ls = [4096, 16384] if quick else [1024, 4096, 16384]
+    qls = [1] if quick else [1, 2]
+    shapes = []
+    for q_len in qls:
+        for H in Hs:
+            for B in Bs:
+                for L in Ls:
+                    shapes.append(dict(H=H, lens=[L] * B, q_len=q_len, L=L))
+                    if B > 1 and not quick:
+                        shapes.append(dict(name="skewed", H=H, lens=[L] + [max(L // 16, 1)] * (B - 1), q_len=q_len,
+                                           L=L))
+        for H in [64, 128]:
+            for name in REF_UNEVEN:
+                shapes.append(dict(name=name, H=H, lens=uneven_lens(name), q_len=q_len))
+    return shapes
+
+
+def run_metadata_bench(batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), H: int = 128, page: int = 64,
+                       L_max: int = 16384) -> list[dict]:
+    """Persistent build: GPU time of a CUDA-graph replay of one build. Per-step build: host wall time."""
+    from triton.testing import do_bench
+
+    from kernels.metadata import PersistentMetadataBuilder, PerStepMetadataBuilder
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    max_pages = L_max // page
+    for B in batches:
+        lens = torch.randint(1, L_max + 1, (B,), generator=g).tolist()
+        sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        qo = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+        bt = torch.randint(0, 1 << 16, (B, max_pages), generator=g, dtype=torch.int32).cuda()
+        kw = dict(num_heads=H, max_batch=B, max_q_len=1, max_pages_per_seq=max_pages, page_size=page, device="cuda")
+        pers = PersistentMetadataBuilder(**kw)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            pers.build(sl, qo, bt)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            pers.build(sl, qo, bt)
+        gpu_us = do_bench(graph.replay, warmup=10, rep=50, return_mode="median") * 1e3
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 50
+        for _ in range(n):
+            pers.build(sl, qo, bt)
+        torch.cuda.synchronize()
+        pers_wall = (time.perf_counter() - t0) / n * 1e6
+        per = PerStepMetadataBuilder(**kw)
+        qls = [1] * B
+        per.build(sl, qo, bt, lens, qls)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            per.build(sl, qo, bt, lens, qls)
+        torch.cuda.synchronize()
+        per_wall = (time.perf_counter() - t0) / n * 1e6
+        rows.append(dict(B=B, persistent_gpu_us=gpu_us, persistent_wall_us=pers_wall, per_step_wall_us=per_wall))
+    return rows
+
+
+def run_config_sweep(ceilings: dict) -> list[dict]:
+    """Tile configs on a few shapes (tuning aid; the defaults live in mla_decode.default_config)."""
+    from kernels.mla_decode import DecodeConfig, mla_decode
+
+    rows = []
+    big = [dict(H=128, lens=[16384], q_len=1), dict(H=128, lens=[4096] * 32, q_len=1),
+           dict(H=128, lens=[4096] * 128, q_len=1), dict(H=64, lens=[16384], q_len=1),
+           dict(H=64, lens=[4096] * 64, q_len=1), dict(H=64, lens=[16384] * 128, q_len=1)]
+    small = [dict(H=16, lens=[16384] * 128, q_len=1), dict(H=16, lens=[4096] * 8, q_len=1),
+             dict(H=8, lens=[4096] * 32, q_len=1)]
+    C = DecodeConfig
+    cfgs = [(big, C(64, 64, 8, 2)), (big, C(64, 64, 8, 2, False)), (big, C(64, 32, 8, 2)), (big, C(64, 64, 8, 3)),
+            (small, C(16, 64, 8, 3)), (small, C(16, 64, 8, 2)), (small, C(16, 64, 4, 2)),
+            (small, C(16, 64, 8, 3, False))]
+    for shapes, cfg in cfgs:
+        try:
+            r = run_kernel_bench(shapes, ceilings, config=cfg)
+        except Exception as e:
+            print("config", cfg, "failed:", type(e).__name__, str(e)[:200], flush=True)
+            continue
+        k = getattr(mla_decode, "last_compiled", None)
+        regs = f"regs={getattr(k, 'n_regs', '?')} spills={getattr(k, 'n_spills', '?')}"
+        for x in r:
+            x["config"] = str(cfg) + " " + regs
+        rows += r
+        print(cfg, regs, " ".join(f"{x['H']}/{x['B']}/{x['L']}:{x['us']:.1f}" for x in r), flush=True)
+    return rows
+
+
+def run_snap_sweep(ceilings: dict) -> list[dict]:
+    """Plan boundary snapping (PersistentMetadataBuilder.snap_div) on shapes where parts cut requests."""
+    rows = []
+    rnd = uneven_lens("64 random in [1,8k]")
+    shapes = [dict(H=128, lens=[1024] * 128, q_len=1), dict(H=128, lens=[4096] * 128, q_len=1),
+              dict(H=64, lens=[4096] * 64, q_len=1), dict(H=128, lens=[4096] * 32, q_len=1),
+              dict(H=64, lens=[16384] + [256] * 127, q_len=1), dict(H=64, lens=[2048] * 256, q_len=1),
+              dict(H=16, lens=[4096] * 128, q_len=1), dict(H=128, lens=rnd, q_len=1), dict(H=128, lens=rnd, q_len=2),
+              dict(H=64, lens=rnd, q_len=1), dict(H=64, lens=[1024] * 128, q_len=2)]
+    for sd, sm in ((0, 0), (2, 4), (2, 8), (4, 1000)):
+        r = run_kernel_bench(shapes, ceilings, builder_kw=dict(snap_div=sd, snap_max=sm))
+        for x in r:
+            x["config"] = f"snap_div={sd} snap_max={sm}"
+        rows += r
+        print(f"snap_div={sd} snap_max={sm}", " ".join(f"{x['H']}/{x['B']}/{x['L']}:{x['us']:.1f}" for x in r),
+              flush=True)
+    return rows
+
+
+def run_merge_sweep() -> list[dict]:
+    """Merge kernel variants (block_s, block_d, groups) on shapes with one long split request and many."""
+    import functools
+
+    import kernels.mla_decode as md
+    from kernels.metadata import PersistentMetadataBuilder
+    from kernels.mla_merge import mla_merge
+
+    rows = []
+    for H, lens in ((128, [16384]), (64, [16384]), (128, [1024] * 128), (64, [1024] * 128)):
+        q, kv, sl, qo, bt = _problem(lens, 1, H, 64, torch.bfloat16)
+        m = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=1, max_pages_per_seq=bt.shape[1],
+                                      page_size=64, device="cuda").build(sl, qo, bt)
+        out = torch.empty(len(lens), H, DV, device="cuda", dtype=torch.bfloat16)
+        md.mla_decode(q, kv, m, 0.04, DV, out=out)
+        for bs, bd, g in ((32, 128, 8), (16, 128, 32), (32, 64, 16), (16, 256, 16), (64, 128, 8), (32, 128, 64),
+                          (8, 512, 64), (16, 64, 64)):
+            fn = functools.partial(mla_merge, out, m, block_s=bs, block_d=bd, groups=g)
+            t = _graph_time(fn)
+            rows.append(dict(H=H, B=len(lens), L=max(lens), block_s=bs, block_d=bd, groups=g, us=t,
+                             num_merge=m.num_merge.item()))
+            print(f"merge H={H} B={len(lens)} L={max(lens)} merges={m.num_merge.item()} bs={bs} bd={bd} g={g}: "
+                  f"{t:.1f} us", flush=True)
+    return rows
+
+
+def _fmt(v, w=8, p=1):
+    if v is None:
+        return "-".rjust(w)
+    if isinstance(v, str):
+        return "err".rjust(w)
+    return f"{v:{w}.{p}f}"
+
+
+def print_tables(result: dict) -> None:
+    c = result["ceilings"]
+    print(f"\n{c['device']}: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    hdr = (f"{'case':>20} {'H':>4} {'B':>4} {'L':>6} {'q':>2} {'us':>8} {'GB/s':>7} {'TF/s':>6} {'floor':>7} "
+           f"{'%floor':>6} {'FlashMLA':>8} {'x FM':>5} {'refFM':>7} {'x refFM':>7} {'refSGL':>7} {'x SGL':>6}")
+    print(hdr)
+    for r in result["kernel"]:
+        fm = r.get("flashmla_us")
+        fm = fm if isinstance(fm, (int, float)) else None
+        rfm, rsg = r.get("ref_flashmla_us"), r.get("ref_sglang_us")
+        print(f"{r['name'][:20]:>20} {r['H']:>4} {r['B']:>4} {r['L']:>6} {r['q_len']:>2} {_fmt(r['us'])} "
+              f"{r['GBps']:7.0f} {r['TFLOPs']:6.0f} {_fmt(r['floor_us'], 7)} {r['pct_floor']:6.0f} {_fmt(fm)} "
+              f"{_fmt(fm / r['us'] if fm else None, 5, 2)} {_fmt(rfm, 7)} {_fmt(rfm / r['us'] if rfm else None, 7, 2)} "
+              f"{_fmt(rsg, 7)} {_fmt(rsg / r['us'] if rsg else None, 6, 2)}")
+    if result.get("metadata"):
+        print(f"\n{'B':>4} {'persistent GPU us':>18} {'persistent wall us':>19} {'per_step wall us':>17}")
+        for r in result["metadata"]:
+            print(f"{r['B']:>4} {r['persistent_gpu_us']:18.2f} {r['persistent_wall_us']:19.1f} "
+                  f"{r['per_step_wall_us']:17.1f}")
+    print("(x FM / x refFM / x SGL: their time over ours, > 1 means we are faster; ref* = mla_decode.md H100)")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset of the shapes, q_len 1 only")
+    ap.add_argument("--out", default="mla_bench.json", help="JSON file for all numbers")
+    ap.add_argument("--no-metadata", action="store_true", help="skip the metadata build benchmark")
+    ap.add_argument("--only", default=None, help="only cases whose name contains this (e.g. uniform)")
+    ap.add_argument("--sweep", action="store_true", help="tile-config, plan-snapping and merge sweeps, then exit")
+    ap.add_argument("--min-chunk", type=int, default=None, help="PersistentMetadataBuilder min_chunk")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.bench needs a CUDA GPU")
+    ceilings = measure_ceilings()
+    if args.sweep:
+        rows = run_config_sweep(ceilings) + run_snap_sweep(ceilings) + run_merge_sweep()
+        with open(args.out, "w") as f:
+            json.dump({"ceilings": ceilings, "sweep": rows}, f, indent=1, default=str)
+        return {"sweep": rows}
+    shapes = kernel_shapes(args.quick)
+    if args.only:
+        shapes = [s for s in shapes if args.only in s.get("name", "uniform")]
+    kw = {} if args.min_chunk is None else {"min_chunk": args.min_chunk}
+    result = {"ceilings": ceilings, "torch": torch.__version__, "kernel": run_kernel_bench(shapes, ceilings,
+                                                                                        builder_kw=kw)}
+    import triton
+    result["triton"] = triton.__version__
+    with open(args.out, "w") as f:  # kernel rows first, in case the metadata part is cut short
+        json.dump(result, f, indent=1, default=str)
+    if not args.no_metadata:
+        result["metadata"] = run_metadata_bench()
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print_tables(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Fused, CUDA-graph-capturable routed-expert MoE: ``fused_moe`` (wrapper), its config, and a torch reference.
+
+out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]: the routed part
+of models/moe.py. The eager version loops over experts in Python and reads the expert counts on the host,
+so it cannot be captured in a CUDA graph. Here the whole call is four steps on the device, every buffer sized
+from (T, k, E) and the block sizes alone, no host sync:
+
+1. ``kernels.moe_align``: the (token, slot) pairs sorted by expert into ``block_m``-padded segments;
+2. grouped GEMM gate/up + SwiGLU -> h [T*k, inter] (activation dtype);
+3. grouped GEMM down_proj times the routing weight -> y [T*k, hidden] (fp32);
+4. sum over the k slots of each token -> out [T, hidden] (accumulated in fp32, stored in x.dtype).
+
+Weights are stacked once at load: ``w13[e] = cat(gate_proj[e], up_proj[e])`` [E, 2*inter, hidden] and
+``w2[e] = down_proj[e]`` [E, hidden, inter]. Expert ids outside [0, E) are dropped (contribute zero).
+Benchmark: ``python -m kernels.fused_moe`` (see kernels/moe_bench.py and kernels/MOE_NOTES.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels.moe_align import moe_align
+from kernels.moe_kernels import _down_kernel, _gate_up_kernel, _sum_slots_kernel
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Launch parameters of the two grouped GEMMs (the reduction uses ``block_n_down``)."""
+
+    block_m: int = 16  # rows (token, slot pairs) per tile; tl.dot needs >= 16
+    block_n_gate_up: int = 64  # columns of gate (and of up) per program: 2x this many weight rows
+    block_n_down: int = 128
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+    align: str = "triton"  # kernels.moe_align implementation: "triton" (one launch) or "torch" (~25 ops)
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n_gate_up", "block_n_down", "block_k"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"MoEConfig.{name} must be a power of two >= 16, got {value}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValueError(f"MoEConfig: bad num_warps={self.num_warps} or num_stages={self.num_stages}")
+        if self.align not in ("triton", "torch"):
+            raise ValueError(f"MoEConfig.align must be 'triton' or 'torch', got {self.align!r}")
+
+
+def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> MoEConfig:
+    """Small-M tiles for decode (a few rows per expert: bound by streaming weights), larger ones as M grows.
+
+    fp32 halves block_k and the pipeline depth so that the shared-memory stages fit on an H100 (227 KB per
+    block); 64-row tiles take 8 warps (4 spill registers in fp32). ``python -m kernels.moe_aot_check`` compiles
+    these configs for sm_90 and checks shared memory and spills without a GPU.
+    """
+    per_expert = num_pairs / num_experts
+    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+    wide = dtype == torch.float32
+    block_k = 64 if wide else 128
+    stages = 3 if wide or block_m > 16 else 4
+    return MoEConfig(block_m=block_m, block_n_gate_up=_fit(64, inter), block_n_down=_fit(128, hidden),
+                     block_k=_fit(block_k, min(hidden, inter)), num_warps=8 if block_m > 32 else 4,
+                     num_stages=stages)
+
+
+def _fit(block: int, dim: int) -> int:
+    """Do not tile a small dim with a block much larger than it (tiny test shapes); tl.dot needs >= 16."""
+    return max(16, min(block, triton.next_power_of_2(dim)))
+
+
+def _check(x, w13, w2, topk_weights, topk_ids, out) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, hidden], got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype must be one of {_DTYPES}, got {x.dtype}")
+    T, hidden = x.shape
+    if w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != hidden or w13.shape[1] == 0:
+        raise ValueError(f"w13 must be [E, 2*inter, hidden={hidden}], got shape {tuple(w13.shape)}")
+    E, inter = w13.shape[0], w13.shape[1] // 2
+    if w2.dim() != 3 or tuple(w2.shape) != (E, hidden, inter):
+        raise ValueError(f"w2 must be [E={E}, hidden={hidden}, inter={inter}], got shape {tuple(w2.shape)}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(f"w13 and w2 must have x's dtype {x.dtype}, got {w13.dtype} and {w2.dtype}")
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("w13 and w2 must be contiguous in the last dim (stack them once at load)")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.shape[1] == 0:
+        raise ValueError(f"topk_ids must be [T={T}, k>=1], got shape {tuple(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape or topk_weights.dtype != torch.float32:
+        raise ValueError(f"topk_weights must be float32 of shape {tuple(topk_ids.shape)}, "
+                         f"got {topk_weights.dtype} {tuple(topk_weights.shape)}")
+    tensors = {"w13": w13, "w2": w2, "topk_weights": topk_weights, "topk_ids": topk_ids}
+    if out is not None:
+        if tuple(out.shape) != (T, hidden) or out.dtype != x.dtype:
+            raise ValueError(f"out must be {x.dtype} [{T}, {hidden}], got {out.dtype} {tuple(out.shape)}")
+        if out.stride(-1) != 1:
+            raise ValueError("out must be contiguous in the last dim")
+        tensors["out"] = out
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: all inputs must be on one device")
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, out: torch.Tensor | None = None,
+              config: MoEConfig | None = None) -> torch.Tensor:
+    """Routed experts of [T, hidden] tokens -> [T, hidden] in x.dtype (written into ``out`` if given).
+
+    x [T, hidden]; w13 [E, 2*inter, hidden] (gate rows, then up rows); w2 [E, hidden, inter];
+    topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 (ids outside [0, E) are dropped).
+    Capturable in a CUDA graph: refill x / topk_* in place and replay (run once before capturing: Triton
+    compiles on the first call).
+    """
+    _check(x, w13, w2, topk_weights, topk_ids, out)
+    T, hidden = x.shape
+    E, inter, k = w13.shape[0], w13.shape[1] // 2, topk_ids.shape[1]
+    if out is None:
+        out = torch.empty(T, hidden, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    n = T * k
+    cfg = config or default_config(n, E, hidden, inter, x.dtype)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    # The kernels index these flat; a copy (only for non-contiguous inputs) is still graph-safe.
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).contiguous()
+    align = moe_align(ids, E, cfg.block_m, impl=cfg.align)
+    h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
+    upcast = not x.is_cuda  # the interpreter: see kernels/moe_kernels.py
+    precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"  # tf32 is ignored for 16-bit inputs
+    launch = dict(PRECISION=precision, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    grid = (align.num_blocks, triton.cdiv(inter, cfg.block_n_gate_up))
+    _gate_up_kernel[grid](
+        x, w13, h, align.sorted_ids, align.block_expert, n, inter, hidden,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        TOP_K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_gate_up, BLOCK_K=cfg.block_k, **launch)
+    grid = (align.num_blocks, triton.cdiv(hidden, cfg.block_n_down))
+    _down_kernel[grid](
+        h, w2, y, weights, align.sorted_ids, align.block_expert, n, hidden, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k, **launch)
+    grid = (T, triton.cdiv(hidden, cfg.block_n_down))
+    _sum_slots_kernel[grid](y, out, ids, E, hidden, y.stride(0), out.stride(0), TOP_K=k,
+                            BLOCK_N=cfg.block_n_down, num_warps=4)
+    return out
+
+
+def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor) -> torch.Tensor:
+    """Plain torch, one (token, slot) at a time, all in fp32 (no intermediate rounding): [T, hidden] fp32.
+
+    Independent of the kernels on purpose (no sorting, no stacking tricks beyond slicing w13); it reads the
+    expert ids on the host, so it is for tests only.
+    """
+    E, inter = w13.shape[0], w13.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t, experts in enumerate(topk_ids.tolist()):
+        xt = x[t].float()
+        for j, e in enumerate(experts):
+            if not 0 <= e < E:
+                continue  # dropped, as in fused_moe
+            gate = w13[e, :inter].float() @ xt
+            up = w13[e, inter:].float() @ xt
+            out[t] += topk_weights[t, j].float() * (w2[e].float() @ (F.silu(gate) * up))
+    return out
+
+
+def bench_fused_moe(sweep: bool = False) -> list[dict]:
+    """Fused vs eager per-expert loop at DeepSeek-V3 / Kimi-K2 expert shapes on a CUDA GPU (kernels/moe_bench.py)."""
+    from kernels.moe_bench import run_bench
+
+    return run_bench(sweep=sweep)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=bench_fused_moe.__doc__)
+    parser.add_argument("--sweep", action="store_true", help="also time a few MoEConfig variants per case")
+    bench_fused_moe(sweep=parser.parse_args().sweep)

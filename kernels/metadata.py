@@ -1,0 +1,265 @@
+"""Per-step MLA decode metadata: one ``MLAMetadata`` per step, shared by every layer.
+
+The work plan splits the step's KV work over a grid of ``num_parts`` programs (times row tiles). Each
+request b costs ``ceil(L_b / plan_block) + overhead`` plan units (0 for padding slots with q_len 0 or
+seq_len 0), laid end to end in request order; part p takes units [part_bounds[p], part_bounds[p+1])
+and runs, for requests part_reqs[2p] .. part_reqs[2p+1]-1, the KV blocks whose units fall in its range.
+A request inside one part is written to the output; one cut over ``num_splits[b] > 1`` parts writes
+partial slots split_indptr[b] + (p - first_part[b]) that the merge kernel combines (jobs merge_reqs[:num_merge]).
+
+Strategies:
+- ``persistent``: every buffer allocated once at construction for the largest batch / q_len; ``build``
+  refills them on the GPU with one Triton kernel (no host sync, no allocation, graph-capturable);
+  parts = the SM count over the row tiles, each an equal slice of the total cost (balanced by KV cost),
+  except that a boundary falling inside a request no longer than a slice moves to that request's nearer
+  edge when within min(chunk // snap_div, snap_max) units: a cut costs a merge and about 4 units of
+  partial traffic, so moving a boundary by fewer units than that is a win (fewer merges, little imbalance).
+  ``max_kv_splits`` caps the parts any one request is cut into (the slices grow to fit), not the grid.
+- ``per_step``: the baseline: the plan computed on the host from host lists with a fixed split count per
+  request, fresh tensors copied to the device every step. Eager only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference as ref
+
+PLAN_BLOCK = 64  # KV tokens per plan unit
+OVERHEAD = 2  # plan units charged per request on top of its KV blocks (q load, output write)
+ROWS_PER_TILE = 64  # rows (q_len * H) per program the plan assumes when sizing the grid
+
+
+@dataclass
+class MLAMetadata:
+    qo_indptr: torch.Tensor  # [B+1] int32: query-token offsets of each request in the step's T tokens
+    seq_lens: torch.Tensor  # [B] int32: KV length of each request including this step's tokens
+    block_table: torch.Tensor  # [B, max_pages] int32: page ids of each request
+    kv_indptr: torch.Tensor  # [B+1] int32: cumsum of seq_lens
+    max_qo_len: torch.Tensor  # [1] int32 on the device: max q_len over all requests
+    cu_cost: torch.Tensor  # [B+1] int32: plan units before each request
+    part_bounds: torch.Tensor  # [num_parts+1] int32: unit range of each part
+    part_reqs: torch.Tensor  # [num_parts, 2] int32: request range each part walks
+    first_part: torch.Tensor  # [B] int32: first part that runs KV of the request
+    num_splits: torch.Tensor  # [B] int32: number of parts the request is cut over (0 = padding)
+    split_indptr: torch.Tensor  # [B] int32: first partial slot of a split request
+    merge_reqs: torch.Tensor  # [max_merges] int32: split requests, the first num_merge valid
+    num_merge: torch.Tensor  # [1] int32
+    o_partial: torch.Tensor  # [slots, max_q_len * H, kv_lora_rank] fp32
+    lse_partial: torch.Tensor  # [slots, max_q_len * H] fp32 (log2 domain)
+    num_parts: int  # grid size (host)
+    max_merges: int  # merge grid size (host)
+    max_q_len: int  # host bound on q_len (sizes the row-tile grid)
+    num_heads: int
+    kv_lora_rank: int
+    page_size: int
+    plan_block: int = PLAN_BLOCK
+    overhead: int = OVERHEAD
+    kv_indices: torch.Tensor | None = None  # [sum L] int32 flat slots, when asked for
+
+    @property
+    def batch_size(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+def _device(device) -> torch.device:
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: few programs keep CPU tests fast
+
+
+def _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim):
+    for name, v in dict(num_heads=num_heads, max_batch=max_batch, max_q_len=max_q_len,
+                        max_pages_per_seq=max_pages_per_seq, page_size=page_size, kv_lora_rank=kv_lora_rank).items():
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if rope_dim < 0:
+        raise ValueError(f"rope_dim must be >= 0, got {rope_dim}")
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+
+
+def _check_inputs(seq_lens, qo_indptr, block_table, max_batch, max_pages):
+    B = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or not 0 < B <= max_batch:
+        raise ValueError(f"seq_lens must be [B] with 1 <= B <= max_batch={max_batch}, got {tuple(seq_lens.shape)}")
+    if qo_indptr.shape != (B + 1,):
+        raise ValueError(f"qo_indptr must be [B + 1] = [{B + 1}], got {tuple(qo_indptr.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.shape[1] > max_pages:
+        raise ValueError(f"block_table must be [B={B}, <= {max_pages}], got {tuple(block_table.shape)}")
+    for name, t in (("seq_lens", seq_lens), ("qo_indptr", qo_indptr), ("block_table", block_table)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    if not (seq_lens.device == qo_indptr.device == block_table.device):
+        raise ValueError("seq_lens, qo_indptr and block_table must be on one device")
+
+
+def per_step_plan(seq_lens: list[int], q_lens: list[int], num_kv_splits: int, plan_block: int = PLAN_BLOCK,
+                  overhead: int = OVERHEAD) -> dict[str, list]:
+    """Host plan of the per_step strategy in O(B + parts): each request's KV cut into
+    min(num_kv_splits, blocks) consecutive parts of its own (same fields as reference.plan_from_bounds)."""
+    B = len(seq_lens)
+    costs = ref.request_costs(seq_lens, q_lens, plan_block, overhead)
+    cu, bounds, part_reqs = [0], [0], []
+    first_part, num_splits, split_indptr, merge_reqs = [0] * B, [0] * B, [0] * B, []
+    slots = 0
+    for b, c in enumerate(costs):
+        acc = cu[-1]
+        cu.append(acc + c)
+        split_indptr[b] = slots
+        if c == 0:
+            continue
+        nb = c - overhead
+        k = min(num_kv_splits, nb)
+        first_part[b], num_splits[b] = len(bounds) - 1, k
+        bounds += [acc + overhead + (j * nb) // k for j in range(1, k)] + [acc + c]
+        part_reqs += [b, b + 1] * k
+        if k > 1:
+            slots += k
+            merge_reqs.append(b)
+    return dict(cu_cost=cu, part_bounds=bounds, part_reqs=part_reqs, first_part=first_part,
+                num_splits=num_splits, split_indptr=split_indptr, merge_reqs=merge_reqs,
+                num_merge=len(merge_reqs), num_slots=slots)
+
+
+class PersistentMetadataBuilder:
+    """Fixed buffers sized once; ``build`` refills them on the GPU (one Triton launch, graph-capturable)."""
+
+    def __init__(self, *, num_heads: int, max_batch: int, max_q_len: int, max_pages_per_seq: int, page_size: int,
+                 device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
+                 num_parts: int | None = None, min_chunk: int = 4, with_kv_indices: bool = False,
+                 plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, num_kv_splits: int | None = None,
+                 snap_div: int = 2, snap_max: int = 4):
+        # num_kv_splits belongs to per_step (accepted so both strategies take one set of kwargs)
+        _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
+        self.device = _device(device)
+        self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len
+        self.max_pages, self.page_size = max_pages_per_seq, page_size
+        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        self.plan_block, self.overhead, self.min_chunk = plan_block, overhead, max(1, min_chunk)
+        # a boundary inside a request shorter than a slice moves to an edge closer than
+        # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
+        self.snap_div, self.snap_max = snap_div, snap_max
+        if num_parts is None:
+            tiles = -(-(max_q_len * num_heads) // ROWS_PER_TILE)
+            num_parts = max(_sm_count(self.device) // tiles, 1)
+        if num_parts < 1:
+            raise ValueError(f"num_parts must be >= 1, got {num_parts}")
+        self.num_parts = num_parts
+        # a cap on the parts any one request is cut into (the slice grows for that), not on the grid
+        self.max_kv_splits = max_kv_splits or 0
+        i32 = dict(dtype=torch.int32, device=self.device)
+        P, Bm = num_parts, max_batch
+        self.bufs = dict(
+            kv_indptr=torch.zeros(Bm + 1, **i32), max_qo_len=torch.zeros(1, **i32),
+            cu_cost=torch.zeros(Bm + 1, **i32), part_bounds=torch.zeros(P + 1, **i32),
+            part_reqs=torch.zeros(P, 2, **i32), first_part=torch.zeros(Bm, **i32),
+            num_splits=torch.zeros(Bm, **i32), split_indptr=torch.zeros(Bm, **i32),
+            merge_reqs=torch.zeros(P, **i32), num_merge=torch.zeros(1, **i32),
+        )
+        # a request cut n > 1 ways holds n - 1 of the P - 1 inner part boundaries: slots <= 2 (P - 1)
+        slots = max(2 * (P - 1), 1)
+        rows = max_q_len * num_heads
+        self.o_partial = torch.empty(slots, rows, kv_lora_rank, dtype=torch.float32, device=self.device)
+        self.lse_partial = torch.empty(slots, rows, dtype=torch.float32, device=self.device)
+        self.kv_indices = (torch.zeros(max_batch * max_pages_per_seq * page_size, **i32)
+                           if with_kv_indices else None)
+
+    def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor,
+              seq_lens_host: list[int] | None = None, q_lens_host: list[int] | None = None) -> MLAMetadata:
+        """Refill the plan for this step from device tensors only (the host lists are ignored)."""
+        from kernels.plan_kernels import build_kv_indices, build_persistent_plan
+
+        _check_inputs(seq_lens, qo_indptr, block_table, self.max_batch, self.max_pages)
+        if seq_lens.device != self.device:
+            raise ValueError(f"inputs on {seq_lens.device}, builder buffers on {self.device}")
+        B = seq_lens.shape[0]
+        b = self.bufs
+        build_persistent_plan(seq_lens, qo_indptr, b, self.num_parts, self.plan_block, self.overhead,
+                              self.min_chunk, self.max_batch, self.snap_div, self.snap_max,
+                              self.max_kv_splits)
+        if self.kv_indices is not None:
+            build_kv_indices(seq_lens, b["kv_indptr"], block_table, self.page_size, self.kv_indices)
+        return MLAMetadata(
+            qo_indptr=qo_indptr, seq_lens=seq_lens, block_table=block_table,
+            kv_indptr=b["kv_indptr"][: B + 1], max_qo_len=b["max_qo_len"], cu_cost=b["cu_cost"][: B + 1],
+            part_bounds=b["part_bounds"], part_reqs=b["part_reqs"], first_part=b["first_part"][:B],
+            num_splits=b["num_splits"][:B], split_indptr=b["split_indptr"][:B], merge_reqs=b["merge_reqs"],
+            num_merge=b["num_merge"], o_partial=self.o_partial, lse_partial=self.lse_partial,
+            num_parts=self.num_parts, max_merges=self.num_parts, max_q_len=self.max_q_len,
+            num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank, page_size=self.page_size,
+            plan_block=self.plan_block, overhead=self.overhead, kv_indices=self.kv_indices,
+        )
+
+
+class PerStepMetadataBuilder:
+    """The baseline: plan computed on the host from host lists, ``num_kv_splits`` parts per request."""
+
+    def __init__(self, *, num_heads: int, max_batch: int, max_q_len: int, max_pages_per_seq: int, page_size: int,
+                 device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
+                 num_kv_splits: int = 4, with_kv_indices: bool = False, plan_block: int = PLAN_BLOCK,
+                 overhead: int = OVERHEAD, num_parts: int | None = None, min_chunk: int | None = None,
+                 snap_div: int | None = None, snap_max: int | None = None):
+        # num_parts / min_chunk / snap_div / snap_max belong to persistent (accepted so that both strategies
+        # take one set of kwargs)
+        _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
+        self.device = _device(device)
+        self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len
+        self.max_pages, self.page_size = max_pages_per_seq, page_size
+        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        self.num_kv_splits = max(1, min(num_kv_splits, max_kv_splits or num_kv_splits))
+        self.plan_block, self.overhead, self.with_kv_indices = plan_block, overhead, with_kv_indices
+
+    def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor,
+              seq_lens_host: list[int] | None = None, q_lens_host: list[int] | None = None) -> MLAMetadata:
+        _check_inputs(seq_lens, qo_indptr, block_table, self.max_batch, self.max_pages)
+        B = seq_lens.shape[0]
+        if seq_lens_host is None or q_lens_host is None or len(seq_lens_host) != B or len(q_lens_host) != B:
+            raise ValueError(f"per_step metadata needs seq_lens_host and q_lens_host lists of length B={B}")
+        if max(q_lens_host) > self.max_q_len:
+            raise ValueError(f"a q_len of {max(q_lens_host)} exceeds max_q_len={self.max_q_len}")
+        plan = per_step_plan(seq_lens_host, q_lens_host, self.num_kv_splits, self.plan_block, self.overhead)
+        bounds = plan["part_bounds"]
+        dev = self.device
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.int32).to(dev)
+
+        P = len(bounds) - 1
+        max_q = max(max(q_lens_host), 1)
+        rows = max_q * self.num_heads
+        slots = max(plan["num_slots"], 1)
+        kv_indptr = t(ref.kv_indptr_reference(seq_lens_host))
+        kv_indices = None
+        if self.with_kv_indices:
+            kv_indices = ref.kv_indices_reference(torch.tensor(seq_lens_host), block_table.cpu(),
+                                                  self.page_size).to(dev)
+        return MLAMetadata(
+            qo_indptr=qo_indptr, seq_lens=seq_lens, block_table=block_table, kv_indptr=kv_indptr,
+            max_qo_len=t([max(q_lens_host)]), cu_cost=t(plan["cu_cost"]), part_bounds=t(plan["part_bounds"]),
+            part_reqs=t(plan["part_reqs"] or [0, 0]).view(-1, 2), first_part=t(plan["first_part"]),
+            num_splits=t(plan["num_splits"]), split_indptr=t(plan["split_indptr"]),
+            merge_reqs=t(plan["merge_reqs"] or [0]), num_merge=t([plan["num_merge"]]),
+            o_partial=torch.empty(slots, rows, self.kv_lora_rank, dtype=torch.float32, device=dev),
+            lse_partial=torch.empty(slots, rows, dtype=torch.float32, device=dev),
+            num_parts=P, max_merges=plan["num_merge"], max_q_len=max_q, num_heads=self.num_heads,
+            kv_lora_rank=self.kv_lora_rank, page_size=self.page_size, plan_block=self.plan_block,
+            overhead=self.overhead, kv_indices=kv_indices,
+        )
+
+
+def make_metadata_builder(strategy: str, **kwargs):
+    """``persistent`` -> PersistentMetadataBuilder, ``per_step`` -> PerStepMetadataBuilder."""
+    if strategy == "persistent":
+        return PersistentMetadataBuilder(**kwargs)
+    if strategy == "per_step":
+        return PerStepMetadataBuilder(**kwargs)
+    raise ValueError(f"unknown metadata strategy {strategy!r}: use 'persistent' or 'per_step'")

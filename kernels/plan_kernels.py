@@ -1,0 +1,147 @@
+"""GPU-side metadata kernels (Triton): the persistent work plan and per-token KV indices.
+
+Both write into preallocated buffers, read only device tensors and launch a fixed grid, so they can be
+captured in a CUDA graph and replayed with new lengths. References: ``kernels.reference``
+(``persistent_plan_reference``, ``kv_indices_reference``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _part_bound(pp, chunk, total, snap, ce_m):
+    """Start unit of parts ``pp``: p * chunk clipped to the total; when it falls inside a request no longer
+    than a chunk [lo, hi), moved to the nearer edge if that is within ``snap`` units (a short request is
+    then not cut in two; long requests are cut wherever the slices fall, keeping the balance)."""
+    raw = tl.minimum(pp * chunk, total)
+    lo = tl.max(tl.where(ce_m[None, :] <= raw[:, None], ce_m[None, :], 0), 1)
+    hi = tl.min(tl.where(ce_m[None, :] > raw[:, None], ce_m[None, :], total), 1)
+    short = hi - lo <= chunk
+    return tl.where(short & (raw - lo < snap), lo, tl.where(short & (hi - raw < snap), hi, raw))
+
+
+@triton.jit
+def _persistent_plan_kernel(
+    SEQ_LENS, QO_INDPTR, B,
+    KV_INDPTR, MAX_QO_LEN, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
+    MERGE_REQS, NUM_MERGE,
+    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits,
+    PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK_B)
+    ok = offs < B
+    L = tl.maximum(tl.load(SEQ_LENS + offs, mask=ok, other=0), 0)
+    q_lo = tl.load(QO_INDPTR + offs, mask=ok, other=0)
+    q_len = tl.load(QO_INDPTR + offs + 1, mask=ok, other=0) - q_lo
+    active = ok & (L > 0) & (q_len > 0)
+
+    cost = tl.where(active, (L + PLAN_BLOCK - 1) // PLAN_BLOCK + overhead, 0)
+    ce = tl.cumsum(cost, 0)
+    cs = ce - cost
+    total = tl.sum(cost, 0)
+    chunk = tl.maximum(tl.maximum((total + num_parts - 1) // num_parts, min_chunk), 1)
+    if max_splits > 0:  # cap the parts of any one request: a slice of at least its KV units / (cap - 1)
+        kv_max = tl.max(tl.where(active, cost - overhead, 0), 0)
+        cap = tl.where(max_splits > 1, (kv_max + max_splits - 2) // tl.maximum(max_splits - 1, 1), total)
+        chunk = tl.maximum(chunk, cap)
+
+    kv0 = cs + overhead
+    snap = tl.where(snap_div > 0, tl.minimum(chunk // tl.maximum(snap_div, 1), snap_max), 0)
+    ce_m = tl.where(ok, ce, 2147483647)
+    kv0_m = tl.where(ok, kv0, 2147483647)
+    if tl.program_id(0) == 0:  # per-request arrays
+        tl.store(KV_INDPTR + offs + 1, tl.cumsum(L, 0), mask=ok)
+        tl.store(KV_INDPTR + offs, 0, mask=offs == 0)
+        tl.store(MAX_QO_LEN + offs, tl.max(tl.where(ok, q_len, 0), 0), mask=offs == 0)
+        tl.store(CU_COST + offs + 1, ce, mask=ok)
+        tl.store(CU_COST + offs, 0, mask=offs == 0)
+        # first / last part of each request. Snapping moves a boundary only inside a short request, to
+        # one of its edges, so a request's parts are the unsnapped ones (unit // chunk) unless the raw
+        # boundary r inside it snapped: to its start (whole request in part r / chunk) or to its end
+        # (whole request in the part before).
+        r_idx = (cs + chunk - 1) // chunk
+        r = r_idx * chunk
+        snappable = (r > cs) & (r < ce) & (ce - cs <= chunk)
+        to_lo = snappable & (r - cs < snap)
+        to_hi = snappable & (r - cs >= snap) & (ce - r < snap)
+        first = tl.where(to_lo, r_idx, tl.where(to_hi, r_idx - 1, kv0 // chunk))
+        last = tl.where(to_lo, r_idx, tl.where(to_hi, r_idx - 1, (ce - 1) // chunk))
+        n_split = tl.where(active, last - first + 1, 0)
+        tl.store(FIRST_PART + offs, tl.where(active, first, 0), mask=ok)
+        tl.store(NUM_SPLITS + offs, n_split, mask=ok)
+        is_split = (n_split > 1).to(tl.int32)
+        slots = tl.where(is_split != 0, n_split, 0)
+        tl.store(SPLIT_INDPTR + offs, tl.cumsum(slots, 0) - slots, mask=ok)
+        rank = tl.cumsum(is_split, 0) - is_split
+        tl.store(MERGE_REQS + rank, offs, mask=ok & (is_split != 0))
+        tl.store(NUM_MERGE + offs, tl.sum(is_split, 0), mask=offs == 0)
+        tl.store(PART_BOUNDS + num_parts + offs, total, mask=offs == 0)
+
+    # this program's parts: part p covers units [bound(p), bound(p + 1)); its requests are
+    # [#(ce <= begin), #(kv0 < end)) (ce and kv0 are non-decreasing in b)
+    pp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = pp < num_parts
+    beg = _part_bound(pp, chunk, total, snap, ce_m)
+    fin = _part_bound(pp + 1, chunk, total, snap, ce_m)
+    start = tl.sum((ce_m[None, :] <= beg[:, None]).to(tl.int32), 1)
+    stop = tl.sum((kv0_m[None, :] < fin[:, None]).to(tl.int32), 1)
+    tl.store(PART_BOUNDS + pp, beg, mask=pm)
+    tl.store(PART_REQS + 2 * pp, start, mask=pm)
+    tl.store(PART_REQS + 2 * pp + 1, stop, mask=pm)
+
+
+def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs: dict[str, torch.Tensor],
+                          num_parts: int, plan_block: int, overhead: int, min_chunk: int, max_batch: int,
+                          snap_div: int = 2, snap_max: int = 4, max_splits: int = 0) -> None:
+    """Fill the plan buffers ``bufs`` in place for the B = len(seq_lens) requests.
+
+    Every program recomputes the per-request prefix sums (cheap) and fills BLOCK_P parts; program 0 also
+    writes the per-request arrays. One launch, no host sync."""
+    B = seq_lens.shape[0]
+    if not 0 < B <= max_batch:
+        raise ValueError(f"batch {B} must be in [1, max_batch={max_batch}]")
+    if qo_indptr.shape[0] != B + 1:
+        raise ValueError(f"qo_indptr has {qo_indptr.shape[0]} entries, expected B + 1 = {B + 1}")
+    if seq_lens.dtype != torch.int32 or qo_indptr.dtype != torch.int32:
+        raise ValueError(f"seq_lens and qo_indptr must be int32, got {seq_lens.dtype}, {qo_indptr.dtype}")
+    if not (seq_lens.is_contiguous() and qo_indptr.is_contiguous()):
+        raise ValueError("seq_lens and qo_indptr must be contiguous")
+    block_b = max(16, triton.next_power_of_2(max_batch))
+    block_p = max(1, min(32, 8192 // block_b))
+    _persistent_plan_kernel[(triton.cdiv(num_parts, block_p),)](
+        seq_lens, qo_indptr, B,
+        bufs["kv_indptr"], bufs["max_qo_len"], bufs["cu_cost"], bufs["part_bounds"], bufs["part_reqs"],
+        bufs["first_part"], bufs["num_splits"], bufs["split_indptr"], bufs["merge_reqs"], bufs["num_merge"],
+        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits,
+        PLAN_BLOCK=plan_block, BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4 if block_b <= 128 else 8,
+    )
+
+
+@triton.jit
+def _kv_indices_kernel(SEQ_LENS, KV_INDPTR, BLOCK_TABLE, OUT, stride_bt, PAGE_SIZE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    L = tl.load(SEQ_LENS + b)
+    base = tl.load(KV_INDPTR + b)
+    for j0 in range(0, L, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < L
+        page = tl.load(BLOCK_TABLE + b * stride_bt + j // PAGE_SIZE, mask=ok, other=0)
+        tl.store(OUT + base + j, page * PAGE_SIZE + j % PAGE_SIZE, mask=ok)
+
+
+def build_kv_indices(seq_lens: torch.Tensor, kv_indptr: torch.Tensor, block_table: torch.Tensor, page_size: int,
+                     out: torch.Tensor) -> torch.Tensor:
+    """out[kv_indptr[b] + j] = block_table[b, j // page] * page + j % page for j < seq_lens[b] (int32)."""
+    B = seq_lens.shape[0]
+    if kv_indptr.shape[0] < B + 1 or block_table.shape[0] < B:
+        raise ValueError(f"kv_indptr needs B + 1 = {B + 1} entries and block_table B rows")
+    if out.dtype != torch.int32 or block_table.dtype != torch.int32 or block_table.stride(1) != 1:
+        raise ValueError("out and block_table must be int32, block_table contiguous in its last dim")
+    if B:
+        _kv_indices_kernel[(B,)](seq_lens, kv_indptr, block_table, out, block_table.stride(0),
+                                 PAGE_SIZE=page_size, BLOCK=1024, num_warps=4)
+    return out

@@ -1,0 +1,143 @@
+"""Plain-PyTorch MLA attention over a paged latent cache: the reference every kernel is checked against.
+
+The math of absorbed MLA (DeepSeek-V3 ``inference/model.py`` absorb mode): scores are q . kv over the
+whole 576-vector (latent + rope), the values are the first ``kv_lora_rank`` entries of the same vectors.
+Softmax in fp32. Requests with q_len 0 or seq_len 0 (padding slots) are skipped and their rows untouched.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first ``seq_len`` latent vectors of one request, [seq_len, D], in cache order."""
+    page_size = kv_cache.shape[1]
+    n_pages = -(-seq_len // page_size)
+    return kv_cache[block_table_row[:n_pages].long()].reshape(-1, kv_cache.shape[-1])[:seq_len]
+
+
+def mla_attention_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    sm_scale: float,
+    kv_lora_rank: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [T, H, D], kv_cache [P, page, D] -> out [T, H, kv_lora_rank] (q's dtype).
+
+    Query token i of request b sits at position seq_len_b - q_len_b + i and attends to KV 0..position.
+    """
+    T, H, D = q.shape
+    if out is None:
+        out = q.new_zeros(T, H, kv_lora_rank)
+    qo = qo_indptr.tolist()
+    lens = seq_lens.tolist()
+    for b, L in enumerate(lens):
+        qs, qe = qo[b], qo[b + 1]
+        n = qe - qs
+        if n <= 0 or L <= 0:
+            continue
+        kv = gather_kv(kv_cache, block_table[b], L).float()  # [L, D]
+        s = torch.einsum("qhd,kd->qhk", q[qs:qe].float(), kv) * sm_scale  # [n, H, L]
+        q_pos = torch.arange(L - n, L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] > q_pos[:, None]  # [n, L]
+        s.masked_fill_(mask[:, None, :], float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        out[qs:qe] = torch.einsum("qhk,kd->qhd", p, kv[:, :kv_lora_rank]).to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# References for the metadata (kernels.metadata): kv index generation and the work plan of the persistent grid.
+
+
+def kv_indptr_reference(seq_lens: list[int]) -> list[int]:
+    """Offsets of each request's tokens in a flat token list: [0, L0, L0 + L1, ...]."""
+    out = [0]
+    for L in seq_lens:
+        out.append(out[-1] + max(int(L), 0))
+    return out
+
+
+def kv_indices_reference(seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat cache slot (page * page_size + offset) of every KV token of every request, concatenated."""
+    parts = []
+    for b, L in enumerate(seq_lens.tolist()):
+        j = torch.arange(L, device=block_table.device)
+        parts.append(block_table[b, j // page_size].long() * page_size + j % page_size)
+    if not parts:
+        return torch.zeros(0, dtype=torch.int32)
+    return torch.cat(parts).to(torch.int32)
+
+
+def plan_from_bounds(costs: list[int], overhead: int, bounds: list[int]) -> dict[str, list]:
+    """The work plan for parts that cover plan units [bounds[p], bounds[p + 1]).
+
+    Request b owns units [cu[b], cu[b + 1]) of the line (cu = exclusive cumsum of ``costs``): first
+    ``overhead`` units standing for its fixed cost, then one unit per KV block. Part p runs the KV blocks
+    of every request whose block units intersect its range. Derived by enumerating the intersections.
+    """
+    B, P = len(costs), len(bounds) - 1
+    cu = [0]
+    for c in costs:
+        cu.append(cu[-1] + c)
+    first_part, num_splits = [0] * B, [0] * B
+    for b in range(B):
+        if costs[b] == 0:
+            continue
+        kv0, ce = cu[b] + overhead, cu[b + 1]
+        hits = [p for p in range(P) if max(bounds[p], kv0) < min(bounds[p + 1], ce)]
+        assert hits == list(range(hits[0], hits[-1] + 1)), "parts of a request must be consecutive"
+        first_part[b], num_splits[b] = hits[0], len(hits)
+    split_indptr, acc = [], 0
+    for n in num_splits:
+        split_indptr.append(acc)
+        acc += n if n > 1 else 0
+    part_reqs = []
+    for p in range(P):
+        part_reqs.append(sum(1 for b in range(B) if cu[b + 1] <= bounds[p]))
+        part_reqs.append(sum(1 for b in range(B) if cu[b] + overhead < bounds[p + 1]))
+    merge_reqs = [b for b in range(B) if num_splits[b] > 1]
+    return dict(cu_cost=cu, part_bounds=list(bounds), part_reqs=part_reqs, first_part=first_part,
+                num_splits=num_splits, split_indptr=split_indptr, merge_reqs=merge_reqs,
+                num_merge=len(merge_reqs), num_slots=acc)
+
+
+def request_costs(seq_lens: list[int], q_lens: list[int], plan_block: int, overhead: int) -> list[int]:
+    """Plan units of each request: its KV blocks plus a fixed overhead; 0 for padding slots."""
+    return [(-(-L // plan_block) + overhead) if (L > 0 and n > 0) else 0 for L, n in zip(seq_lens, q_lens)]
+
+
+def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts: int, plan_block: int,
+                              overhead: int, min_chunk: int, snap_div: int = 2,
+                              snap_max: int = 4, max_splits: int = 0) -> dict[str, list]:
+    """What the persistent plan kernel must write: slices of ``chunk`` = ceil(total / parts) units per
+    part; a boundary inside a request of at most ``chunk`` units moves to its edge when that is closer
+    than min(chunk // snap_div, snap_max) units. ``max_splits`` > 0 caps the parts of any one request."""
+    costs = request_costs(seq_lens, q_lens, plan_block, overhead)
+    total = sum(costs)
+    chunk = max(-(-total // num_parts), min_chunk, 1)
+    if max_splits > 0:  # a slice of at least kv_max / (max_splits - 1) units cuts no request more than that
+        kv_max = max([c - overhead for c in costs if c > 0], default=0)
+        chunk = max(chunk, -(-kv_max // (max_splits - 1)) if max_splits > 1 else total)
+    snap = min(chunk // snap_div, snap_max) if snap_div > 0 else 0
+    edges = [0]
+    for c in costs:
+        edges.append(edges[-1] + c)
+
+    def bound(p):  # p * chunk; inside a request of at most a chunk, moved to an edge closer than ``snap``
+        raw = min(p * chunk, total)
+        lo = max(e for e in edges if e <= raw)
+        hi = min([e for e in edges if e > raw] + [total])
+        if hi - lo > chunk:
+            return raw
+        return lo if raw - lo < snap else (hi if hi - raw < snap else raw)
+
+    bounds = [bound(p) for p in range(num_parts + 1)]
+    plan = plan_from_bounds(costs, overhead, bounds)
+    plan["kv_indptr"] = kv_indptr_reference(seq_lens)
+    plan["max_qo_len"] = max(q_lens) if q_lens else 0
+    return plan
