@@ -1,6 +1,7 @@
 """The two ceilings every benchmark divides by, measured in the same run: copy bandwidth and matmul rate."""
 from __future__ import annotations
 
+import functools
 import platform
 import time
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ class Ceilings:
     device: str
 
 
+@functools.lru_cache(maxsize=None)
 def measure_ceilings(device: torch.device) -> Ceilings:
+    """Measured once per device and process: the jobs of a multirun share one measurement."""
     if device.type == "cuda":
         from kernels.bench import measure_ceilings as measure_gpu
 

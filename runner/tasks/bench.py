@@ -44,8 +44,7 @@ def bench_decode(cfg: RunConfig) -> dict:
     B, L = task.batch, task.context
     steps = task.warmup + task.iters
     cfg = dataclasses.replace(
-        cfg, max_batch_size=max(cfg.max_batch_size, B), max_model_len=max(cfg.max_model_len, L + steps + 1),
-        num_pages=None,
+        cfg, max_batch_size=B, max_model_len=max(cfg.max_model_len, L + steps + 2), num_pages=None,
     )
     engine = Engine(cfg)
     ceilings = measure_ceilings(engine.device)
