@@ -96,12 +96,12 @@ def _flash_mla_time(q, kv, sl, bt, H, q_len, page):
             return flashmla.flashmla_decode(q, kv, step, D ** -0.5, DV)
 
         fn()
-        return _graph_time(fn)
+        return graph_time(fn)
     except Exception as e:  # keep the run going; report why in the row
         return f"error: {type(e).__name__}: {e}"[:200]
 
 
-def _graph_time(fn, rep: int = 100) -> float:
+def graph_time(fn, rep: int = 100) -> float:
     """Median GPU time (us) of ``fn`` captured in a CUDA graph: do_bench flushes L2 before every replay,
     and graph replay keeps the Python launch overhead out of the kernel time."""
     from triton.testing import do_bench
@@ -133,7 +133,7 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
                                             **(builder_kw or {}))
         meta = builder.build(sl, qo, bt)
         out = torch.empty(q.shape[0], H, DV, device="cuda", dtype=dtype)
-        us = _graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=config))
+        us = graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=config))
         nbytes = sum(lens) * D * esize
         flops = sum(2 * H * q_len * L * (D + DV) for L in lens)
         floor = max(nbytes / (ceilings["copy_GBps"] * 1e3), flops / (ceilings["matmul_bf16_TFLOPs"] * 1e6))
@@ -286,7 +286,7 @@ def run_merge_sweep() -> list[dict]:
         for bs, bd, g in ((32, 128, 8), (16, 128, 32), (32, 64, 16), (16, 256, 16), (64, 128, 8), (32, 128, 64),
                           (8, 512, 64), (16, 64, 64)):
             fn = functools.partial(mla_merge, out, m, block_s=bs, block_d=bd, groups=g)
-            t = _graph_time(fn)
+            t = graph_time(fn)
             rows.append(dict(H=H, B=len(lens), L=max(lens), block_s=bs, block_d=bd, groups=g, us=t,
                              num_merge=m.num_merge.item()))
             print(f"merge H={H} B={len(lens)} L={max(lens)} merges={m.num_merge.item()} bs={bs} bd={bd} g={g}: "

@@ -73,7 +73,7 @@ def _align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEA
     counts = rank_in[-1]  # [E+1]
     rank = rank_in.gather(1, ids[:, None]).squeeze(1) - 1  # position of each pair inside its expert
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[E] = 0  # the spill bucket gets no rows
+    padded = padded.masked_fill(buckets == E, 0)  # the spill bucket gets no rows (no host scalar: graph-safe)
     seg_end = padded.cumsum(0)  # inclusive end of each expert's segment
     seg_start = seg_end - padded
     max_rows = max_sorted_rows(n, E, block_m)

@@ -62,14 +62,20 @@ class MoE(nn.Module):
         self.w2: torch.Tensor | None = None
 
     def stack_experts(self) -> None:
-        """Stack the experts' weights once; each expert's own weights become views into the stacks, so the
-        two layouts share memory."""
-        inter = self.experts[0].gate_proj.weight.shape[0]
-        self.w13 = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
-        self.w2 = torch.stack([e.down_proj.weight for e in self.experts])
+        """Stack the experts' weights once; each expert's own weights become views into the stacks, so the two
+        layouts share memory. Experts are moved in one at a time: the peak is one stack more, not a copy of all."""
+        first = self.experts[0].gate_proj.weight
+        inter, hidden = first.shape
+        E = len(self.experts)
+        self.w13 = torch.empty(E, 2 * inter, hidden, dtype=first.dtype, device=first.device)
         for i, e in enumerate(self.experts):
+            self.w13[i, :inter].copy_(e.gate_proj.weight)
+            self.w13[i, inter:].copy_(e.up_proj.weight)
             e.gate_proj.weight = nn.Parameter(self.w13[i, :inter], requires_grad=False)
             e.up_proj.weight = nn.Parameter(self.w13[i, inter:], requires_grad=False)
+        self.w2 = torch.empty(E, hidden, inter, dtype=first.dtype, device=first.device)
+        for i, e in enumerate(self.experts):
+            self.w2[i].copy_(e.down_proj.weight)
             e.down_proj.weight = nn.Parameter(self.w2[i], requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,7 @@ from models.loader import set_tensor
 @torch.no_grad()
 def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> DeepseekV3ForCausalLM:
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(args)
-    model.to_empty(device=device)
+        model = DeepseekV3ForCausalLM(args)  # each tensor is then made once, in its final dtype, on the device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):

@@ -144,7 +144,10 @@ class RunConfig:
     max_batch_size: int = 32  # requests decoded together
     max_model_len: int = 4096  # prompt + generated tokens per request
     page_size: int = 64  # tokens per KV-cache page
-    num_pages: Optional[int] = None  # KV-cache capacity; unset: enough for max_batch_size full requests
+    num_pages: Optional[int] = None  # KV-cache capacity; unset: see kv_cache_memory_fraction
+    # With num_pages unset: enough pages for max_batch_size full-length requests, but on a GPU no more than
+    # this fraction of the memory free once the weights are loaded (the rest is for activations and graphs).
+    kv_cache_memory_fraction: float = 0.8
     cuda_graphs: Optional[bool] = None  # capture the decode step; unset: on wherever it can work
     progress: bool = True  # progress bars
 
@@ -155,6 +158,9 @@ class RunConfig:
         _check_positive("max_model_len", self.max_model_len)
         _check_positive("page_size", self.page_size)
         _check_positive("num_pages", self.num_pages, allow_none=True)
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ConfigError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} is not valid: "
+                              "it must be in (0, 1]")
 
 
 def register_configs() -> None:

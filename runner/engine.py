@@ -95,14 +95,16 @@ class Engine:
 
         self.page_size = cfg.page_size
         self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
-        num_pages = cfg.num_pages or cfg.max_batch_size * self.max_pages_per_seq
-        if num_pages < self.max_pages_per_seq:
-            raise ConfigError(
-                f"num_pages={num_pages} holds {num_pages * cfg.page_size} tokens, fewer than "
-                f"max_model_len={cfg.max_model_len}: raise num_pages or lower max_model_len"
-            )
         latent_dim = kv_lora_rank + self.args.qk_rope_head_dim
         attention_layers = self.model.attention_layers
+        bytes_per_page = len(attention_layers) * cfg.page_size * latent_dim * self.dtype.itemsize
+        num_pages = cfg.num_pages or self._default_num_pages(bytes_per_page)
+        if num_pages < self.max_pages_per_seq:
+            raise ConfigError(
+                f"the KV cache holds {num_pages * cfg.page_size} tokens ({num_pages} pages), fewer than "
+                f"max_model_len={cfg.max_model_len}: raise num_pages or kv_cache_memory_fraction, or lower "
+                "max_model_len"
+            )
         # One page more than the block manager hands out: CUDA-graph padding slots write their latent there.
         self.kv_cache = torch.zeros(
             len(attention_layers), num_pages + 1, cfg.page_size, latent_dim, dtype=self.dtype, device=self.device
@@ -125,6 +127,15 @@ class Engine:
         )
         self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, cfg.progress) \
             if self._use_cuda_graphs() else None
+
+    def _default_num_pages(self, bytes_per_page: int) -> int:
+        """Pages for max_batch_size full-length requests, capped on a GPU by the configured fraction of the
+        memory left free by the weights."""
+        wanted = self.cfg.max_batch_size * self.max_pages_per_seq
+        if self.device.type != "cuda":
+            return wanted
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return min(wanted, int(free * self.cfg.kv_cache_memory_fraction) // bytes_per_page)
 
     def _use_cuda_graphs(self) -> bool:
         """Graphs wherever they can work; ``cuda_graphs=true`` where they cannot is a config error."""

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The GPU checks and the benchmarks behind the README's tables, in one command on a CUDA machine:
-#   bash scripts/gpu_check.sh OUT_DIR
-# GPU-only tests first (they skip on a CPU), then the sweeps; each writes summary.md / summary.csv / plots.
+#   bash scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel]      (no stage named: all three)
+# GPU-only tests (they skip on a CPU), then the sweeps; each sweep writes summary.md / summary.csv / plots.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel]}
+shift
+stages=${*:-tests decode kernel}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+stage() { [[ " $stages " == *" $1 "* ]]; }
 
-python -m pytest -q -rs tests/test_engine_gpu.py tests/test_backends.py tests/test_fused_moe.py \
+stage tests && python -m pytest -q -rs tests/test_engine_gpu.py tests/test_backends.py tests/test_fused_moe.py \
   "tests/test_e2e.py::test_batched_greedy_equals_transformers" 2>&1 | tee "$out/gpu_tests.log" | tail -n 15
 
 model="model=deepseek_v3 model.random_weights=true"
+if stage decode; then
 # The whole decode step of DeepSeek-V3 / Kimi-K2 widths truncated to their dense layers plus one MoE layer.
 for m in deepseek_v3:4 kimi_k2:2; do
   python -m runner -m hydra.sweep.dir="$out/decode_${m%:*}" task=bench task.mode=decode model=${m%:*} \
@@ -21,11 +25,16 @@ done
 python -m runner -m hydra.sweep.dir="$out/decode_eager" task=bench task.mode=decode $model model.num_layers=4 \
   attention=triton metadata=persistent,per_step cuda_graphs=false task.batch=1,64 task.context=4096 \
   progress=false 2>&1 | tail -n 2
+fi
 
 # One layer's MLA decode: our Triton path with both metadata strategies beside FlashMLA.
+if stage kernel; then
 python -m runner -m hydra.sweep.dir="$out/kernel" task=bench task.mode=kernel $model \
   attention=triton,flashmla metadata=persistent,per_step task.heads=64,128 task.batch=1,64,128 \
   task.context=4096,16384 progress=false 2>&1 | tail -n 2
 python -m runner -m hydra.sweep.dir="$out/metadata" +sweep=metadata_grid $model task.context=16384 \
   progress=false 2>&1 | tail -n 2
-for d in decode_deepseek_v3 decode_kimi_k2 decode_eager kernel metadata; do echo "== $d"; cat "$out/$d/summary.md"; done
+fi
+for d in decode_deepseek_v3 decode_kimi_k2 decode_eager kernel metadata; do
+  [ -f "$out/$d/summary.md" ] && { echo "== $d"; cat "$out/$d/summary.md"; }
+done

@@ -63,6 +63,7 @@ def test_overrides_reach_the_dataclasses():
     (["task.top_p=1.5"], "task.top_p"),
     (["task.temperature=-1"], "task.temperature"),
     (["model.num_layers=0"], "model.num_layers"),
+    (["kv_cache_memory_fraction=1.5"], "kv_cache_memory_fraction"),
     (["task=bench", "task.mode=train"], "task.mode"),
     (["task=bench", "task.batch=0"], "task.batch"),
     (["attention=flash"], "attention"),

@@ -88,7 +88,8 @@ def bench_kernel(cfg: RunConfig) -> dict:
     backend = make_backend(cfg.attention.name, device, args.kv_lora_rank, H, cfg.page_size)
     meta = builder.build(p.seq_lens, p.qo_indptr, p.block_table, p.seq_lens_host, p.q_lens_host)
     meta = backend.plan(meta, task.q_len)
-    seconds = time_call(lambda: backend.forward(p.q, p.kv_cache, meta, args.softmax_scale), device, task)
+    call = lambda: backend.forward(p.q, p.kv_cache, meta, args.softmax_scale)  # noqa: E731
+    seconds = time_call(call, device, task, graph=cfg.attention.name != "torch")
     ceilings = measure_ceilings(device)
     D = args.kv_lora_rank + args.qk_rope_head_dim
     nbytes = sum(lens) * D * p.kv_cache.element_size()
@@ -125,7 +126,7 @@ def bench_metadata(cfg: RunConfig) -> dict:
     row = {"mode": "metadata", "heads": H, "batch": task.batch, "context": task.context,
            "metadata_wall_us": wall * 1e6, "metadata_us": wall * 1e6}
     if device.type == "cuda" and cfg.metadata.strategy == "persistent":
-        row["metadata_us"] = time_call(build, device, task) * 1e6
+        row["metadata_us"] = time_call(build, device, task, graph=True) * 1e6
     return row
 
 
@@ -135,11 +136,17 @@ def request_lengths(task: BenchTaskConfig) -> list[int]:
     return [task.context] + [max(task.context // 16, 1)] * (task.batch - 1)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, task: BenchTaskConfig, wall: bool = False) -> float:
-    """Median seconds per call: device time with the L2 flushed on a GPU (``do_bench``), or wall time."""
+def time_call(fn: Callable[[], object], device: torch.device, task: BenchTaskConfig, wall: bool = False,
+              graph: bool = False) -> float:
+    """Median seconds per call: on a GPU, device time with the L2 flushed (``do_bench``), of a CUDA-graph
+    replay with ``graph`` (launch overhead out, as in a graphed decode step); else wall time."""
     if device.type == "cuda" and not wall:
         from triton.testing import do_bench
 
+        from kernels.bench import graph_time
+
+        if graph:
+            return graph_time(fn) * 1e-6
         return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
     for _ in range(task.warmup):
         fn()

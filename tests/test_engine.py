@@ -1,0 +1,65 @@
+"""Engine details on a CPU: chat formatting, KV-cache sizing, stop strings, seeds and bad prompts."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runner import LLM, SamplingParams
+from runner.engine import Engine
+from runner.errors import ConfigError, UserError
+
+
+@pytest.fixture(scope="module")
+def llm(dsv3_ckpt):
+    return LLM(str(dsv3_ckpt), dtype="float32", device="cpu", page_size=16, max_model_len=128, progress=False)
+
+
+def test_chat_applies_the_tokenizer_template(llm):
+    tok = llm.tokenizer
+    out = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=2), chat=True)[0]
+    text = tok.apply_chat_template([{"role": "user", "content": "Hello there"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text != "Hello there"
+    assert out.prompt_token_ids == tok(text, add_special_tokens=False).input_ids
+
+
+def test_stop_strings_cut_the_text(llm):
+    full = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
+    stop = full.text[3:6]
+    assert stop and len(full.text) > 6
+    cut = llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=12, stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=123)
+    alone = llm.generate("The sea", params)[0].outputs[0].token_ids
+    batched = llm.generate(["A long prompt about something else entirely", "The sea"],
+                           [SamplingParams(temperature=1.0, max_tokens=8), params])[1].outputs[0].token_ids
+    assert alone == batched
+
+
+def test_bad_prompts_fail_before_any_work(llm):
+    with pytest.raises(UserError, match="max_model_len=128"):
+        llm.generate([{"prompt_token_ids": [3] * 200}, "fine"])
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        llm.generate({"prompt_token_ids": [10**6]})
+    with pytest.raises(UserError, match="either"):
+        llm.generate({"text": "no"})
+
+
+def test_kv_cache_capacity_is_capped_by_free_gpu_memory(monkeypatch):
+    engine = SimpleNamespace(cfg=SimpleNamespace(max_batch_size=8, kv_cache_memory_fraction=0.5),
+                             max_pages_per_seq=10, device=torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 4000))
+    assert Engine._default_num_pages(engine, bytes_per_page=100) == 5  # 1000 free * 0.5 / 100
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10**9, 4 * 10**9))
+    assert Engine._default_num_pages(engine, bytes_per_page=100) == 80  # all that 8 full requests need
+
+
+def test_a_cache_smaller_than_one_request_is_a_config_error(dsv3_ckpt):
+    with pytest.raises(ConfigError, match="fewer than max_model_len=128"):
+        LLM(str(dsv3_ckpt), device="cpu", page_size=16, num_pages=4, max_model_len=128, progress=False)
