@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from runner.errors import ConfigError
+from runner.sampling import check_sampling_values
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
@@ -96,13 +97,7 @@ class GenerateTaskConfig:
     output: str = "completions.jsonl"  # written into the run's output directory
 
     def __post_init__(self) -> None:
-        _check_positive("task.max_tokens", self.max_tokens)
-        if self.temperature < 0:
-            raise ConfigError(f"task.temperature={self.temperature} is not valid: it must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"task.top_p={self.top_p} is not valid: it must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError(f"task.top_k={self.top_k} is not valid: it must be >= 0 (0 disables it)")
+        check_sampling_values("task", self.temperature, self.top_p, self.top_k, self.max_tokens)
 
 
 BENCH_MODES = ("decode", "kernel", "metadata")

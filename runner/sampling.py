@@ -9,6 +9,18 @@ import torch
 from runner.errors import ConfigError
 
 
+def check_sampling_values(where: str, temperature: float, top_p: float, top_k: int, max_tokens: int) -> None:
+    """The checks shared by ``SamplingParams`` and the generate task's defaults; ``where`` prefixes the field."""
+    if temperature < 0:
+        raise ConfigError(f"{where}.temperature={temperature} is not valid: it must be >= 0")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{where}.top_p={top_p} is not valid: it must be in (0, 1]")
+    if top_k < 0:
+        raise ConfigError(f"{where}.top_k={top_k} is not valid: it must be >= 0 (0 disables it)")
+    if max_tokens < 1:
+        raise ConfigError(f"{where}.max_tokens={max_tokens} is not valid: it must be >= 1")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings, named as in vLLM. ``temperature=0`` is greedy."""
@@ -27,14 +39,7 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         if self.top_k == -1:
             self.top_k = 0
-        if self.temperature < 0:
-            raise ConfigError(f"SamplingParams.temperature={self.temperature} is not valid: it must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"SamplingParams.top_p={self.top_p} is not valid: it must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError(f"SamplingParams.top_k={self.top_k} is not valid: it must be >= 0 (0 disables it)")
-        if self.max_tokens < 1:
-            raise ConfigError(f"SamplingParams.max_tokens={self.max_tokens} is not valid: it must be >= 1")
+        check_sampling_values("SamplingParams", self.temperature, self.top_p, self.top_k, self.max_tokens)
 
     @property
     def greedy(self) -> bool:
