@@ -87,6 +87,7 @@ class Engine:
         self.backend = make_backend(cfg.attention.name, self.device, kv_lora_rank, self.args.num_attention_heads,
                                     cfg.page_size)
         self.prefill_backend = TorchAttention(kv_lora_rank)
+        use_graphs = self._use_cuda_graphs()  # checked before the weights load: a bad combination fails fast
 
         self.model = self.source.load(self.dtype, self.device, cfg.progress)
         self.tokenizer = self.source.tokenizer()
@@ -125,8 +126,7 @@ class Engine:
             rope_dim=self.args.qk_rope_head_dim,
             device=self.device,
         )
-        self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, cfg.progress) \
-            if self._use_cuda_graphs() else None
+        self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, cfg.progress) if use_graphs else None
 
     def _default_num_pages(self, bytes_per_page: int) -> int:
         """Pages for max_batch_size full-length requests, capped on a GPU by the configured fraction of the

@@ -63,3 +63,14 @@ def test_kv_cache_capacity_is_capped_by_free_gpu_memory(monkeypatch):
 def test_a_cache_smaller_than_one_request_is_a_config_error(dsv3_ckpt):
     with pytest.raises(ConfigError, match="fewer than max_model_len=128"):
         LLM(str(dsv3_ckpt), device="cpu", page_size=16, num_pages=4, max_model_len=128, progress=False)
+
+
+@pytest.mark.parametrize("overrides,needs", [
+    ({"cuda_graphs": True}, "device=cuda"),
+    ({"cuda_graphs": True, "metadata": "per_step"}, "metadata=persistent"),
+    ({"cuda_graphs": True, "attention": "torch"}, "attention=triton or flashmla"),
+])
+def test_cuda_graphs_where_they_cannot_work_is_a_config_error(dsv3_ckpt, overrides, needs):
+    with pytest.raises(ConfigError, match="cuda_graphs=true needs") as info:
+        LLM(str(dsv3_ckpt), device="cpu", page_size=16, max_model_len=128, progress=False, **overrides)
+    assert needs in str(info.value)
