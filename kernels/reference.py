@@ -3,10 +3,14 @@
 The math of absorbed MLA (DeepSeek-V3 ``inference/model.py`` absorb mode): scores are q . kv over the
 whole 576-vector (latent + rope), the values are the first ``kv_lora_rank`` entries of the same vectors.
 Softmax in fp32. Requests with q_len 0 or seq_len 0 (padding slots) are skipped and their rows untouched.
+Queries are taken in chunks so the fp32 score tensor stays under ``MAX_SCORES`` elements: the runner's
+prefill goes through this function, and a 16k-token prompt at 128 heads would otherwise need 128 GiB.
 """
 from __future__ import annotations
 
 import torch
+
+MAX_SCORES = 1 << 28  # fp32 score elements per chunk of queries (1 GiB)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -41,12 +45,15 @@ def mla_attention_reference(
         if n <= 0 or L <= 0:
             continue
         kv = gather_kv(kv_cache, block_table[b], L).float()  # [L, D]
-        s = torch.einsum("qhd,kd->qhk", q[qs:qe].float(), kv) * sm_scale  # [n, H, L]
-        q_pos = torch.arange(L - n, L, device=q.device)
-        mask = torch.arange(L, device=q.device)[None, :] > q_pos[:, None]  # [n, L]
-        s.masked_fill_(mask[:, None, :], float("-inf"))
-        p = torch.softmax(s, dim=-1)
-        out[qs:qe] = torch.einsum("qhk,kd->qhd", p, kv[:, :kv_lora_rank]).to(out.dtype)
+        chunk = max(1, MAX_SCORES // (H * L))
+        for c in range(0, n, chunk):
+            rows = slice(qs + c, qs + min(c + chunk, n))
+            s = torch.einsum("qhd,kd->qhk", q[rows].float(), kv) * sm_scale  # [rows, H, L]
+            q_pos = torch.arange(L - n + c, L - n + c + s.shape[0], device=q.device)
+            mask = torch.arange(L, device=q.device)[None, :] > q_pos[:, None]  # [rows, L]
+            s.masked_fill_(mask[:, None, :], float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            out[rows] = torch.einsum("qhk,kd->qhd", p, kv[:, :kv_lora_rank]).to(out.dtype)
     return out
 
 

@@ -138,3 +138,14 @@ def test_decode_config_variants(cfg):
     out = mla_decode(pb.q, pb.kv_cache, meta, 0.05, 512, config=DecodeConfig(**cfg))
     ref = mla_attention_reference(pb.q, pb.kv_cache, pb.qo_indptr, pb.seq_lens, pb.block_table, 0.05, 512)
     assert rel_err(out, ref) < REL_TOL[torch.float32]
+
+
+def test_reference_chunks_long_prefills(monkeypatch):
+    """The reference takes queries in chunks (long prefills): the same output with a tiny chunk budget."""
+    from kernels import reference
+
+    p = make_problem([50, 7], [50, 3], 3, 16, kv_lora_rank=32, rope_dim=8, dtype=torch.float32)
+    whole = reference.mla_attention_reference(p.q, p.kv_cache, p.qo_indptr, p.seq_lens, p.block_table, 0.2, 32)
+    monkeypatch.setattr(reference, "MAX_SCORES", 3 * 50 * 4)  # 4 query rows per chunk
+    chunked = reference.mla_attention_reference(p.q, p.kv_cache, p.qo_indptr, p.seq_lens, p.block_table, 0.2, 32)
+    assert torch.allclose(whole, chunked, rtol=1e-6, atol=1e-6)
