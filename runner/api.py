@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from runner.compose import compose_config, override
+from runner.compose import CONF_DIR, compose_config, override
 from runner.config import RunConfig
 from runner.engine import Engine
 from runner.errors import UserError
@@ -85,8 +85,6 @@ class LLM:
 
 def model_overrides(model: str) -> list[str]:
     """A config name selects the model group option; a directory runs that checkpoint."""
-    from runner.compose import CONF_DIR
-
     if (CONF_DIR / "model" / f"{model}.yaml").is_file():
         return [f"model={model}"]
     path = Path(model).expanduser()

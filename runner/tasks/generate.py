@@ -16,6 +16,7 @@ from runner.request import Request
 from runner.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+SHOWN = 8  # completions printed; all of them are in the output file
 
 
 def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
@@ -39,8 +40,10 @@ def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
         engine.run(requests, on_finish=lambda req: _write(out, _result(req)))
         elapsed = time.perf_counter() - start
     tokens = sum(len(r.output_token_ids) for r in requests)
-    for req in requests:
+    for req in requests[:SHOWN]:
         print(f"[{req.index}] {req.prompt!r} -> {req.text!r}")
+    if len(requests) > SHOWN:
+        print(f"... and {len(requests) - SHOWN} more in {output_path}")
     summary = {"requests": len(requests), "errors": errors, "generated_tokens": tokens,
                "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None}
     print(f"{len(requests)} requests ({errors} errors), {tokens} tokens in {elapsed:.2f} s: "
