@@ -55,8 +55,7 @@ def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int, dt
     """Small-M tiles for decode (a few rows per expert: bound by streaming weights), larger ones as M grows.
 
     fp32 halves block_k and the pipeline depth so that the shared-memory stages fit on an H100 (227 KB per
-    block); 64-row tiles take 8 warps (4 spill registers in fp32). ``python -m kernels.moe_aot_check`` compiles
-    these configs for sm_90 and checks shared memory and spills without a GPU.
+    block); 64-row tiles take 8 warps (4 spill registers in fp32).
     """
     per_expert = num_pairs / num_experts
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
@@ -73,6 +72,25 @@ def _fit(block: int, dim: int) -> int:
     return max(16, min(block, triton.next_power_of_2(dim)))
 
 
+def _check_fp8(w13, w2, w13_scale, w2_scale, cfg: "MoEConfig | None") -> None:
+    E, inter2, hidden = w13.shape
+    inter = inter2 // 2
+    nb = lambda d: -(-d // 128)  # noqa: E731
+    if w13_scale is None or w2_scale is None:
+        raise ValueError("float8_e4m3fn expert weights need w13_scale and w2_scale")
+    if tuple(w13_scale.shape) != (E, 2 * nb(inter), nb(hidden)) or w13_scale.dtype != torch.float32:
+        raise ValueError(f"w13_scale must be float32 [E, 2*ceil(inter/128), ceil(hidden/128)] = "
+                         f"{[E, 2 * nb(inter), nb(hidden)]} (gate's grid, then up's), got "
+                         f"{w13_scale.dtype} {tuple(w13_scale.shape)}")
+    if tuple(w2_scale.shape) != (E, nb(hidden), nb(inter)) or w2_scale.dtype != torch.float32:
+        raise ValueError(f"w2_scale must be float32 {[E, nb(hidden), nb(inter)]}, got "
+                         f"{w2_scale.dtype} {tuple(w2_scale.shape)}")
+    if w13_scale.stride(-1) != 1 or w2_scale.stride(-1) != 1:
+        raise ValueError("w13_scale and w2_scale must be contiguous in the last dim")
+    if cfg is not None and max(cfg.block_n_gate_up, cfg.block_n_down, cfg.block_k) > 128:
+        raise ValueError("FP8 weights need MoEConfig blocks <= 128 (one scale per tile)")
+
+
 def _check(x, w13, w2, topk_weights, topk_ids, out) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be [T, hidden], got shape {tuple(x.shape)}")
@@ -84,8 +102,10 @@ def _check(x, w13, w2, topk_weights, topk_ids, out) -> None:
     E, inter = w13.shape[0], w13.shape[1] // 2
     if w2.dim() != 3 or tuple(w2.shape) != (E, hidden, inter):
         raise ValueError(f"w2 must be [E={E}, hidden={hidden}, inter={inter}], got shape {tuple(w2.shape)}")
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise ValueError(f"w13 and w2 must have x's dtype {x.dtype}, got {w13.dtype} and {w2.dtype}")
+    fp8 = w13.dtype == torch.float8_e4m3fn and w2.dtype == torch.float8_e4m3fn
+    if not fp8 and (w13.dtype != x.dtype or w2.dtype != x.dtype):
+        raise ValueError(f"w13 and w2 must have x's dtype {x.dtype} (or both be float8_e4m3fn), "
+                         f"got {w13.dtype} and {w2.dtype}")
     if w13.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("w13 and w2 must be contiguous in the last dim (stack them once at load)")
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.shape[1] == 0:
@@ -109,11 +129,15 @@ def _check(x, w13, w2, topk_weights, topk_ids, out) -> None:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, out: torch.Tensor | None = None,
-              config: MoEConfig | None = None) -> torch.Tensor:
+              config: MoEConfig | None = None, w13_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts of [T, hidden] tokens -> [T, hidden] in x.dtype (written into ``out`` if given).
 
     x [T, hidden]; w13 [E, 2*inter, hidden] (gate rows, then up rows); w2 [E, hidden, inter];
     topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 (ids outside [0, E) are dropped).
+    FP8 experts: w13 / w2 float8_e4m3fn with 128x128 block scales w13_scale [E, 2*ceil(inter/128),
+    ceil(hidden/128)] (gate's grid, then up's: partial edge blocks stay per matrix) and w2_scale
+    [E, ceil(hidden/128), ceil(inter/128)]; the tiles are dequantized in registers (weight-only).
     Capturable in a CUDA graph: refill x / topk_* in place and replay (run once before capturing: Triton
     compiles on the first call).
     """
@@ -126,6 +150,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return out
     n = T * k
     cfg = config or default_config(n, E, hidden, inter, x.dtype)
+    fp8 = w13.dtype == torch.float8_e4m3fn
+    if fp8:
+        _check_fp8(w13, w2, w13_scale, w2_scale, cfg)
+    else:
+        w13_scale = w2_scale = topk_weights  # unused pointers (FP8_W off)
     if x.stride(-1) != 1:
         x = x.contiguous()
     # The kernels index these flat; a copy (only for non-contiguous inputs) is still graph-safe.
@@ -136,17 +165,20 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     y = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
     upcast = not x.is_cuda  # the interpreter: see kernels/moe_kernels.py
     precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"  # tf32 is ignored for 16-bit inputs
-    launch = dict(PRECISION=precision, UPCAST=upcast, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch = dict(PRECISION=precision, UPCAST=upcast, FP8_W=fp8, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    s13 = (w13_scale.stride(0), w13_scale.stride(1)) if fp8 else (0, 0)
+    s2 = (w2_scale.stride(0), w2_scale.stride(1)) if fp8 else (0, 0)
 
     grid = (align.num_blocks, triton.cdiv(inter, cfg.block_n_gate_up))
     _gate_up_kernel[grid](
-        x, w13, h, align.sorted_ids, align.block_expert, n, inter, hidden,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        x, w13, h, align.sorted_ids, align.block_expert, w13_scale, n, inter, hidden, triton.cdiv(inter, 128),
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *s13,
         TOP_K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_gate_up, BLOCK_K=cfg.block_k, **launch)
     grid = (align.num_blocks, triton.cdiv(hidden, cfg.block_n_down))
     _down_kernel[grid](
-        h, w2, y, weights, align.sorted_ids, align.block_expert, n, hidden, inter,
-        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        h, w2, y, weights, align.sorted_ids, align.block_expert, w2_scale, n, hidden, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0), *s2,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k, **launch)
     grid = (T, triton.cdiv(hidden, cfg.block_n_down))
     _sum_slots_kernel[grid](y, out, ids, E, hidden, y.stride(0), out.stride(0), TOP_K=k,

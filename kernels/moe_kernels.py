@@ -20,6 +20,11 @@ No atomics: every output element is written by exactly one program, so results a
 offsets are int64 (E * 2 * inter * hidden is past 2^31 for the real shapes). fp32 inputs use IEEE dots (no
 TF32) so that fp32 results match the fp32 reference to ~1e-6. ``UPCAST`` (set off the GPU) casts the dot inputs
 to fp32: the Triton 3.9 interpreter computes bf16 dots on the raw bits.
+
+``FP8_W``: the expert weights are float8_e4m3fn with 128x128 block scales (S13 [E, 2*ceil(inter/128),
+ceil(hidden/128)]: gate's grid, then up's; S2 [E, ceil(hidden/128), ceil(inter/128)]); each tile is converted to
+the activation dtype in registers and its fp32 product scaled by its block's scale (weight-only dequantization,
+see kernels/FP8_NOTES.md). Off, the scale pointers are unused.
 """
 from __future__ import annotations
 
@@ -29,11 +34,11 @@ import triton.language as tl
 
 @triton.jit
 def _gate_up_kernel(
-    X, W13, H, SORTED_IDS, BLOCK_EXPERT,
-    num_pairs, inter, hidden,
-    stride_xt, stride_we, stride_wn, stride_ht,
+    X, W13, H, SORTED_IDS, BLOCK_EXPERT, S13,
+    num_pairs, inter, hidden, up_scale_row,
+    stride_xt, stride_we, stride_wn, stride_ht, stride_se, stride_sn,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8_W: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -49,6 +54,10 @@ def _gate_up_kernel(
         x_rows = X + tok[:, None] * stride_xt
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # FP8 weights: gate and up have their own 128x128 scale grids (rows 0.. and up_scale_row.. of S13[e]);
+        # BLOCK_N and BLOCK_K divide 128, so each weight tile has one scale.
+        s_gate = S13 + expert.to(tl.int64) * stride_se + (pid_n * BLOCK_N // 128) * stride_sn
+        s_up = s_gate + up_scale_row * stride_sn
         for k0 in range(0, hidden, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < hidden
@@ -58,8 +67,16 @@ def _gate_up_kernel(
             wu = tl.load(w_up + offs_k[:, None], mask=w_mask, other=0.0)
             if UPCAST:  # Triton 3.9's interpreter gets bf16 dots wrong: fp32 there
                 a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-            acc_gate = tl.dot(a, wg, acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(a, wu, acc_up, input_precision=PRECISION)
+            elif FP8_W:  # weight-only dequantization: e4m3 -> activation dtype in registers
+                wg, wu = wg.to(a.dtype), wu.to(a.dtype)
+            if FP8_W:
+                sg = tl.load(s_gate + k0 // 128)
+                su = tl.load(s_up + k0 // 128)
+                acc_gate += tl.dot(a, wg, input_precision=PRECISION) * sg
+                acc_up += tl.dot(a, wu, input_precision=PRECISION) * su
+            else:
+                acc_gate = tl.dot(a, wg, acc_gate, input_precision=PRECISION)
+                acc_up = tl.dot(a, wu, acc_up, input_precision=PRECISION)
         h = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up, in fp32
         h_ptr = H + rows.to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
         tl.store(h_ptr, h.to(H.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -67,11 +84,11 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    H, W2, Y, TOPK_W, SORTED_IDS, BLOCK_EXPERT,
+    H, W2, Y, TOPK_W, SORTED_IDS, BLOCK_EXPERT, S2,
     num_pairs, hidden, inter,
-    stride_ht, stride_we, stride_wn, stride_yt,
+    stride_ht, stride_we, stride_wn, stride_yt, stride_se, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FP8_W: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -85,6 +102,7 @@ def _down_kernel(
         w_rows = W2 + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn
         h_rows = H + rows64[:, None] * stride_ht
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        s_row = S2 + expert.to(tl.int64) * stride_se + (pid_n * BLOCK_N // 128) * stride_sn
         for k0 in range(0, inter, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < inter
@@ -92,7 +110,12 @@ def _down_kernel(
             w = tl.load(w_rows + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 a, w = a.to(tl.float32), w.to(tl.float32)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            elif FP8_W:
+                w = w.to(a.dtype)
+            if FP8_W:
+                acc += tl.dot(a, w, input_precision=PRECISION) * tl.load(s_row + k0 // 128)
+            else:
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
         weight = tl.load(TOPK_W + rows, mask=row_ok, other=0.0)
         y_ptr = Y + rows64[:, None] * stride_yt + offs_n[None, :]
         tl.store(y_ptr, acc * weight[:, None], mask=row_ok[:, None] & n_ok[None, :])

@@ -23,6 +23,7 @@ from models.config import ModelArgs
 from models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
 from models.errors import CheckpointError
 from models.fp8 import DEFAULT_BLOCK, dequantize_fp8_block, scale_grid
+from models.fp8_linear import convert_to_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -37,8 +38,12 @@ def load_model(
     device: torch.device | str = "cpu",
     num_layers: int | None = None,
     progress: bool = True,
+    fp8: bool = False,
 ) -> DeepseekV3ForCausalLM:
     """The model of checkpoint directory ``path`` in ``dtype`` on ``device``, ready to run (``post_load`` done).
+
+    ``fp8``: the linear layers stored in FP8 keep their e4m3 weight and block scales (``FP8Linear``, run by the
+    Triton block-scaled GEMM) instead of being dequantized to ``dtype``; kv_b_proj is dequantized either way.
 
     ``num_layers`` keeps only the first layers (a truncated model for quick runs); ``model.args`` reflects it.
     Skipped: ``*rotary_emb.inv_freq`` and layers >= num_hidden_layers (the MTP module, or truncated layers).
@@ -55,6 +60,11 @@ def load_model(
         model = DeepseekV3ForCausalLM(args)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     weight_map = read_weight_map(root)
+    if fp8:
+        stored_fp8 = {n.removesuffix(".weight" + SCALE_SUFFIX) for n in weight_map
+                      if n.endswith(".weight" + SCALE_SUFFIX) and not is_skipped(n, args.num_hidden_layers)}
+        convert_to_fp8(model, stored_fp8)
+        expected = {name: t.shape for name, t in model.state_dict().items()}
     _check_names(root, weight_map, expected, args.num_hidden_layers)
 
     reader = _TensorReader(root, weight_map)
@@ -62,8 +72,19 @@ def load_model(
     with tqdm(total=len(expected), desc=f"loading {root.name}", unit="tensor", disable=not progress) as bar:
         try:
             for name in sorted(expected, key=weight_map.__getitem__):  # shard by shard, each opened once
+                if name.endswith(SCALE_SUFFIX):  # an FP8Linear's scale: put in place with its weight
+                    bar.update()
+                    continue
                 w = reader.read(name, expected[name])
                 scale_name = name + SCALE_SUFFIX
+                if scale_name in expected:  # FP8Linear: kept in FP8
+                    if w.dtype != torch.float8_e4m3fn:
+                        raise CheckpointError(f"{reader.file(name)}: {name} has a scale but is {w.dtype}, not FP8")
+                    scale = reader.read(scale_name, expected[scale_name])
+                    set_tensor(model, name, w.to(device))
+                    set_tensor(model, scale_name, scale.to(device=device, dtype=torch.float32))
+                    bar.update()
+                    continue
                 if w.dtype == torch.float8_e4m3fn:
                     if scale_name not in weight_map:
                         raise CheckpointError(f"{reader.file(name)}: FP8 tensor {name} has no {scale_name}")

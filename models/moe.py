@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from models.config import ModelArgs
+from models.fp8_linear import FP8Linear
 from models.layers import MLP
 
 
@@ -60,6 +61,11 @@ class MoE(nn.Module):
         # [E, hidden, inter]; set by stack_experts() once the weights are loaded.
         self.w13: torch.Tensor | None = None
         self.w2: torch.Tensor | None = None
+        # FP8 experts (FP8Linear): their 128x128 block scales, stacked the same way: [E, 2*ceil(inter/128),
+        # ceil(hidden/128)] (gate's grid, then up's: partial edge blocks stay per matrix) and
+        # [E, ceil(hidden/128), ceil(inter/128)]. None for bf16 experts.
+        self.w13_scale: torch.Tensor | None = None
+        self.w2_scale: torch.Tensor | None = None
 
     def stack_experts(self) -> None:
         """Stack the experts' weights once; each expert's own weights become views into the stacks, so the two
@@ -77,13 +83,30 @@ class MoE(nn.Module):
         for i, e in enumerate(self.experts):
             self.w2[i].copy_(e.down_proj.weight)
             e.down_proj.weight = nn.Parameter(self.w2[i], requires_grad=False)
+        if isinstance(self.experts[0].gate_proj, FP8Linear):
+            self._stack_scales()
+
+    def _stack_scales(self) -> None:
+        g = self.experts[0].gate_proj.weight_scale_inv
+        rows = g.shape[0]
+        self.w13_scale = torch.empty(len(self.experts), 2 * rows, g.shape[1], dtype=g.dtype, device=g.device)
+        d = self.experts[0].down_proj.weight_scale_inv
+        self.w2_scale = torch.empty(len(self.experts), *d.shape, dtype=d.dtype, device=d.device)
+        for i, e in enumerate(self.experts):
+            self.w13_scale[i, :rows].copy_(e.gate_proj.weight_scale_inv)
+            self.w13_scale[i, rows:].copy_(e.up_proj.weight_scale_inv)
+            self.w2_scale[i].copy_(e.down_proj.weight_scale_inv)
+            e.gate_proj.weight_scale_inv = self.w13_scale[i, :rows]
+            e.up_proj.weight_scale_inv = self.w13_scale[i, rows:]
+            e.down_proj.weight_scale_inv = self.w2_scale[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, indices = self.gate(x)
         if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS and self.w13 is not None:
             from kernels.fused_moe import fused_moe  # imported on a GPU only: no Triton interpreter involved
 
-            routed = fused_moe(x, self.w13, self.w2, weights, indices)
+            routed = fused_moe(x, self.w13, self.w2, weights, indices, w13_scale=self.w13_scale,
+                               w2_scale=self.w2_scale)
         else:
             routed = self.routed(x, weights, indices).to(x.dtype)
         return routed + self.shared_experts(x)

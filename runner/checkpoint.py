@@ -49,10 +49,25 @@ class ModelSource:
             args = dataclasses.replace(args, num_hidden_layers=cfg.num_layers)
         return cls(cfg, args, path)
 
-    def load(self, dtype: torch.dtype, device: torch.device, progress: bool) -> DeepseekV3ForCausalLM:
+    def use_fp8(self, weights: str, device: torch.device) -> bool:
+        """Resolve RunConfig.weights: keep FP8 weights in FP8 (True) or dequantize them at load (False)."""
+        if weights == "bf16":
+            return False
+        fp8_checkpoint = self.path is not None and self.args.fp8_block is not None
+        if weights == "auto":
+            return fp8_checkpoint and device.type == "cuda"
+        if self.path is not None and not fp8_checkpoint:
+            raise ConfigError(f"weights=fp8 needs an FP8 checkpoint: {self.path} has no fp8 quantization_config")
+        if fp8_checkpoint and tuple(self.args.fp8_block) != (128, 128):
+            raise ConfigError(f"weights=fp8 supports 128x128 blocks only, {self.path} has {self.args.fp8_block}")
+        return True
+
+    def load(self, dtype: torch.dtype, device: torch.device, progress: bool,
+             fp8: bool = False) -> DeepseekV3ForCausalLM:
         if self.path is None:
-            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed)
-        return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress)
+            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8)
+        return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress,
+                          fp8=fp8)
 
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer; None for random weights (prompts are token ids then)."""

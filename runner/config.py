@@ -20,6 +20,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("torch", "triton", "flashmla", "aiter")
 METADATA_STRATEGIES = ("persistent", "per_step")
+WEIGHTS = ("auto", "fp8", "bf16")
 
 
 def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -145,10 +146,15 @@ class RunConfig:
     kv_cache_memory_fraction: float = 0.8
     cuda_graphs: Optional[bool] = None  # capture the decode step; unset: on wherever it can work
     progress: bool = True  # progress bars
+    # fp8: FP8 linear layers keep e4m3 weights + block scales (Triton block-scaled GEMMs; on a CPU through the
+    # Triton interpreter: slow, for tests); bf16: dequantized at load to the run dtype; auto: fp8 for an FP8
+    # checkpoint on a GPU, else dequantized (random weights: fp8 only when asked).
+    weights: str = "auto"
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("weights", self.weights, WEIGHTS)
         _check_positive("max_batch_size", self.max_batch_size)
         _check_positive("max_model_len", self.max_model_len)
         _check_positive("page_size", self.page_size)

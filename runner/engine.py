@@ -88,8 +88,9 @@ class Engine:
                                     cfg.page_size)
         self.prefill_backend = TorchAttention(kv_lora_rank)
         use_graphs = self._use_cuda_graphs()  # checked before the weights load: a bad combination fails fast
+        self.fp8 = self.source.use_fp8(cfg.weights, self.device)
 
-        self.model = self.source.load(self.dtype, self.device, cfg.progress)
+        self.model = self.source.load(self.dtype, self.device, cfg.progress, fp8=self.fp8)
         self.tokenizer = self.source.tokenizer()
         eos = self.args.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}

@@ -1,0 +1,270 @@
+"""Block-scaled FP8 GEMM for the linear layers: ``fp8_linear`` (wrapper), its kernels, a torch reference.
+
+y[M, N] = x[M, K] @ W^T with W stored as float8_e4m3fn [N, K] and ``scale_inv`` [ceil(N/128), ceil(K/128)] f32
+(DeepSeek-V3 / Kimi-K2 checkpoints; edge blocks partial). Two modes, one kernel (``ACT_QUANT`` constexpr):
+
+- ``act_quant`` (W8A8, DeepSeek's scheme; what models/fp8_linear.py uses for 16-bit runs): each program
+  quantizes its [BLOCK_M, 128] activation tile in registers per row (s = max(amax, 1e-4) / 448, e4m3), then
+  one fp8 x fp8 tensor-core dot per 128-wide K tile, scaled by s_x[m] * s_w; no extra launch.
+- ``weight_only`` (W8A16): x stays in its dtype; each [BLOCK_K=128, BLOCK_N<=128] weight tile lies in one
+  scale block, so it is converted to x's dtype in registers, multiplied, and the fp32 product scaled once.
+  3-18% slower than act_quant at every shape with M <= 16 on an H100 (kernels/FP8_NOTES.md); exact for fp32
+  runs (no activation rounding).
+
+Decode (M <= 64) is bound by streaming weight bytes: with N/128 column tiles alone (kv_a: 5) the GPU would be
+nearly idle, so the K loop is split over ``split_k`` programs writing fp32 partials [split, M, N] summed by
+one small kernel (deterministic; no atomics). Every buffer is sized from the shapes: capturable in a CUDA graph.
+``UPCAST`` (set off the GPU) computes the dots in fp32: the Triton interpreter gets bf16 / fp8 dots
+(and float -> e4m3 casts) wrong.
+kernels/FP8_NOTES.md records the measurements. Benchmark: ``python -m kernels.fp8_gemm``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+SCALE_BLOCK = 128
+MODES = ("weight_only", "act_quant")
+
+
+@triton.jit
+def _round_e4m3(v):
+    """fp32 values (|v| <= 448) rounded to the e4m3 grid, nearest-even, as fp32: the interpreter's own cast to
+    e4m3 loses the carry when rounding up crosses a power of two (-124 -> -64), so UPCAST rounds by hand."""
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1  # 3 mantissa bits kept of fp32's 23
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+    subnormal = tl.floor(v * 512.0 + 0.5) / 512.0  # below 2^-6: a fixed step of 2^-9
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    X, W, WS, OUT,
+    M, N, K, k_blocks_per_split,
+    stride_xm, stride_wn, stride_wsn, stride_os, stride_om,
+    ACT_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = W + offs_n.to(tl.int64)[None, :] * stride_wn
+    ws_row = WS + (pid_n * BLOCK_N // 128) * stride_wsn  # BLOCK_N divides 128: one scale row per tile
+    num_kb = tl.cdiv(K, BLOCK_K)
+    kb_start = pid_s * k_blocks_per_split
+    kb_end = tl.minimum(kb_start + k_blocks_per_split, num_kb)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(kb_start, kb_end):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
+        ws = tl.load(ws_row + kb * BLOCK_K // 128)
+        if ACT_QUANT:
+            # DeepSeek's activation quantization, per row per 128 channels (= this K tile), in registers:
+            # the few activation rows of a decode step are re-quantized by every N tile, which costs nothing.
+            xf = x.to(tl.float32)
+            xs = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4) / 448.0
+            v = xf / xs[:, None]
+            if UPCAST:
+                part = tl.dot(_round_e4m3(v), w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(v.to(tl.float8e4nv), w)
+            acc += part * (xs[:, None] * ws)
+        else:
+            if UPCAST:
+                part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+            acc += part * ws
+    out = OUT + pid_s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(P, OUT, numel, split, BLOCK: tl.constexpr):
+    """OUT[i] = sum over splits of P[s, i] (fp32, in split order), cast to OUT's dtype: one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(split):
+        acc += tl.load(P + s * numel + offs, mask=ok, other=0.0)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def act_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], f32 scales [M, ceil(K/128)]): DeepSeek's per-token per-128-channel scheme."""
+    M, K = x.shape
+    nb = triton.cdiv(K, SCALE_BLOCK)
+    padded = x.float().new_zeros(M, nb * SCALE_BLOCK)
+    padded[:, :K] = x.float()
+    s = padded.view(M, nb, SCALE_BLOCK).abs().amax(-1).clamp_min(1e-4) / FP8_MAX
+    q = (padded.view(M, nb, SCALE_BLOCK) / s[..., None]).view(M, -1)[:, :K].to(torch.float8_e4m3fn)
+    return q, s
+
+
+def _check(x, w, scale_inv, mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if w.dim() != 2 or w.dtype != torch.float8_e4m3fn or w.stride(-1) != 1:
+        raise ValueError(f"w must be a contiguous float8_e4m3fn [N, K], got {w.dtype} {tuple(w.shape)}")
+    N, K = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x [..., {x.shape[-1]}] does not match w [{N}, {K}]")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"x dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    grid = (triton.cdiv(N, SCALE_BLOCK), triton.cdiv(K, SCALE_BLOCK))
+    if tuple(scale_inv.shape) != grid or scale_inv.dtype != torch.float32:
+        raise ValueError(f"scale_inv must be float32 {grid} (128x128 blocks of w), got "
+                         f"{scale_inv.dtype} {tuple(scale_inv.shape)}")
+    if x.device != w.device or scale_inv.device != w.device:
+        raise ValueError("x, w and scale_inv must be on one device")
+
+
+def _launch_params(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(block_m, block_n, split_k, k_blocks_per_split): small-M tiles, split-K until ~2 programs per SM."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n = min(128, max(16, triton.next_power_of_2(N)))
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    num_kb = triton.cdiv(K, SCALE_BLOCK)
+    target = 2 * _num_sms(device.index or 0) if device.type == "cuda" else 1
+    split = max(1, min(num_kb, triton.cdiv(target, tiles)))
+    per_split = triton.cdiv(num_kb, split)
+    return block_m, block_n, triton.cdiv(num_kb, per_split), per_split
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, mode: str = "act_quant",
+               split_k: int | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(w, scale_inv)^T -> [..., N] in x.dtype; w e4m3 [N, K], 128x128 block scales.
+
+    ``mode``: ``weight_only`` (W8A16) or ``act_quant`` (W8A8, x quantized per token per 128 channels).
+    ``split_k`` overrides the heuristic split of the K loop (tests, benchmarks).
+    """
+    _check(x, w, scale_inv, mode)
+    N, K = w.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.view(*lead, N)
+    block_m, block_n, split, per_split = _launch_params(M, N, K, x.device)
+    if split_k is not None:
+        per_split = triton.cdiv(triton.cdiv(K, SCALE_BLOCK), split_k)
+        split = triton.cdiv(triton.cdiv(K, SCALE_BLOCK), per_split)
+    upcast = not x.is_cuda  # the Triton interpreter
+    # The interpreter truncates fp32 -> bf16 stores (no round to nearest): there the kernel writes fp32 and
+    # torch rounds.
+    direct = split == 1 and not (upcast and x.dtype != torch.float32)
+    dest = out if direct else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    stride_os = 0 if direct else dest.stride(0)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split)
+    _fp8_gemm_kernel[grid](
+        x2, w, scale_inv, dest, M, N, K, per_split,
+        x2.stride(0), w.stride(0), scale_inv.stride(0), stride_os, dest.stride(-2),
+        ACT_QUANT=mode == "act_quant", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK,
+        UPCAST=upcast, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=4 if x.is_cuda else 1)
+    if upcast and not direct:
+        out = dest.sum(0).to(x.dtype)
+    elif not direct:
+        _split_sum_kernel[(triton.cdiv(M * N, 1024),)](dest, out, M * N, split, BLOCK=1024, num_warps=4)
+    return out.view(*lead, N)
+
+
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
+                         mode: str = "weight_only") -> torch.Tensor:
+    """Dequantize, then matmul in fp32 (act_quant: x quantized and dequantized first): [..., N] fp32."""
+    from models.fp8 import dequantize_fp8_block
+
+    wd = dequantize_fp8_block(w, scale_inv)
+    xf = x.reshape(-1, x.shape[-1]).float()
+    if mode == "act_quant":
+        q, s = act_quant_reference(xf)
+        xf = q.float() * s.repeat_interleave(SCALE_BLOCK, 1)[:, : xf.shape[1]]
+    return (xf @ wd.t()).view(*x.shape[:-1], w.shape[0])
+
+
+# (name, K, N) of the decode-step projections; DeepSeek-V3 (128 heads) and Kimi-K2 (64 heads) differ in q_b, o_proj.
+BENCH_SHAPES = (
+    ("q_a 7168->1536", 7168, 1536), ("q_b 1536->24576 (V3)", 1536, 24576), ("q_b 1536->12288 (K2)", 1536, 12288),
+    ("kv_a 7168->576", 7168, 576), ("o_proj 16384->7168 (V3)", 16384, 7168), ("o_proj 8192->7168 (K2)", 8192, 7168),
+    ("gate_up 7168->36864", 7168, 36864), ("down 18432->7168", 18432, 7168),
+)
+BENCH_M = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _graph_time_us(fn) -> float:
+    """Median of do_bench (L2 flushed before each call) over a CUDA-graph replay of one call, in us."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=5, rep=30, return_mode="median") * 1e3
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy ceiling: bytes read + written per second."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
+    return 2 * nbytes / ms / 1e6
+
+
+def run_bench(shapes=BENCH_SHAPES, ms=BENCH_M) -> list[dict]:
+    """FP8 GEMM (both modes) vs bf16 cuBLAS at decode shapes; GB/s of weight bytes vs the copy ceiling."""
+    from models.fp8 import quantize_fp8_block
+
+    ceiling = copy_bandwidth_gbs()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          f"copy ceiling {ceiling:.0f} GB/s; times: CUDA-graph replay, L2 flushed, median us", flush=True)
+    print(f"| shape | M | bf16 us | fp8 w-only us | fp8 act-quant us | speedup w-only | speedup act-q | "
+          f"w-only GB/s | of copy |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, K, N in shapes:
+        wb = torch.randn(N, K, device="cuda", generator=gen, dtype=torch.bfloat16) * K ** -0.5
+        wq, ws = quantize_fp8_block(wb)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+            ref = fp8_linear_reference(x, wq, ws)
+            err = (fp8_linear(x, wq, ws).float() - ref).norm() / ref.norm()
+            del ref
+            t_bf16 = _graph_time_us(lambda: x @ wb.t())
+            t_wo = _graph_time_us(lambda: fp8_linear(x, wq, ws, mode="weight_only"))
+            t_aq = _graph_time_us(lambda: fp8_linear(x, wq, ws, mode="act_quant"))
+            gbs = (wq.numel() + 4 * ws.numel()) / t_wo / 1e3
+            row = dict(shape=name, M=M, bf16_us=t_bf16, fp8_weight_only_us=t_wo, fp8_act_quant_us=t_aq,
+                       weight_only_gbs=gbs, copy_gbs=ceiling, rel_err=err.item())
+            rows.append(row)
+            print(f"| {name} | {M} | {t_bf16:.1f} | {t_wo:.1f} | {t_aq:.1f} | {t_bf16 / t_wo:.2f} | "
+                  f"{t_bf16 / t_aq:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} |", flush=True)
+        del wb, wq, ws
+    return rows
+
+
+if __name__ == "__main__":
+    run_bench()

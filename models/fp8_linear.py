@@ -1,0 +1,63 @@
+"""``FP8Linear``: a bias-free linear layer that keeps its checkpoint's e4m3 weight and 128x128 block scales.
+
+State dict names equal the checkpoint's (``*.weight`` float8_e4m3fn [out, in], ``*.weight_scale_inv`` f32
+[ceil(out/128), ceil(in/128)]), so the loader puts both in place unchanged. ``forward`` runs the Triton
+block-scaled GEMM of kernels/fp8_gemm.py (activations quantized per token per 128 channels in bf16/fp16 runs,
+weight-only dequantization in fp32 runs; on a CPU under the Triton interpreter: slow, for tests). ``convert_to_fp8`` swaps chosen ``nn.Linear`` modules of a (meta) model.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from models.fp8 import DEFAULT_BLOCK, scale_grid
+
+# Linear layers that stay in the run dtype even with FP8 weights: kv_b_proj is never applied as a linear
+# layer (its halves W_UK / W_UV are absorbed into the attention, in the run dtype: kernels/FP8_NOTES.md).
+KEEP_DEQUANTIZED = ("kv_b_proj",)
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, block: tuple[int, int] = DEFAULT_BLOCK) -> None:
+        super().__init__()
+        if block != DEFAULT_BLOCK:
+            raise ValueError(f"FP8Linear supports {DEFAULT_BLOCK} blocks only, got {block}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale_inv", torch.empty(scale_grid((out_features, in_features), block)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.fp8_gemm import fp8_linear
+
+        # 16-bit runs: DeepSeek's W8A8 scheme (faster at every measured shape); fp32 runs (the CPU reference
+        # dtype): weight-only dequantization, which is exact up to summation order.
+        mode = "weight_only" if x.dtype == torch.float32 else "act_quant"
+        return fp8_linear(x, self.weight, self.weight_scale_inv, mode=mode)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128 blocks"
+
+
+def convert_to_fp8(model: nn.Module, module_names: Iterable[str] | None = None) -> list[str]:
+    """Replace ``nn.Linear`` modules with ``FP8Linear`` (same names, weights unset: meta models before loading).
+
+    ``module_names``: the ones to convert (e.g. those whose checkpoint weight is FP8); None: every linear
+    layer but ``lm_head`` and ``KEEP_DEQUANTIZED`` (random FP8 weights). Returns the converted names.
+    """
+    wanted = None if module_names is None else set(module_names)
+    done = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or module.bias is not None:
+            continue
+        if name.rpartition(".")[2] in KEEP_DEQUANTIZED or name == "lm_head":
+            continue
+        if wanted is not None and name not in wanted:
+            continue
+        parent, _, attr = name.rpartition(".")
+        with torch.device("meta"):
+            setattr(model.get_submodule(parent), attr, FP8Linear(module.in_features, module.out_features))
+        done.append(name)
+    return done
