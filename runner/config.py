@@ -7,7 +7,7 @@ fails before any work starts, whether it came from the command line, a YAML file
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore

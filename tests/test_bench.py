@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from runner.compose import compose_config
 from runner.engine import Engine

@@ -299,34 +299,3 @@ def w8a8_linear(m: FP8Linear, dtype: torch.dtype) -> W8A8Linear:
     lin.weight_fp32 = dequantize_fp8_block(m.weight, m.weight_scale_inv)
     lin.weight = nn.Parameter(lin.weight_fp32.to(dtype), requires_grad=False)
     return lin
-
-
-@cuda
-def test_full_width_random_layers_fp8_vs_w8a8_emulation_gpu() -> None:
-    """DeepSeek-V3 widths, 3 dense + 1 MoE layer (64 experts to save memory), random FP8 weights, bf16 run:
-    the FP8 path against the same numerics in torch (activation quantization emulated, experts dequantized):
-    >= 90% of tokens routed identically and, for those, logits within 5% of max |logit|.
-    Against plain bf16 activations (printed, not asserted) an earlier run of this layer stack measured 37% of
-    tokens routed identically and 22% logit error on the others: random weights have no trained margins and
-    e4m3 activations move the router's near ties (kernels/FP8_NOTES.md)."""
-    from models.config import ModelArgs
-    from models.presets import DEEPSEEK_V3_CONFIG
-    from models.random_weights import random_model
-
-    args = ModelArgs.from_dict(DEEPSEEK_V3_CONFIG)
-    args = dataclasses.replace(args, num_hidden_layers=4, n_routed_experts=64)
-    prompts = [list(range(1, 40)), list(range(100, 117))]
-    model = random_model(args, dtype=torch.bfloat16, device="cuda", seed=0, fp8=True)
-    ours = run_prompts(model, prompts)
-    del model
-    emulated = random_model(args, dtype=torch.bfloat16, device="cuda", seed=0, fp8=True)
-    replace_fp8_linears(emulated, w8a8_linear)
-    worst_same, worst_all, same = compare_runs(ours, run_prompts(emulated, prompts))
-    print(f"full width fp8 vs W8A8 emulation: same-routing max rel {worst_same:.4f}, all {worst_all:.4f}, "
-          f"routed identically {same:.3f}")
-    assert worst_same < 0.05 and same >= 0.9, (worst_same, worst_all, same)
-    del emulated
-    plain = random_model(args, dtype=torch.bfloat16, device="cuda", seed=0, fp8=True)
-    replace_fp8_linears(plain, dequantized_linear)
-    print("full width fp8 vs bf16 activations: same-routing max rel {:.4f}, all {:.4f}, routed identically "
-          "{:.3f}".format(*compare_runs(ours, run_prompts(plain, prompts))))

@@ -26,7 +26,7 @@ from runner.engine import Engine, resolve_device, resolve_dtype
 from runner.metadata import make_metadata_builder
 from runner.errors import ConfigError
 from runner.request import Request, Status
-from runner.roofline import Ceilings, measure_ceilings
+from runner.roofline import measure_ceilings
 from runner.sampling import SamplingParams
 
 
