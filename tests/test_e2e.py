@@ -11,8 +11,8 @@ import torch
 
 from runner import LLM, SamplingParams
 
-# Mixed prompt lengths (1 to 100 tokens) and different max_tokens, all in one generate call.
-PROMPT_LENGTHS = (1, 7, 33, 100)
+# Mixed prompt lengths (1 to 250 tokens) and different max_tokens, all in one generate call.
+PROMPT_LENGTHS = (1, 7, 33, 250)
 MAX_TOKENS = (6, 3, 5, 4)
 
 
@@ -69,20 +69,21 @@ def test_batched_greedy_equals_transformers(flavour, attention, metadata, device
     """On a GPU, triton + persistent runs its decode steps as CUDA-graph replays."""
     ckpt, prompts, expected = flavour
     llm = LLM(str(ckpt), attention=attention, metadata=metadata, dtype="float32", device=device, page_size=16,
-              max_model_len=256, max_batch_size=8, progress=False)
+              max_model_len=280, max_batch_size=8, progress=False)
     assert (llm.engine.graphs is not None) == (device == "cuda" and (attention, metadata) == ("triton", "persistent"))
     assert generate(llm, prompts) == expected
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on a CPU needs TRITON_INTERPRET=1")
-def test_one_at_a_time_and_preemption_give_the_same_tokens(flavour):
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_one_at_a_time_and_preemption_give_the_same_tokens(flavour, attention):
     ckpt, prompts, expected = flavour
-    one = LLM(str(ckpt), dtype="float32", device="cpu", page_size=16, max_batch_size=1, max_model_len=128,
-              progress=False)
+    one = LLM(str(ckpt), attention=attention, dtype="float32", device="cpu", page_size=16, max_batch_size=1,
+              max_model_len=280, progress=False)
     assert generate(one, prompts) == expected
-    # The four prompts take all 38 pages of 4 tokens at admission (1 + 2 + 9 + 26): the first decode step
+    # The four prompts take all 75 pages of 4 tokens at admission (1 + 2 + 9 + 63): the first decode step
     # that crosses a page boundary preempts the newest request, which is recomputed later.
-    tight = LLM(str(ckpt), dtype="float32", device="cpu", page_size=4, num_pages=38, max_model_len=128,
-                progress=False)
+    tight = LLM(str(ckpt), attention=attention, dtype="float32", device="cpu", page_size=4, num_pages=75,
+                max_model_len=280, progress=False)
     assert generate(tight, prompts) == expected
     assert tight.engine.scheduler.num_preemptions > 0
