@@ -3,14 +3,13 @@
 The oracle runs on an fp32 dequantized copy of a tiny checkpoint (transformers' own FP8 path dequantizes to
 bf16 on CPU, which flips routing); our model loads the FP8 original through ``models.loader``. Our model runs
 through ``PagedRunner``: requests flattened into one batch, latent vectors in a paged cache whose pages are
-handed out in a scrambled order, attention by ``kernels.reference.mla_attention_reference``.
+handed out in a scrambled order, attention by the runner's torch backend (``kernels.reference``).
 """
 from __future__ import annotations
 
 import json
 import shutil
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,11 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from kernels.reference import mla_attention_reference
 from models.context import ForwardContext
 from models.deepseek_v3 import DeepseekV3ForCausalLM
 from models.fp8 import dequantize_fp8_block
 from models.loader import is_skipped, read_weight_map
+from runner.attention import StepMetadata, TorchAttention
 
 # ---------------------------------------------------------------------------------------------- the oracle
 
@@ -107,29 +106,6 @@ def oracle_forward(oracle: nn.Module, ids: Sequence[int]) -> tuple[torch.Tensor,
 # ------------------------------------------------------------------------------------------- the harness
 
 
-@dataclass
-class PagedMetadata:
-    """What ``mla_attention_reference`` needs: per-request query offsets, KV lengths and page lists."""
-
-    qo_indptr: torch.Tensor  # [B + 1]
-    seq_lens: torch.Tensor  # [B], KV length including this step's tokens
-    block_table: torch.Tensor  # [B, max_pages]
-
-
-class ReferenceBackend:
-    """The ``AttentionBackend`` protocol over the torch reference."""
-
-    def __init__(self, kv_lora_rank: int) -> None:
-        self.kv_lora_rank = kv_lora_rank
-
-    def forward(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: PagedMetadata, sm_scale: float
-    ) -> torch.Tensor:
-        return mla_attention_reference(
-            q, kv_cache, metadata.qo_indptr, metadata.seq_lens, metadata.block_table, sm_scale, self.kv_lora_rank
-        )
-
-
 class PagedRunner:
     """Runs our model like the engine: a step is any mix of requests' new tokens (prefill or decode)."""
 
@@ -141,7 +117,7 @@ class PagedRunner:
             torch.zeros(num_pages, page_size, args.kv_cache_dim, dtype=weight.dtype, device=self.device)
             for _ in model.attention_layers
         ]
-        self.backend = ReferenceBackend(args.kv_lora_rank)
+        self.backend = TorchAttention(args.kv_lora_rank)
         # Pages are handed out in a scrambled order so a request's pages are never contiguous.
         self.free = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed)).tolist()
         self.pages: dict[Hashable, list[int]] = {}
@@ -168,7 +144,7 @@ class PagedRunner:
         def tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, device=self.device)
 
-        metadata = PagedMetadata(tensor(qo), tensor(seq_lens), tensor(table))
+        metadata = StepMetadata(tensor(qo), tensor(seq_lens), tensor(table))
         ctx = ForwardContext(tensor(positions), tensor(slots), self.backend, metadata)
         for attn, cache in zip(self.model.attention_layers, self.caches):  # several runners may share a model
             attn.kv_cache = cache
