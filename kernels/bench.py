@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from kernels.cuda_graph import graph_time
+
 DV, DPE, D = 512, 64, 576
 
 # H100 80GB HBM3, torch 2.11, triton 3.6 (mla_decode.md): (H, B, L) -> (FlashMLA us, SGLang Triton us), q_len 1
@@ -101,24 +103,8 @@ def _flash_mla_time(q, kv, sl, bt, H, q_len, page):
         return f"error: {type(e).__name__}: {e}"[:200]
 
 
-def graph_time(fn, rep: int = 100) -> float:
-    """Median GPU time (us) of ``fn`` captured in a CUDA graph: do_bench flushes L2 before every replay,
-    and graph replay keeps the Python launch overhead out of the kernel time."""
-    from triton.testing import do_bench
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=25, rep=rep, return_mode="median") * 1e3
-
-
 def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=torch.bfloat16,
-                     builder_kw: dict | None = None, config=None) -> list[dict]:
+                     builder_kw: dict | None = None, config=None, flashmla: bool = True) -> list[dict]:
     """Time decode + merge for each shape dict {H, lens, q_len, name}; returns one row per shape."""
     from kernels.metadata import PersistentMetadataBuilder
     from kernels.mla_decode import mla_decode
@@ -140,7 +126,7 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
         row = dict(name=s.get("name", "uniform"), H=H, B=len(lens), L=s.get("L", max(lens)), q_len=q_len,
                    kv_MB=nbytes / 1e6, us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, floor_us=floor,
                    pct_floor=100 * floor / us, num_parts=meta.num_parts)
-        fm = _flash_mla_time(q, kv, sl, bt, H, q_len, page) if page == 64 else None
+        fm = _flash_mla_time(q, kv, sl, bt, H, q_len, page) if page == 64 and flashmla else None
         row["flashmla_us"] = fm
         ref = REF_UNIFORM.get((H, len(lens), row["L"])) if row["name"] == "uniform" and q_len == 1 else None
         if row["name"] in REF_UNEVEN and H in REF_UNEVEN[row["name"]]:
@@ -177,8 +163,6 @@ def kernel_shapes(quick: bool) -> list[dict]:
 def run_metadata_bench(batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), H: int = 128, page: int = 64,
                        L_max: int = 16384) -> list[dict]:
     """Persistent build: GPU time of a CUDA-graph replay of one build. Per-step build: host wall time."""
-    from triton.testing import do_bench
-
     from kernels.metadata import PersistentMetadataBuilder, PerStepMetadataBuilder
 
     rows = []
@@ -191,15 +175,7 @@ def run_metadata_bench(batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), H: int = 128,
         bt = torch.randint(0, 1 << 16, (B, max_pages), generator=g, dtype=torch.int32).cuda()
         kw = dict(num_heads=H, max_batch=B, max_q_len=1, max_pages_per_seq=max_pages, page_size=page, device="cuda")
         pers = PersistentMetadataBuilder(**kw)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            pers.build(sl, qo, bt)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            pers.build(sl, qo, bt)
-        gpu_us = do_bench(graph.replay, warmup=10, rep=50, return_mode="median") * 1e3
+        gpu_us = graph_time(lambda: pers.build(sl, qo, bt), rep=50, warmup=10)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         n = 50
@@ -236,7 +212,7 @@ def run_config_sweep(ceilings: dict) -> list[dict]:
             (small, C(16, 64, 8, 3, False))]
     for shapes, cfg in cfgs:
         try:
-            r = run_kernel_bench(shapes, ceilings, config=cfg)
+            r = run_kernel_bench(shapes, ceilings, config=cfg, flashmla=False)
         except Exception as e:
             print("config", cfg, "failed:", type(e).__name__, str(e)[:200], flush=True)
             continue
@@ -259,12 +235,30 @@ def run_snap_sweep(ceilings: dict) -> list[dict]:
               dict(H=16, lens=[4096] * 128, q_len=1), dict(H=128, lens=rnd, q_len=1), dict(H=128, lens=rnd, q_len=2),
               dict(H=64, lens=rnd, q_len=1), dict(H=64, lens=[1024] * 128, q_len=2)]
     for sd, sm in ((0, 0), (2, 4), (2, 8), (4, 1000)):
-        r = run_kernel_bench(shapes, ceilings, builder_kw=dict(snap_div=sd, snap_max=sm))
+        r = run_kernel_bench(shapes, ceilings, builder_kw=dict(snap_div=sd, snap_max=sm), flashmla=False)
         for x in r:
             x["config"] = f"snap_div={sd} snap_max={sm}"
         rows += r
         print(f"snap_div={sd} snap_max={sm}", " ".join(f"{x['H']}/{x['B']}/{x['L']}:{x['us']:.1f}" for x in r),
               flush=True)
+    return rows
+
+
+def run_parts_sweep(ceilings: dict) -> list[dict]:
+    """Grid size (num_parts) at small batch: fewer, longer parts mean fewer partials to write and merge."""
+    rows = []
+    shapes = [dict(H=64, lens=[16384], q_len=1), dict(H=128, lens=[16384], q_len=1), dict(H=64, lens=[4096], q_len=1),
+              dict(H=64, lens=[4096] * 8, q_len=1), dict(H=128, lens=[4096] * 8, q_len=1),
+              dict(H=64, lens=[65536], q_len=1), dict(H=64, lens=[16384] * 8, q_len=1)]
+    for parts in (None, 96, 64, 48, 32, 24, 16):
+        for s in shapes:
+            tiles = -(-(s["H"] * s["q_len"]) // 64)
+            kw = {} if parts is None else dict(num_parts=max(parts // tiles, 1))
+            r = run_kernel_bench([s], ceilings, builder_kw=kw, flashmla=False)
+            r[0]["config"] = f"parts={parts or 'SMs'}"
+            rows += r
+            print(f"parts={parts or 'SMs'} H={s['H']} B={len(s['lens'])} L={max(s['lens'])}: {r[0]['us']:.1f} us",
+                  flush=True)
     return rows
 
 
@@ -330,14 +324,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="mla_bench.json", help="JSON file for all numbers")
     ap.add_argument("--no-metadata", action="store_true", help="skip the metadata build benchmark")
     ap.add_argument("--only", default=None, help="only cases whose name contains this (e.g. uniform)")
-    ap.add_argument("--sweep", action="store_true", help="tile-config, plan-snapping and merge sweeps, then exit")
+    ap.add_argument("--sweep", action="store_true",
+                    help="tile-config, plan-snapping, grid-size and merge sweeps, then exit")
     ap.add_argument("--min-chunk", type=int, default=None, help="PersistentMetadataBuilder min_chunk")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU")
     ceilings = measure_ceilings()
     if args.sweep:
-        rows = run_config_sweep(ceilings) + run_snap_sweep(ceilings) + run_merge_sweep()
+        rows = (run_config_sweep(ceilings) + run_snap_sweep(ceilings) + run_parts_sweep(ceilings)
+                + run_merge_sweep())
         with open(args.out, "w") as f:
             json.dump({"ceilings": ceilings, "sweep": rows}, f, indent=1, default=str)
         return {"sweep": rows}

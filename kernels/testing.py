@@ -23,10 +23,12 @@ class Problem:
 
 def make_problem(seq_lens: list[int], q_lens: list[int], num_heads: int, page_size: int, *,
                  kv_lora_rank: int = 512, rope_dim: int = 64, dtype=torch.bfloat16, device="cpu",
-                 max_pages: int | None = None, extra_pages: int = 3, seed: int = 0) -> Problem:
+                 max_pages: int | None = None, extra_pages: int = 3, seed: int = 0,
+                 nan_tail: bool = False) -> Problem:
     """Random q and cache; the pages of all requests shuffled over a pool with spare pages.
 
-    Block-table entries past a request's pages hold -1 (must never be read).
+    Block-table entries past a request's pages hold -1 (must never be read). ``nan_tail`` fills the rows
+    past each request's length in its last page with NaN (unwritten cache rows may hold anything).
     """
     g = torch.Generator().manual_seed(seed)
     B, D = len(seq_lens), kv_lora_rank + rope_dim
@@ -43,6 +45,8 @@ def make_problem(seq_lens: list[int], q_lens: list[int], num_heads: int, page_si
     for b, n in enumerate(need):
         bt[b, :n] = perm[at:at + n].int()
         at += n
+        if nan_tail and n and seq_lens[b] % page_size:
+            kv[int(bt[b, n - 1]), seq_lens[b] % page_size:] = float("nan")
     qo = [0]
     for n in q_lens:
         qo.append(qo[-1] + n)

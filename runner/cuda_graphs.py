@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from kernels.cuda_graph import capture
+
 
 def batch_buckets(max_batch_size: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch_size] + list(range(16, max_batch_size, 16))
@@ -28,14 +30,7 @@ class DecodeGraphs:
         pool = None
         for bs in tqdm(sorted(self.buckets, reverse=True), desc="capturing CUDA graphs", disable=not progress,
                        leave=False):
-            warmup = torch.cuda.Stream()
-            warmup.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(warmup):
-                step(bs)  # compiles kernels and settles lazy state outside the capture
-            torch.cuda.current_stream().wait_stream(warmup)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = step(bs)
+            graph, self.logits[bs] = capture(lambda: step(bs), pool=pool)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()

@@ -21,10 +21,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_case(seq_lens, q_lens, H, page, *, strategy="persistent", dtype=torch.float32, kv_lora_rank=512,
-             rope_dim=64, seed=0, max_batch=None, **builder_kw):
+             rope_dim=64, seed=0, max_batch=None, nan_tail=False, **builder_kw):
     """Decode with poisoned output; check active rows against the reference and padding rows untouched."""
     pb = make_problem(seq_lens, q_lens, H, page, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, dtype=dtype,
-                      device=DEVICE, seed=seed)
+                      device=DEVICE, seed=seed, nan_tail=nan_tail)
     builder = make_metadata_builder(
         strategy, num_heads=H, max_batch=max_batch or len(seq_lens), max_q_len=max(max(q_lens), 1),
         max_pages_per_seq=pb.max_pages, page_size=page, device=DEVICE, kv_lora_rank=kv_lora_rank,
@@ -59,6 +59,13 @@ def test_decode_heads_pages(H, page):
 
     run_case([1, 64, 37, 200], [1, 1, 1, 1], H, page)
     assert md.mla_decode.last_used_tma == (page >= 16)  # fp32 blocks are 16 tokens
+
+
+@pytest.mark.parametrize("page", [1, 16, 64])
+def test_decode_ignores_unwritten_rows(page):
+    # NaN in the rows past each request's end (its last page's unwritten rows): the masked tail block
+    # (fetched whole through a tensor descriptor when it lies in one page) must not let them through
+    run_case([37, 200, 5, 64], [1, 2, 1, 1], 4, page, dtype=torch.bfloat16, nan_tail=True, seed=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -123,21 +130,23 @@ def test_decode_allocates_output_and_checks_inputs():
         mla_decode(pb.q, pb.kv_cache, meta, 0.1, 512, out=torch.empty(2, 4, 500, device=DEVICE))
 
 
-@pytest.mark.parametrize("cfg", [dict(block_h=16, block_n=16, num_warps=4, num_stages=1, use_tma=False),
-                                 dict(block_h=32, block_n=32, num_warps=4, num_stages=1),
-                                 dict(block_h=16, block_n=128, num_warps=4, num_stages=1)])
-def test_decode_config_variants(cfg):
+@pytest.mark.parametrize("cfg,dtype", [
+    (dict(block_h=16, block_n=16, num_warps=4, num_stages=1, use_tma=False), torch.float32),
+    (dict(block_h=32, block_n=32, num_warps=4, num_stages=1), torch.float32),
+    # (bf16: an fp32 block of 128 x 576 would not fit a GPU's shared memory)
+    (dict(block_h=16, block_n=128, num_warps=4, num_stages=1), torch.bfloat16)])
+def test_decode_config_variants(cfg, dtype):
     """Tile variants (no tensor descriptors, blocks wider than a page or plan unit) compute the same thing."""
     from kernels.mla_decode import DecodeConfig
 
-    pb = make_problem([70, 3, 200], [2, 1, 1], 5, 16, dtype=torch.float32, device=DEVICE, seed=4)
+    pb = make_problem([70, 3, 200], [2, 1, 1], 5, 16, dtype=dtype, device=DEVICE, seed=4)
     builder = make_metadata_builder("persistent", num_heads=5, max_batch=3, max_q_len=2,
                                     max_pages_per_seq=pb.max_pages, page_size=16, device=DEVICE, num_parts=3,
                                     min_chunk=1)
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
     out = mla_decode(pb.q, pb.kv_cache, meta, 0.05, 512, config=DecodeConfig(**cfg))
     ref = mla_attention_reference(pb.q, pb.kv_cache, pb.qo_indptr, pb.seq_lens, pb.block_table, 0.05, 512)
-    assert rel_err(out, ref) < REL_TOL[torch.float32]
+    assert rel_err(out, ref) < REL_TOL[dtype]
 
 
 def test_reference_chunks_long_prefills(monkeypatch):

@@ -4,6 +4,7 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+from kernels.cuda_graph import capture  # noqa: E402
 from kernels.metadata import PersistentMetadataBuilder, make_metadata_builder  # noqa: E402
 from kernels.mla_decode import mla_decode  # noqa: E402
 from kernels.reference import mla_attention_reference, persistent_plan_reference  # noqa: E402
@@ -151,15 +152,7 @@ def test_no_sync_no_allocation():
 def test_cuda_graph_replay_new_lengths():
     e = _Engine(B=16, H=128, max_q=1, max_pages=128, page=64, n_pages=2000)
     e.fill([100] * 16, [1] * 16, seed=0)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            e.step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        e.step()
+    graph, _ = capture(e.step, warmup=2)
     steps = [([8000, 3, 1, 700], [1, 1, 1, 1]), ([1] * 16, [1] * 16), ([2, 8191] + [64] * 13, [1] * 15),
              ([5000], [1])]
     for i, (lens, qls) in enumerate(steps):
