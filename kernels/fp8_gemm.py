@@ -1,22 +1,24 @@
 """Block-scaled FP8 GEMM for the linear layers: ``fp8_linear`` (wrapper), its kernels, a torch reference.
 
 y[M, N] = x[M, K] @ W^T with W stored as float8_e4m3fn [N, K] and ``scale_inv`` [ceil(N/128), ceil(K/128)] f32
-(DeepSeek-V3 / Kimi-K2 checkpoints; edge blocks partial). Two modes, one kernel (``ACT_QUANT`` constexpr):
+(DeepSeek-V3 / Kimi-K2 checkpoints; edge blocks partial). Modes:
 
-- ``act_quant`` (W8A8, DeepSeek's scheme; what models/fp8_linear.py uses for 16-bit runs): each program
-  quantizes its [BLOCK_M, 128] activation tile in registers per row (s = max(amax, 1e-4) / 448, e4m3), then
-  one fp8 x fp8 tensor-core dot per 128-wide K tile, scaled by s_x[m] * s_w; no extra launch.
-- ``weight_only`` (W8A16): x stays in its dtype; each [BLOCK_K=128, BLOCK_N<=128] weight tile lies in one
-  scale block, so it is converted to x's dtype in registers, multiplied, and the fp32 product scaled once.
-  3-18% slower than act_quant at every shape with M <= 16 on an H100 (kernels/FP8_NOTES.md); exact for fp32
-  runs (no activation rounding).
+- ``act_quant`` (W8A8, DeepSeek's scheme; what models/fp8_linear.py uses for 16-bit runs): x quantized per row
+  per 128 channels (s = max(amax, 1e-4) / 448, e4m3), fp8 x fp8 dots, each 128-wide K tile's product scaled by
+  s_x[m] * s_w. Three implementations (``impl``), chosen by M (measured, kernels/FP8_NOTES.md):
+  ``small`` (M < 32): every program quantizes its [16 or 32, 128] x tile in registers, no extra launch;
+  ``scaled_mm`` (M >= 32 where N % 128 == 0, K % 512 == 0, Hopper): ``quantize_act`` once, then
+  torch._scaled_mm's cuBLASLt block-scaled GEMM; ``large`` (M >= 32 otherwise): ``quantize_act`` once, then
+  64/128-row tiles whose two fp8 operands come from shared memory (wgmma).
+- ``weight_only`` (W8A16): x stays in its dtype; each [128, BLOCK_N<=128] weight tile lies in one scale block,
+  so it is converted to x's dtype in registers, multiplied, and the fp32 product scaled once. 3-18% slower
+  than act_quant at M <= 16 on an H100; exact for fp32 runs (no activation rounding).
 
 Decode (M <= 64) is bound by streaming weight bytes: with N/128 column tiles alone (kv_a: 5) the GPU would be
 nearly idle, so the K loop is split over ``split_k`` programs writing fp32 partials [split, M, N] summed by
 one small kernel (deterministic; no atomics). Every buffer is sized from the shapes: capturable in a CUDA graph.
 ``UPCAST`` (set off the GPU) computes the dots in fp32: the Triton interpreter gets bf16 / fp8 dots
-(and float -> e4m3 casts) wrong.
-kernels/FP8_NOTES.md records the measurements. Benchmark: ``python -m kernels.fp8_gemm``.
+(and float -> e4m3 casts) wrong. Benchmark: ``python -m kernels.fp8_gemm``.
 """
 from __future__ import annotations
 
@@ -43,12 +45,52 @@ def _round_e4m3(v):
 
 
 @triton.jit
+def _round_bf16(v):
+    """fp32 -> its nearest-even bf16 value, as fp32: the interpreter's fp32 -> bf16 store truncates, so UPCAST
+    kernels round by hand before storing bf16 (the store of an exact bf16 value is then exact)."""
+    bits = v.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quant_rows(x, UPCAST: tl.constexpr):
+    """[BLOCK_M, 128] tile -> (e4m3 tile, f32 scale per row): DeepSeek's per-token per-128-channel scheme,
+    s = max(amax, 1e-4) / 448. UPCAST: the e4m3 values as fp32 (rounded by hand, see _round_e4m3)."""
+    xf = x.to(tl.float32)
+    # '/' is approximate on the GPU (div.full.f32, <= 2 ulp): a code can differ from torch's IEEE division where
+    # x / s lies within 2 ulp of a rounding boundary. Not tl.math.div_rn: it does not broadcast (Triton 3.6
+    # builds the op on the raw [M, 128] and [M, 1] operands: wrong codes) and it made M = 1 2x slower
+    # (kernels/FP8_NOTES.md).
+    xs = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4) / 448.0
+    v = xf / xs[:, None]
+    if UPCAST:
+        return _round_e4m3(v), xs
+    return v.to(tl.float8e4nv), xs
+
+
+@triton.jit
+def _act_quant_kernel(X, Q, S, M, ROWS, K, stride_xm, stride_qm, stride_sm, stride_sk,
+                      BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """Q[m, k] e4m3, S[m, k // 128] f32 for m < ROWS; rows M..ROWS (padding of a larger buffer) get zeros."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * 128 + tl.arange(0, 128)
+    k_ok = offs_k < K
+    x = tl.load(X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                mask=(offs_m < M)[:, None] & k_ok[None, :], other=0.0)
+    q, xs = _quant_rows(x, UPCAST)
+    rows_ok = offs_m < ROWS
+    tl.store(Q + offs_m.to(tl.int64)[:, None] * stride_qm + offs_k[None, :], q.to(Q.dtype.element_ty),
+             mask=rows_ok[:, None] & k_ok[None, :])
+    tl.store(S + offs_m * stride_sm + tl.program_id(1) * stride_sk, xs, mask=rows_ok)
+
+
+@triton.jit
 def _fp8_gemm_kernel(
-    X, W, WS, OUT,
+    X, XS, W, WS, OUT,
     M, N, K, k_blocks_per_split,
-    stride_xm, stride_wn, stride_wsn, stride_os, stride_om,
-    ACT_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    stride_xm, stride_xsm, stride_xsk, stride_wn, stride_wsn, stride_os, stride_om,
+    ACT_QUANT: tl.constexpr, X_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -70,16 +112,23 @@ def _fp8_gemm_kernel(
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BK, BN]
         ws = tl.load(ws_row + kb * BLOCK_K // 128)
-        if ACT_QUANT:
+        if X_FP8:
+            # Large M: x was quantized once by _act_quant_kernel (e4m3 + XS [M, K/128]); both operands come
+            # from shared memory, so the dot can be a wgmma.
+            xs = tl.load(XS + offs_m * stride_xsm + kb * stride_xsk, mask=m_ok, other=0.0)
+            if UPCAST:
+                part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(x, w)
+            acc += part * (xs[:, None] * ws)
+        elif ACT_QUANT:
             # DeepSeek's activation quantization, per row per 128 channels (= this K tile), in registers:
             # the few activation rows of a decode step are re-quantized by every N tile, which costs nothing.
-            xf = x.to(tl.float32)
-            xs = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4) / 448.0
-            v = xf / xs[:, None]
+            q, xs = _quant_rows(x, UPCAST)
             if UPCAST:
-                part = tl.dot(_round_e4m3(v), w.to(tl.float32), input_precision="ieee")
+                part = tl.dot(q, w.to(tl.float32), input_precision="ieee")
             else:
-                part = tl.dot(v.to(tl.float8e4nv), w)
+                part = tl.dot(q, w)
             acc += part * (xs[:, None] * ws)
         else:
             if UPCAST:
@@ -136,9 +185,21 @@ def _check(x, w, scale_inv, mode) -> None:
         raise ValueError("x, w and scale_inv must be on one device")
 
 
-def _launch_params(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(block_m, block_n, split_k, k_blocks_per_split): small-M tiles, split-K until ~2 programs per SM."""
-    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+# From this many rows on, act_quant quantizes x once in its own kernel and runs 64/128-row tiles whose two fp8
+# operands both come from shared memory (wgmma); below it, each program quantizes its few rows in registers.
+LARGE_M = 32
+# From this M on, torch._scaled_mm (cuBLASLt's block-scaled FP8 GEMM) where scaled_mm_ok: 1.1-1.5x faster than
+# the large Triton path at M = 32..128 on an H100, slower below 32 (kernels/FP8_NOTES.md).
+SCALED_MM_M = 32
+IMPLS = ("small", "large", "scaled_mm")
+
+
+def _launch_params(M: int, N: int, K: int, device: torch.device, large: bool) -> tuple[int, int, int, int]:
+    """(block_m, block_n, split_k, k_blocks_per_split): M-sized tiles, split-K until ~2 programs per SM."""
+    if large:
+        block_m = 64 if M <= 64 else 128
+    else:
+        block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = min(128, max(16, triton.next_power_of_2(N)))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     num_kb = triton.cdiv(K, SCALE_BLOCK)
@@ -148,24 +209,74 @@ def _launch_params(M: int, N: int, K: int, device: torch.device) -> tuple[int, i
     return block_m, block_n, triton.cdiv(num_kb, per_split), per_split
 
 
+def quantize_act(x2: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [rows, K], f32 scales [rows, ceil(K/128)] stored column-major, as cuBLASLt wants);
+    rows >= M (default M): the extra rows are zeros. One launch; same numbers as act_quant_reference."""
+    M, K = x2.shape
+    rows = M if rows is None else rows
+    nb = triton.cdiv(K, SCALE_BLOCK)
+    q = torch.empty(rows, K, dtype=torch.float8_e4m3fn, device=x2.device)
+    s = torch.empty(nb, rows, dtype=torch.float32, device=x2.device).t()
+    block_m = 16
+    grid = (triton.cdiv(rows, block_m), nb)
+    _act_quant_kernel[grid](x2, q, s, M, rows, K, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
+                            BLOCK_M=block_m, UPCAST=not x2.is_cuda, num_warps=4)
+    return q, s
+
+
+def scaled_mm_ok(N: int, K: int, device: torch.device) -> bool:
+    """torch._scaled_mm's DeepSeek recipe (1x128 activations x 128x128 weights): cuBLASLt, Hopper only, whole
+    128-blocks with ceil(K/128) a multiple of 4 (its scale layout), float32 scales."""
+    return (device.type == "cuda" and N % 128 == 0 and K % 512 == 0 and _scaled_mm_available(device.index or 0))
+
+
+@functools.cache
+def _scaled_mm_available(device_index: int) -> bool:
+    """The recipe came with torch 2.9 on cuBLAS 12.9 (pytorch#158037) and exists for sm_90 only."""
+    from torch.torch_version import TorchVersion
+
+    cuda = torch.version.cuda or "0"
+    return (torch.cuda.get_device_capability(device_index) == (9, 0) and TorchVersion(torch.__version__) >= "2.9"
+            and TorchVersion(cuda) >= "12.9")
+
+
+def _scaled_mm_linear(x2: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    M = x2.shape[0]
+    rows = -(-M // 4) * 4  # cuBLASLt: M a multiple of 4
+    q, s = quantize_act(x2, rows)
+    out = torch._scaled_mm(q, w.t(), scale_a=s, scale_b=scale_inv.t(), out_dtype=x2.dtype)
+    return out[:M]
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, mode: str = "act_quant",
-               split_k: int | None = None) -> torch.Tensor:
+               split_k: int | None = None, impl: str | None = None) -> torch.Tensor:
     """x [..., K] @ dequant(w, scale_inv)^T -> [..., N] in x.dtype; w e4m3 [N, K], 128x128 block scales.
 
     ``mode``: ``weight_only`` (W8A16) or ``act_quant`` (W8A8, x quantized per token per 128 channels).
-    ``split_k`` overrides the heuristic split of the K loop (tests, benchmarks).
+    ``impl`` (act_quant only; None: by M, see LARGE_M / SCALED_MM_M): ``small`` (x quantized in registers by
+    every program), ``large`` (x quantized once, then 64/128-row tiles), ``scaled_mm`` (x quantized once,
+    then torch._scaled_mm's cuBLASLt block-scaled GEMM; Hopper). ``split_k`` overrides the K-loop split.
     """
     _check(x, w, scale_inv, mode)
+    if impl is not None and (impl not in IMPLS or (impl != "small" and mode != "act_quant")):
+        raise ValueError(f"impl must be one of {IMPLS} (large / scaled_mm: act_quant only), got {impl!r}")
     N, K = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
-        return out.view(*lead, N)
-    block_m, block_n, split, per_split = _launch_params(M, N, K, x.device)
+        return torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    if impl is None:
+        impl = "small"
+        if mode == "act_quant" and M >= LARGE_M:
+            impl = "scaled_mm" if M >= SCALED_MM_M and scaled_mm_ok(N, K, x.device) else "large"
+    if impl == "scaled_mm":
+        return _scaled_mm_linear(x2, w, scale_inv).view(*lead, N)
+    large = impl == "large"
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_m, block_n, split, per_split = _launch_params(M, N, K, x.device, large)
     if split_k is not None:
         per_split = triton.cdiv(triton.cdiv(K, SCALE_BLOCK), split_k)
         split = triton.cdiv(triton.cdiv(K, SCALE_BLOCK), per_split)
@@ -175,13 +286,15 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, mode: 
     direct = split == 1 and not (upcast and x.dtype != torch.float32)
     dest = out if direct else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     stride_os = 0 if direct else dest.stride(0)
+    a, a_scale = quantize_act(x2) if large else (x2, x2)
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split)
     _fp8_gemm_kernel[grid](
-        x2, w, scale_inv, dest, M, N, K, per_split,
-        x2.stride(0), w.stride(0), scale_inv.stride(0), stride_os, dest.stride(-2),
-        ACT_QUANT=mode == "act_quant", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK,
+        a, a_scale, w, scale_inv, dest, M, N, K, per_split,
+        a.stride(0), a_scale.stride(0), a_scale.stride(-1), w.stride(0), scale_inv.stride(0), stride_os,
+        dest.stride(-2),
+        ACT_QUANT=mode == "act_quant", X_FP8=large, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SCALE_BLOCK,
         UPCAST=upcast, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=4 if x.is_cuda else 1)
+        num_warps=8 if block_m >= 128 else 4, num_stages=(3 if large else 4) if x.is_cuda else 1)
     if upcast and not direct:
         out = dest.sum(0).to(x.dtype)
     elif not direct:
@@ -208,21 +321,7 @@ BENCH_SHAPES = (
     ("kv_a 7168->576", 7168, 576), ("o_proj 16384->7168 (V3)", 16384, 7168), ("o_proj 8192->7168 (K2)", 8192, 7168),
     ("gate_up 7168->36864", 7168, 36864), ("down 18432->7168", 18432, 7168),
 )
-BENCH_M = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def _graph_time_us(fn) -> float:
-    """Median of do_bench (L2 flushed before each call) over a CUDA-graph replay of one call, in us."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=5, rep=30, return_mode="median") * 1e3
+BENCH_M = (1, 4, 16, 32, 64, 128)
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
@@ -234,15 +333,17 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def run_bench(shapes=BENCH_SHAPES, ms=BENCH_M) -> list[dict]:
-    """FP8 GEMM (both modes) vs bf16 cuBLAS at decode shapes; GB/s of weight bytes vs the copy ceiling."""
+    """Every FP8 implementation vs bf16 cuBLAS at decode shapes, one run; GB/s of FP8 weight bytes (default
+    path) against the copy ceiling measured in the same run."""
+    from kernels.cuda_graph import graph_time
     from models.fp8 import quantize_fp8_block
 
     ceiling = copy_bandwidth_gbs()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
           f"copy ceiling {ceiling:.0f} GB/s; times: CUDA-graph replay, L2 flushed, median us", flush=True)
-    print(f"| shape | M | bf16 us | fp8 w-only us | fp8 act-quant us | speedup w-only | speedup act-q | "
-          f"w-only GB/s | of copy |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape | M | bf16 | W8A16 | W8A8 small | W8A8 large | scaled_mm | default | default vs bf16 | "
+          "GB/s | of copy | rel err |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, K, N in shapes:
@@ -250,18 +351,27 @@ def run_bench(shapes=BENCH_SHAPES, ms=BENCH_M) -> list[dict]:
         wq, ws = quantize_fp8_block(wb)
         for M in ms:
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-            ref = fp8_linear_reference(x, wq, ws)
-            err = (fp8_linear(x, wq, ws).float() - ref).norm() / ref.norm()
+            ref = fp8_linear_reference(x, wq, ws, mode="act_quant")
+            t = {"bf16": graph_time(lambda: x @ wb.t(), rep=30, warmup=5),
+                 "W8A16": graph_time(lambda: fp8_linear(x, wq, ws, mode="weight_only"), rep=30, warmup=5)}
+            err = {}
+            impls = ["small"] + (["large"] if M >= 16 else []) + (["scaled_mm"] if scaled_mm_ok(N, K, x.device)
+                                                                   else [])
+            for impl in impls + [None]:
+                try:
+                    y = fp8_linear(x, wq, ws, impl=impl)
+                    err[impl] = ((y.float() - ref).norm() / ref.norm()).item()
+                    t[impl] = graph_time(lambda: fp8_linear(x, wq, ws, impl=impl), rep=30, warmup=5)
+                except Exception as exc:  # e.g. a cuBLASLt layout it refuses
+                    print(f"  {name} M={M} {impl}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             del ref
-            t_bf16 = _graph_time_us(lambda: x @ wb.t())
-            t_wo = _graph_time_us(lambda: fp8_linear(x, wq, ws, mode="weight_only"))
-            t_aq = _graph_time_us(lambda: fp8_linear(x, wq, ws, mode="act_quant"))
-            gbs = (wq.numel() + 4 * ws.numel()) / t_wo / 1e3
-            row = dict(shape=name, M=M, bf16_us=t_bf16, fp8_weight_only_us=t_wo, fp8_act_quant_us=t_aq,
-                       weight_only_gbs=gbs, copy_gbs=ceiling, rel_err=err.item())
-            rows.append(row)
-            print(f"| {name} | {M} | {t_bf16:.1f} | {t_wo:.1f} | {t_aq:.1f} | {t_bf16 / t_wo:.2f} | "
-                  f"{t_bf16 / t_aq:.2f} | {gbs:.0f} | {gbs / ceiling:.0%} |", flush=True)
+            gbs = (wq.numel() + 4 * ws.numel()) / t[None] / 1e3
+            rows.append(dict(shape=name, M=M, us={str(k): v for k, v in t.items()}, gbs=gbs, copy_gbs=ceiling,
+                             rel_err={str(k): v for k, v in err.items()}))
+            cell = lambda k: f"{t[k]:.1f}" if k in t else "-"  # noqa: E731
+            print(f"| {name} | {M} | {cell('bf16')} | {cell('W8A16')} | {cell('small')} | {cell('large')} | "
+                  f"{cell('scaled_mm')} | {cell(None)} | {t['bf16'] / t[None]:.2f}x | {gbs:.0f} | "
+                  f"{gbs / ceiling:.0%} | {max(err.values()):.1e} |", flush=True)
         del wb, wq, ws
     return rows
 

@@ -51,20 +51,21 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.align must be 'triton' or 'torch', got {self.align!r}")
 
 
-def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> MoEConfig:
+def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
+                   act_quant: bool = False) -> MoEConfig:
     """Small-M tiles for decode (a few rows per expert: bound by streaming weights), larger ones as M grows.
 
     fp32 halves block_k and the pipeline depth so that the shared-memory stages fit on an H100 (227 KB per
-    block); 64-row tiles take 8 warps (4 spill registers in fp32).
+    block); 64-row tiles take 8 warps (4 spill registers in fp32). ``act_quant`` (W8A8): block_k is the
+    128-channel quantization group, whatever the dims.
     """
     per_expert = num_pairs / num_experts
     block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
     wide = dtype == torch.float32
-    block_k = 64 if wide else 128
+    block_k = 128 if act_quant else _fit(64 if wide else 128, min(hidden, inter))
     stages = 3 if wide or block_m > 16 else 4
     return MoEConfig(block_m=block_m, block_n_gate_up=_fit(64, inter), block_n_down=_fit(128, hidden),
-                     block_k=_fit(block_k, min(hidden, inter)), num_warps=8 if block_m > 32 else 4,
-                     num_stages=stages)
+                     block_k=block_k, num_warps=8 if block_m > 32 else 4, num_stages=stages)
 
 
 def _fit(block: int, dim: int) -> int:
@@ -72,7 +73,7 @@ def _fit(block: int, dim: int) -> int:
     return max(16, min(block, triton.next_power_of_2(dim)))
 
 
-def _check_fp8(w13, w2, w13_scale, w2_scale, cfg: "MoEConfig | None") -> None:
+def _check_fp8(w13, w2, w13_scale, w2_scale, cfg: "MoEConfig | None", act_quant: bool) -> None:
     E, inter2, hidden = w13.shape
     inter = inter2 // 2
     nb = lambda d: -(-d // 128)  # noqa: E731
@@ -89,6 +90,8 @@ def _check_fp8(w13, w2, w13_scale, w2_scale, cfg: "MoEConfig | None") -> None:
         raise ValueError("w13_scale and w2_scale must be contiguous in the last dim")
     if cfg is not None and max(cfg.block_n_gate_up, cfg.block_n_down, cfg.block_k) > 128:
         raise ValueError("FP8 weights need MoEConfig blocks <= 128 (one scale per tile)")
+    if cfg is not None and act_quant and cfg.block_k != 128:
+        raise ValueError(f"act_quant needs MoEConfig.block_k = 128 (the quantization group), got {cfg.block_k}")
 
 
 def _check(x, w13, w2, topk_weights, topk_ids, out) -> None:
@@ -130,16 +133,17 @@ def _check(x, w13, w2, topk_weights, topk_ids, out) -> None:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, out: torch.Tensor | None = None,
               config: MoEConfig | None = None, w13_scale: torch.Tensor | None = None,
-              w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+              w2_scale: torch.Tensor | None = None, act_quant: bool | None = None) -> torch.Tensor:
     """Routed experts of [T, hidden] tokens -> [T, hidden] in x.dtype (written into ``out`` if given).
 
     x [T, hidden]; w13 [E, 2*inter, hidden] (gate rows, then up rows); w2 [E, hidden, inter];
     topk_weights [T, k] fp32; topk_ids [T, k] int32/int64 (ids outside [0, E) are dropped).
     FP8 experts: w13 / w2 float8_e4m3fn with 128x128 block scales w13_scale [E, 2*ceil(inter/128),
     ceil(hidden/128)] (gate's grid, then up's: partial edge blocks stay per matrix) and w2_scale
-    [E, ceil(hidden/128), ceil(inter/128)]; the tiles are dequantized in registers (weight-only).
-    Capturable in a CUDA graph: refill x / topk_* in place and replay (run once before capturing: Triton
-    compiles on the first call).
+    [E, ceil(hidden/128), ceil(inter/128)]. ``act_quant`` (FP8 only; None: True for 16-bit x, False for fp32,
+    as models/fp8_linear.py chooses): W8A8, x and h quantized per token per 128 channels in registers, fp8 x fp8
+    dots; False: W8A16, weight tiles dequantized in registers. Capturable in a CUDA graph: refill x / topk_* in
+    place and replay (run once before capturing: Triton compiles on the first call).
     """
     _check(x, w13, w2, topk_weights, topk_ids, out)
     T, hidden = x.shape
@@ -149,10 +153,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     if T == 0:
         return out
     n = T * k
-    cfg = config or default_config(n, E, hidden, inter, x.dtype)
     fp8 = w13.dtype == torch.float8_e4m3fn
+    if act_quant is None:
+        act_quant = fp8 and x.dtype != torch.float32
+    if act_quant and not fp8:
+        raise ValueError("act_quant (W8A8) needs float8_e4m3fn expert weights")
+    cfg = config or default_config(n, E, hidden, inter, x.dtype, act_quant)
     if fp8:
-        _check_fp8(w13, w2, w13_scale, w2_scale, cfg)
+        _check_fp8(w13, w2, w13_scale, w2_scale, cfg, act_quant)
     else:
         w13_scale = w2_scale = topk_weights  # unused pointers (FP8_W off)
     if x.stride(-1) != 1:
@@ -164,8 +172,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
     upcast = not x.is_cuda  # the interpreter: see kernels/moe_kernels.py
+    round_bf16 = upcast and x.dtype == torch.bfloat16  # its bf16 stores truncate: round by hand first
     precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"  # tf32 is ignored for 16-bit inputs
-    launch = dict(PRECISION=precision, UPCAST=upcast, FP8_W=fp8, num_warps=cfg.num_warps,
+    launch = dict(PRECISION=precision, UPCAST=upcast, FP8_W=fp8, ACT_QUANT=act_quant, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
     s13 = (w13_scale.stride(0), w13_scale.stride(1)) if fp8 else (0, 0)
     s2 = (w2_scale.stride(0), w2_scale.stride(1)) if fp8 else (0, 0)
@@ -174,7 +183,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _gate_up_kernel[grid](
         x, w13, h, align.sorted_ids, align.block_expert, w13_scale, n, inter, hidden, triton.cdiv(inter, 128),
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0), *s13,
-        TOP_K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_gate_up, BLOCK_K=cfg.block_k, **launch)
+        TOP_K=k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_gate_up, BLOCK_K=cfg.block_k, ROUND_BF16=round_bf16,
+        **launch)
     grid = (align.num_blocks, triton.cdiv(hidden, cfg.block_n_down))
     _down_kernel[grid](
         h, w2, y, weights, align.sorted_ids, align.block_expert, w2_scale, n, hidden, inter,
@@ -182,27 +192,38 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k, **launch)
     grid = (T, triton.cdiv(hidden, cfg.block_n_down))
     _sum_slots_kernel[grid](y, out, ids, E, hidden, y.stride(0), out.stride(0), TOP_K=k,
-                            BLOCK_N=cfg.block_n_down, num_warps=4)
+                            BLOCK_N=cfg.block_n_down, ROUND_BF16=round_bf16, num_warps=4)
     return out
 
 
 def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                        topk_ids: torch.Tensor) -> torch.Tensor:
+                        topk_ids: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
     """Plain torch, one (token, slot) at a time, all in fp32 (no intermediate rounding): [T, hidden] fp32.
 
+    ``act_quant``: DeepSeek's W8A8 numerics on the given (dequantized) weights: x and h quantized per token per
+    128 channels (kernels.fp8_gemm.act_quant_reference), h first rounded to x.dtype as the kernel stores it.
     Independent of the kernels on purpose (no sorting, no stacking tricks beyond slicing w13); it reads the
     expert ids on the host, so it is for tests only.
     """
+    from kernels.fp8_gemm import act_quant_reference
+
+    def quant(v: torch.Tensor) -> torch.Tensor:  # [K] -> its e4m3 values times their scales, fp32
+        q, s = act_quant_reference(v[None])
+        return (q.float() * s.repeat_interleave(128, 1)[:, : v.numel()])[0]
+
     E, inter = w13.shape[0], w13.shape[1] // 2
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for t, experts in enumerate(topk_ids.tolist()):
-        xt = x[t].float()
+        xt = quant(x[t].float()) if act_quant else x[t].float()
         for j, e in enumerate(experts):
             if not 0 <= e < E:
                 continue  # dropped, as in fused_moe
             gate = w13[e, :inter].float() @ xt
             up = w13[e, inter:].float() @ xt
-            out[t] += topk_weights[t, j].float() * (w2[e].float() @ (F.silu(gate) * up))
+            h = F.silu(gate) * up
+            if act_quant:
+                h = quant(h.to(x.dtype).float())
+            out[t] += topk_weights[t, j].float() * (w2[e].float() @ h)
     return out
 
 

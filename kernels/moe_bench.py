@@ -1,19 +1,18 @@
-"""Benchmark of ``fused_moe`` against the eager per-expert loop: ``python -m kernels.fused_moe [--sweep]``.
+"""Benchmark of ``fused_moe`` against the eager per-expert loops: ``python -m kernels.fused_moe [--sweep]``.
 
-For DeepSeek-V3 (E=256) and Kimi-K2 (E=384) routed-expert shapes (hidden 7168, inter 2048, top-8, bf16
-weights; the checkpoints are FP8, dequantized here) and T in {1, 16, 64, 128} tokens with random distinct
-top-8 routing, it prints the triton.testing.do_bench median (L2 flushed before each call) of:
+For DeepSeek-V3 (E=256) and Kimi-K2 (E=384) routed-expert shapes (hidden 7168, inter 2048, top-8; random bf16
+weights, and the same draws quantized to e4m3 with 128x128 block scales) and T in {1, 16, 128} tokens with
+random distinct top-8 routing, it prints the triton.testing.do_bench median (L2 flushed before each call) of:
 
-- ``fused``: one ``fused_moe`` call launched eagerly (align ops + 3 Triton kernels);
-- ``graph``: the same call captured in a CUDA graph and replayed (what a graph-captured decode step pays);
-- ``align``: the align step alone (Triton kernel), graph-replayed: the part that does not stream weights;
-- ``fp8 graph``: the same graph with FP8 e4m3 expert weights and 128x128 block scales (the bf16 draws
-  quantized; weight-only dequantization in the kernels) and its GB/s of FP8 weight bytes;
-- ``eager``: the models/moe.py approach (argsort, bincount + host sync, Python loop over used experts,
-  three matmuls each, index_add), reimplemented here on the stacked weights;
+- ``fused bf16`` / ``fused W8A16`` / ``fused W8A8``: one ``fused_moe`` call captured in a CUDA graph and
+  replayed (what a graph-captured decode step pays), bf16 weights / FP8 weights dequantized in registers / FP8
+  weights with activations quantized per token per 128 channels (fp8 x fp8 dots);
+- ``eager bf16`` / ``eager fp8``: the models/moe.py approach (argsort, bincount + host sync, Python loop over
+  used experts, three matmuls each, index_add) on bf16 weights / FP8 weights (``fp8_linear``, W8A8);
 
-and the achieved GB/s of expert weight bytes touched (used experts * 3 * hidden * inter * 2 bytes / time),
-beside the device-to-device copy bandwidth measured in the same run. Needs about 34 GB of GPU memory (Kimi).
+the achieved GB/s of the used experts' FP8 weight bytes (used experts * 3 * hidden * inter / time) beside the
+device-to-device copy bandwidth measured in the same run, and relative errors (Frobenius): W8A8 against the
+eager FP8 loop (same numerics) and the FP8 paths against bf16 weights. Needs about 55 GB of GPU memory (Kimi).
 """
 from __future__ import annotations
 
@@ -21,12 +20,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from kernels.cuda_graph import capture
 from kernels.fused_moe import MoEConfig, default_config, fused_moe
-from kernels.moe_align import moe_align
 
 SHAPES = {"DeepSeek-V3": dict(E=256, k=8, hidden=7168, inter=2048),
           "Kimi-K2": dict(E=384, k=8, hidden=7168, inter=2048)}
-TOKENS = (1, 16, 64, 128)
+TOKENS = (1, 16, 128)
 
 
 def eager_moe_loop(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
@@ -77,20 +76,6 @@ def random_routing(T: int, E: int, k: int, device, seed: int = 0) -> tuple[torch
     return w / w.sum(dim=1, keepdim=True) * 2.5, ids
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """Warm up on a side stream (compiles the kernels), then capture one call."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy GB/s (read + write) of 1 GiB: the practical ceiling for streaming weights."""
     from triton.testing import do_bench
@@ -102,81 +87,113 @@ def copy_bandwidth() -> float:
 
 
 def sweep_configs(base: MoEConfig) -> list[MoEConfig]:
-    """The default, then a few variants: N tiles, K tile, warps, pipeline depth (timed as graph replays)."""
+    """The default, then a few variants: N tiles, warps, pipeline depth (timed as graph replays; K tile 128,
+    the FP8 scale block and W8A8 quantization group)."""
     out = [base]
-    for bn_up, bn_down, bk, warps, stages in [(32, 64, 128, 4, 4), (64, 64, 256, 4, 3), (128, 128, 64, 4, 5),
-                                              (64, 128, 128, 8, 4), (32, 128, 128, 4, 5), (64, 256, 64, 8, 4)]:
+    for bn_up, bn_down, bk, warps, stages in [(32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (128, 128, 128, 4, 5),
+                                              (64, 128, 128, 8, 4), (32, 128, 128, 4, 5), (64, 128, 128, 4, 6)]:
         out.append(MoEConfig(base.block_m, bn_up, bn_down, bk, warps, stages))
     out.append(MoEConfig(**{**base.__dict__, "align": "torch"}))  # the ~25-op torch align step instead
     return out
 
 
+def eager_moe_loop_fp8(x, q13, s13, q2, s2, topk_weights, topk_ids) -> torch.Tensor:
+    """The same loop over FP8 experts, three ``fp8_linear`` calls (W8A8 for 16-bit x) per used expert: what
+    models/moe.py's MoE.routed runs with FP8Linear experts (CPU, prefill). Same numerics as fused W8A8."""
+    from kernels.fp8_gemm import fp8_linear
+
+    inter, k = q13.shape[1] // 2, topk_ids.shape[1]
+    rows = s13.shape[1] // 2
+    flat = topk_ids.flatten()
+    order = flat.argsort(stable=True)
+    tokens = order // k
+    counts = torch.bincount(flat, minlength=q13.shape[0]).tolist()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            idx = tokens[start:start + count]
+            xe = x[idx]
+            h = (F.silu(fp8_linear(xe, q13[e, :inter], s13[e, :rows]))
+                 * fp8_linear(xe, q13[e, inter:], s13[e, rows:]))
+            y = fp8_linear(h, q2[e], s2[e]).float() * topk_weights.flatten()[order[start:start + count], None]
+            out.index_add_(0, idx, y)
+            start += count
+    return out.to(x.dtype)
+
+
 def run_bench(sweep: bool = False, dtype: torch.dtype = torch.bfloat16, shapes: dict = SHAPES,
               tokens: tuple = TOKENS, dev: str = "cuda") -> list[dict]:
+    """Graph-replayed fused MoE (bf16 weights; FP8 W8A16; FP8 W8A8) against the eager loops (bf16, FP8) in one
+    run; GB/s of the used experts' weight bytes against the copy ceiling measured in the same run."""
     from triton.testing import do_bench
 
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kernels.moe_bench needs a CUDA GPU")
+    ceiling = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dtype}; "
-          f"d2d copy {copy_bandwidth():.0f} GB/s")
-    print(f"{'model':<12} {'T':>4} {'experts':>7} {'fused us':>9} {'graph us':>9} {'align us':>8} {'eager us':>9} "
-          f"{'graph GB/s':>10} {'speedup':>7} {'rel err':>8} {'fp8 graph us':>12} {'fp8 GB/s':>8} "
-          f"{'fp8/bf16':>8} {'fp8 err':>8}")
+          f"d2d copy {ceiling:.0f} GB/s; us = median, L2 flushed; fused = CUDA-graph replay", flush=True)
+    print("| model | T | experts used | eager bf16 | eager fp8 | fused bf16 | fused W8A16 | fused W8A8 | "
+          "W8A8 vs fused bf16 | W8A8 vs W8A16 | W8A8 GB/s | of copy | W8A8 err vs eager fp8 | "
+          "W8A8 err vs bf16 weights | W8A16 err vs bf16 weights |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name, s in shapes.items():
         E, k, hidden, inter = s["E"], s["k"], s["hidden"], s["inter"]
         g = torch.Generator(device=dev).manual_seed(0)
         w13 = torch.randn(E, 2 * inter, hidden, dtype=dtype, device=dev, generator=g).mul_(hidden ** -0.5)
         w2 = torch.randn(E, hidden, inter, dtype=dtype, device=dev, generator=g).mul_(inter ** -0.5)
-        w13_q, w13_s, w2_q, w2_s = quantize_experts(w13, w2)
+        q13, s13, q2, s2 = quantize_experts(w13, w2)
         for T in tokens:
             x = torch.randn(T, hidden, dtype=dtype, device=dev, generator=g)
             weights, ids = random_routing(T, E, k, dev, seed=T)
-            out = torch.empty_like(x)
             used = ids.unique().numel()
-            nbytes = used * 3 * hidden * inter * w13.element_size()
-            call = lambda: fused_moe(x, w13, w2, weights, ids, out=out)  # noqa: E731
-            graph = capture(call)
-            t_fused = do_bench(call, return_mode="median")
-            t_graph = do_bench(graph.replay, return_mode="median")
-            block_m = default_config(T * k, E, hidden, inter, dtype).block_m
-            align_graph = capture(lambda: moe_align(ids, E, block_m))
-            t_align = do_bench(align_graph.replay, return_mode="median")
-            del align_graph
-            t_eager = do_bench(lambda: eager_moe_loop(x, w13, w2, weights, ids), return_mode="median")
-            graph.replay()
+            nbytes = used * 3 * hidden * inter  # FP8 weight bytes of the used experts (bf16: twice that)
+            outs, us = {}, {}
+            for tag, fn in [
+                ("bf16", lambda o: fused_moe(x, w13, w2, weights, ids, out=o)),
+                ("W8A16", lambda o: fused_moe(x, q13, q2, weights, ids, out=o, w13_scale=s13, w2_scale=s2,
+                                              act_quant=False)),
+                ("W8A8", lambda o: fused_moe(x, q13, q2, weights, ids, out=o, w13_scale=s13, w2_scale=s2,
+                                             act_quant=True)),
+            ]:
+                o = torch.empty_like(x)
+                graph, _ = capture(lambda: fn(o), warmup=2)
+                us[tag] = do_bench(graph.replay, return_mode="median") * 1e3
+                graph.replay()
+                outs[tag] = o.float()
+                del graph
+            us["eager bf16"] = do_bench(lambda: eager_moe_loop(x, w13, w2, weights, ids), return_mode="median") * 1e3
+            us["eager fp8"] = do_bench(lambda: eager_moe_loop_fp8(x, q13, s13, q2, s2, weights, ids),
+                                       return_mode="median") * 1e3
             ref = eager_moe_loop(x, w13, w2, weights, ids).float()
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            out8 = torch.empty_like(x)
-            graph8 = capture(lambda: fused_moe(x, w13_q, w2_q, weights, ids, out=out8, w13_scale=w13_s,
-                                               w2_scale=w2_s))
-            t_fp8 = do_bench(graph8.replay, return_mode="median")
-            graph8.replay()
-            err8 = ((out8.float() - ref).norm() / ref.norm()).item()
-            del graph8
-            row = dict(model=name, T=T, experts_used=used, fused_us=t_fused * 1e3, graph_us=t_graph * 1e3,
-                       align_us=t_align * 1e3, eager_us=t_eager * 1e3,
-                       graph_gbs=nbytes / (t_graph * 1e-3) / 1e9, rel_err=err, fp8_graph_us=t_fp8 * 1e3,
-                       fp8_gbs=nbytes / w13.element_size() / (t_fp8 * 1e-3) / 1e9, fp8_rel_err=err8)
+            ref8 = eager_moe_loop_fp8(x, q13, s13, q2, s2, weights, ids).float()
+            err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+            row = dict(model=name, T=T, experts_used=used, us=us, w8a8_gbs=nbytes / us["W8A8"] / 1e3,
+                       copy_gbs=ceiling, err_w8a8_vs_eager_fp8=err(outs["W8A8"], ref8),
+                       err_w8a8_vs_bf16=err(outs["W8A8"], ref), err_w8a16_vs_bf16=err(outs["W8A16"], ref),
+                       err_bf16=err(outs["bf16"], ref))
             rows.append(row)
-            print(f"{name:<12} {T:>4} {used:>7} {row['fused_us']:>9.1f} {row['graph_us']:>9.1f} "
-                  f"{row['align_us']:>8.1f} {row['eager_us']:>9.1f} {row['graph_gbs']:>10.0f} "
-                  f"{t_eager / t_graph:>6.1f}x {err:>8.1e} {row['fp8_graph_us']:>12.1f} {row['fp8_gbs']:>8.0f} "
-                  f"{t_graph / t_fp8:>7.2f}x {err8:>8.1e}", flush=True)
+            print(f"| {name} | {T} | {used} | {us['eager bf16']:.0f} | {us['eager fp8']:.0f} | {us['bf16']:.1f} | "
+                  f"{us['W8A16']:.1f} | {us['W8A8']:.1f} | {us['bf16'] / us['W8A8']:.2f}x | "
+                  f"{us['W8A16'] / us['W8A8']:.2f}x | {row['w8a8_gbs']:.0f} | {row['w8a8_gbs'] / ceiling:.0%} | "
+                  f"{row['err_w8a8_vs_eager_fp8']:.1e} | {row['err_w8a8_vs_bf16']:.1e} | "
+                  f"{row['err_w8a16_vs_bf16']:.1e} |", flush=True)
             if sweep:
-                base = default_config(T * k, E, hidden, inter, dtype)
+                base = default_config(T * k, E, hidden, inter, dtype, act_quant=True)
                 for cfg in sweep_configs(base):
                     tag = (f"bm {cfg.block_m} bn_up {cfg.block_n_gate_up} bn_down {cfg.block_n_down} "
                            f"bk {cfg.block_k} warps {cfg.num_warps} stages {cfg.num_stages} align {cfg.align}")
+                    o = torch.empty_like(x)
                     try:
-                        g_cfg = capture(lambda: fused_moe(x, w13, w2, weights, ids, out=out, config=cfg))
+                        g_cfg, _ = capture(lambda: fused_moe(x, q13, q2, weights, ids, out=o, config=cfg,
+                                                             w13_scale=s13, w2_scale=s2), warmup=2)
                         ms = do_bench(g_cfg.replay, return_mode="median")
-                    except Exception as exc:  # e.g. out of shared memory for a deep pipeline
+                    except Exception as exc:  # e.g. out of shared memory, or a block_k W8A8 refuses
                         print(f"    {tag}: failed ({type(exc).__name__})")
                         continue
-                    print(f"    {tag}: graph {ms * 1e3:.1f} us, {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
+                    print(f"    W8A8 {tag}: graph {ms * 1e3:.1f} us, {nbytes / (ms * 1e-3) / 1e9:.0f} GB/s")
                     del g_cfg
-            del graph
-        del w13, w2, w13_q, w2_q
+        del w13, w2, q13, q2
         torch.cuda.empty_cache()
     return rows

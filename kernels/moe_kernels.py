@@ -24,12 +24,17 @@ to fp32: the Triton 3.9 interpreter computes bf16 dots on the raw bits.
 ``FP8_W``: the expert weights are float8_e4m3fn with 128x128 block scales (S13 [E, 2*ceil(inter/128),
 ceil(hidden/128)]: gate's grid, then up's; S2 [E, ceil(hidden/128), ceil(inter/128)]); each tile is converted to
 the activation dtype in registers and its fp32 product scaled by its block's scale (weight-only dequantization,
-see kernels/FP8_NOTES.md). Off, the scale pointers are unused.
+see kernels/FP8_NOTES.md). Off, the scale pointers are unused. ``ACT_QUANT`` (with FP8_W, BLOCK_K = 128): W8A8,
+DeepSeek's scheme and that of models/fp8_linear.py for 16-bit runs: each [BLOCK_M, 128] activation tile (x in
+gate_up, h in down) is quantized per row in registers (s = max(amax, 1e-4) / 448, e4m3, as kernels/fp8_gemm.py),
+the dots are fp8 x fp8, and each product is scaled by s_row * s_block.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from kernels.fp8_gemm import _quant_rows, _round_bf16
 
 
 @triton.jit
@@ -38,7 +43,8 @@ def _gate_up_kernel(
     num_pairs, inter, hidden, up_scale_row,
     stride_xt, stride_we, stride_wn, stride_ht, stride_se, stride_sn,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8_W: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8_W: tl.constexpr, ACT_QUANT: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -65,19 +71,32 @@ def _gate_up_kernel(
             w_mask = k_ok[:, None] & n_ok[None, :]
             wg = tl.load(w_gate + offs_k[:, None], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
             wu = tl.load(w_up + offs_k[:, None], mask=w_mask, other=0.0)
-            if UPCAST:  # Triton 3.9's interpreter gets bf16 dots wrong: fp32 there
-                a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
-            elif FP8_W:  # weight-only dequantization: e4m3 -> activation dtype in registers
+            if ACT_QUANT:  # W8A8: this [BLOCK_M, 128] x tile quantized per row (one 128-channel group)
+                q, xs = _quant_rows(a, UPCAST)
+                sg = tl.load(s_gate + k0 // 128) * xs[:, None]
+                su = tl.load(s_up + k0 // 128) * xs[:, None]
+                if UPCAST:
+                    acc_gate += tl.dot(q, wg.to(tl.float32), input_precision="ieee") * sg
+                    acc_up += tl.dot(q, wu.to(tl.float32), input_precision="ieee") * su
+                else:  # fp8 x fp8 tensor-core dots
+                    acc_gate += tl.dot(q, wg) * sg
+                    acc_up += tl.dot(q, wu) * su
+            elif FP8_W:  # W8A16: e4m3 -> activation dtype in registers (fp32 off the GPU)
+                if UPCAST:
+                    a = a.to(tl.float32)
                 wg, wu = wg.to(a.dtype), wu.to(a.dtype)
-            if FP8_W:
                 sg = tl.load(s_gate + k0 // 128)
                 su = tl.load(s_up + k0 // 128)
                 acc_gate += tl.dot(a, wg, input_precision=PRECISION) * sg
                 acc_up += tl.dot(a, wu, input_precision=PRECISION) * su
             else:
+                if UPCAST:  # Triton 3.9's interpreter gets bf16 dots wrong: fp32 there
+                    a, wg, wu = a.to(tl.float32), wg.to(tl.float32), wu.to(tl.float32)
                 acc_gate = tl.dot(a, wg, acc_gate, input_precision=PRECISION)
                 acc_up = tl.dot(a, wu, acc_up, input_precision=PRECISION)
         h = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up, in fp32
+        if ROUND_BF16:  # the interpreter truncates bf16 stores
+            h = _round_bf16(h)
         h_ptr = H + rows.to(tl.int64)[:, None] * stride_ht + offs_n[None, :]
         tl.store(h_ptr, h.to(H.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
@@ -88,7 +107,7 @@ def _down_kernel(
     num_pairs, hidden, inter,
     stride_ht, stride_we, stride_wn, stride_yt, stride_se, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, FP8_W: tl.constexpr,
+    UPCAST: tl.constexpr, FP8_W: tl.constexpr, ACT_QUANT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -108,13 +127,20 @@ def _down_kernel(
             k_ok = offs_k < inter
             a = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_rows + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                a, w = a.to(tl.float32), w.to(tl.float32)
+            if ACT_QUANT:  # W8A8: h quantized per row per 128 channels, as DeepSeek does before down_proj
+                q, hs = _quant_rows(a, UPCAST)
+                scale = tl.load(s_row + k0 // 128) * hs[:, None]
+                if UPCAST:
+                    acc += tl.dot(q, w.to(tl.float32), input_precision="ieee") * scale
+                else:
+                    acc += tl.dot(q, w) * scale
             elif FP8_W:
-                w = w.to(a.dtype)
-            if FP8_W:
-                acc += tl.dot(a, w, input_precision=PRECISION) * tl.load(s_row + k0 // 128)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * tl.load(s_row + k0 // 128)
             else:
+                if UPCAST:
+                    a, w = a.to(tl.float32), w.to(tl.float32)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
         weight = tl.load(TOPK_W + rows, mask=row_ok, other=0.0)
         y_ptr = Y + rows64[:, None] * stride_yt + offs_n[None, :]
@@ -124,7 +150,7 @@ def _down_kernel(
 @triton.jit
 def _sum_slots_kernel(
     Y, OUT, TOPK_IDS, num_experts, hidden, stride_yt, stride_ot,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,4 +160,6 @@ def _sum_slots_kernel(
         expert = tl.load(TOPK_IDS + t * TOP_K + j)
         if (expert >= 0) & (expert < num_experts):
             acc += tl.load(Y + (t * TOP_K + j) * stride_yt + offs_n, mask=n_ok, other=0.0)
+    if ROUND_BF16:
+        acc = _round_bf16(acc)
     tl.store(OUT + t * stride_ot + offs_n, acc.to(OUT.dtype.element_ty), mask=n_ok)

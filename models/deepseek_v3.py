@@ -3,6 +3,10 @@
 Module names equal the checkpoint's tensor names (``model.layers.3.mlp.experts.7.up_proj.weight``), so loading
 needs no rename table. The model sees one flat batch of T tokens from any number of requests; everything about
 scheduling lives in the ``ForwardContext`` (positions, cache slots, attention metadata).
+
+Built with a ``Parallel`` layout, each module holds this rank's shard (models/parallel.py) and the model runs
+the same on every rank: the embedding and each layer's attention and MLP/MoE output are summed over ranks
+(one all-reduce each: the only collectives besides the all-gather of the logits).
 """
 from __future__ import annotations
 
@@ -11,9 +15,10 @@ from torch import nn
 
 from models.config import ModelArgs
 from models.context import ForwardContext
-from models.layers import MLP, RMSNorm
+from models.layers import MLP, RMSNorm, VocabParallelEmbedding
 from models.mla import MLA
 from models.moe import MoE
+from models.parallel import Parallel
 from models.rope import RotaryEmbedding
 
 # Tensors kept in fp32 whatever the run dtype: the router bias is added to sigmoid scores near 1 whose
@@ -22,23 +27,25 @@ FP32_TENSOR_SUFFIXES = ("e_score_correction_bias",)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
+    def __init__(self, args: ModelArgs, layer: int, par: Parallel = Parallel()) -> None:
         super().__init__()
+        self.par = par
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = MLA(args)
+        self.self_attn = MLA(args, par)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        dense = not args.is_moe_layer(layer)
+        self.mlp = MLP(args.hidden_size, par.part(args.intermediate_size)) if dense else MoE(args, par)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.par.all_reduce(self.self_attn(self.input_layernorm(x), ctx, rope))
+        return x + self.par.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, par: Parallel = Parallel()) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(args.vocab_size, args.hidden_size, par)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, par) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
 
@@ -51,19 +58,20 @@ class DeepseekV3Model(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, par: Parallel = Parallel()) -> None:
         super().__init__()
-        self.args = args
-        self.model = DeepseekV3Model(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.args, self.par = args, par
+        self.model = DeepseekV3Model(args, par)
+        self.lm_head = nn.Linear(args.hidden_size, par.part(args.vocab_size), bias=False)  # vocab parallel
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids [T] (flat over requests) -> final hidden states [T, hidden_size]."""
         return self.model(input_ids, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden_size] (typically each request's last token) -> fp32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+        """hidden [N, hidden_size] (typically each request's last token) -> fp32 logits [N, vocab], the same
+        on every rank (each computes its vocabulary slice, then all-gather)."""
+        return self.par.all_gather(self.lm_head(hidden).float())
 
     @property
     def attention_layers(self) -> list[MLA]:

@@ -1,9 +1,11 @@
 """``FP8Linear``: a bias-free linear layer that keeps its checkpoint's e4m3 weight and 128x128 block scales.
 
 State dict names equal the checkpoint's (``*.weight`` float8_e4m3fn [out, in], ``*.weight_scale_inv`` f32
-[ceil(out/128), ceil(in/128)]), so the loader puts both in place unchanged. ``forward`` runs the Triton
-block-scaled GEMM of kernels/fp8_gemm.py (activations quantized per token per 128 channels in bf16/fp16 runs,
-weight-only dequantization in fp32 runs; on a CPU under the Triton interpreter: slow, for tests). ``convert_to_fp8`` swaps chosen ``nn.Linear`` modules of a (meta) model.
+[ceil(out/128), ceil(in/128)]), so the loader puts both in place unchanged. ``forward`` runs the block-scaled
+GEMM of kernels/fp8_gemm.py (activations quantized per token per 128 channels in bf16/fp16 runs, as the fused
+MoE does; weight-only dequantization in fp32 runs; the implementation is chosen there by the number of rows; on
+a CPU under the Triton interpreter: slow, for tests). ``convert_to_fp8`` swaps chosen ``nn.Linear`` modules of
+a (meta) model.
 """
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from kernels.fp8_gemm import fp8_linear
 
-        # 16-bit runs: DeepSeek's W8A8 scheme (faster at every measured shape); fp32 runs (the CPU reference
-        # dtype): weight-only dequantization, which is exact up to summation order.
+        # 16-bit runs: DeepSeek's W8A8 scheme (faster at every measured shape; kernels/fused_moe.py chooses the
+        # same); fp32 runs (the CPU reference dtype): weight-only dequantization, exact up to summation order.
         mode = "weight_only" if x.dtype == torch.float32 else "act_quant"
         return fp8_linear(x, self.weight, self.weight_scale_inv, mode=mode)
 

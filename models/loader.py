@@ -5,6 +5,11 @@ checkpoint's). Each stored tensor is read with ``safe_open`` (never a whole shar
 blocks if needed, cast to the run dtype (router bias: fp32) on the target device and put in place, so peak
 host memory stays near one tensor. Every inconsistency between files and architecture is a
 ``CheckpointError`` naming the file and tensor.
+
+With a ``Parallel`` layout of several ranks, a rank reads only its shard of each split tensor through
+safetensors' lazy slices (``get_slice(name)[rows]``), and never opens the experts other ranks hold. FP8 shards
+on 128-blocks keep their slice of the scales; a shard that cuts a block (tiny test models) is dequantized from
+the blocks that cover it, then cropped (models/parallel.py).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +29,7 @@ from models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
 from models.errors import CheckpointError
 from models.fp8 import DEFAULT_BLOCK, dequantize_fp8_block, scale_grid
 from models.fp8_linear import convert_to_fp8
+from models.parallel import Parallel, foreign_expert, fp8_aligned, read_fp8_shard, read_shard, shard_dim
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -39,6 +45,7 @@ def load_model(
     num_layers: int | None = None,
     progress: bool = True,
     fp8: bool = False,
+    par: Parallel = Parallel(),
 ) -> DeepseekV3ForCausalLM:
     """The model of checkpoint directory ``path`` in ``dtype`` on ``device``, ready to run (``post_load`` done).
 
@@ -47,6 +54,7 @@ def load_model(
 
     ``num_layers`` keeps only the first layers (a truncated model for quick runs); ``model.args`` reflects it.
     Skipped: ``*rotary_emb.inv_freq`` and layers >= num_hidden_layers (the MTP module, or truncated layers).
+    ``par``: the rank's shards only (see the module doc).
     """
     root = Path(path)
     if not root.is_dir():
@@ -57,50 +65,62 @@ def load_model(
             raise CheckpointError(f"num_layers={num_layers} is outside 1..{args.num_hidden_layers} of {root}")
         args = dataclasses.replace(args, num_hidden_layers=num_layers)
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(args)
+        model = DeepseekV3ForCausalLM(args, par)
     expected = {name: t.shape for name, t in model.state_dict().items()}
     weight_map = read_weight_map(root)
+    block = args.fp8_block or DEFAULT_BLOCK
     if fp8:
         stored_fp8 = {n.removesuffix(".weight" + SCALE_SUFFIX) for n in weight_map
                       if n.endswith(".weight" + SCALE_SUFFIX) and not is_skipped(n, args.num_hidden_layers)}
-        convert_to_fp8(model, stored_fp8)
+        convert_to_fp8(model, {m for m in stored_fp8 if m + ".weight" in expected
+                               and fp8_aligned(m + ".weight", expected[m + ".weight"], par, block)})
         expected = {name: t.shape for name, t in model.state_dict().items()}
-    _check_names(root, weight_map, expected, args.num_hidden_layers)
+    _check_names(root, weight_map, expected, args.num_hidden_layers,
+                 lambda n: foreign_expert(n, par, args.n_routed_experts))
 
     reader = _TensorReader(root, weight_map)
-    block = args.fp8_block or DEFAULT_BLOCK
     with tqdm(total=len(expected), desc=f"loading {root.name}", unit="tensor", disable=not progress) as bar:
         try:
-            for name in sorted(expected, key=weight_map.__getitem__):  # shard by shard, each opened once
-                if name.endswith(SCALE_SUFFIX):  # an FP8Linear's scale: put in place with its weight
-                    bar.update()
-                    continue
-                w = reader.read(name, expected[name])
-                scale_name = name + SCALE_SUFFIX
-                if scale_name in expected:  # FP8Linear: kept in FP8
-                    if w.dtype != torch.float8_e4m3fn:
-                        raise CheckpointError(f"{reader.file(name)}: {name} has a scale but is {w.dtype}, not FP8")
-                    scale = reader.read(scale_name, expected[scale_name])
-                    set_tensor(model, name, w.to(device))
-                    set_tensor(model, scale_name, scale.to(device=device, dtype=torch.float32))
-                    bar.update()
-                    continue
-                if w.dtype == torch.float8_e4m3fn:
-                    if scale_name not in weight_map:
-                        raise CheckpointError(f"{reader.file(name)}: FP8 tensor {name} has no {scale_name}")
-                    scale = reader.read(scale_name, torch.Size(scale_grid(w.shape, block)))
-                    w = dequantize_fp8_block(w.to(device), scale.to(device), block)
-                elif scale_name in weight_map:
-                    raise CheckpointError(
-                        f"{reader.file(scale_name)}: unexpected tensor {scale_name} (not FP8: {name})"
-                    )
-                target = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
-                set_tensor(model, name, w.to(device=device, dtype=target))
+            for name in sorted(expected, key=weight_map.__getitem__):  # shard by shard
+                if not name.endswith(SCALE_SUFFIX):  # an FP8Linear's scale is put in place with its weight
+                    _load_tensor(model, reader, name, expected, par, block, dtype, device)
                 bar.update()
         finally:
             reader.close()
     model.post_load()
     return model.eval()
+
+
+def _load_tensor(model: nn.Module, reader: "_TensorReader", name: str, expected: dict[str, torch.Size],
+                 par: Parallel, block: tuple[int, int], dtype: torch.dtype, device: torch.device | str) -> None:
+    """Read this rank's part of tensor ``name``, dequantize it unless its module keeps FP8, put it in place."""
+    dim = shard_dim(name, par)
+    shape = list(expected[name])
+    if dim is not None:
+        shape[dim] *= par.world
+    src = reader.source(name, torch.Size(shape), lazy=dim is not None)
+    stored = src.dtype if isinstance(src, torch.Tensor) else src.get_dtype()
+    is_fp8 = stored in (torch.float8_e4m3fn, "F8_E4M3")
+    scale_name = name + SCALE_SUFFIX
+    keep_fp8 = scale_name in expected  # an FP8Linear
+    if keep_fp8 and not is_fp8:
+        raise CheckpointError(f"{reader.file(name)}: {name} has a scale but is {stored}, not FP8")
+    if is_fp8 and scale_name not in reader.weight_map:
+        raise CheckpointError(f"{reader.file(name)}: FP8 tensor {name} has no {scale_name}")
+    if not is_fp8:
+        if scale_name in reader.weight_map:
+            raise CheckpointError(f"{reader.file(scale_name)}: unexpected tensor {scale_name} (not FP8: {name})")
+        target = torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
+        set_tensor(model, name, read_shard(src, shape, dim, par).to(device=device, dtype=target))
+        return
+    scale_src = reader.source(scale_name, torch.Size(scale_grid(shape, block)), lazy=dim is not None)
+    w, scale, crop = read_fp8_shard(src, scale_src, shape, dim, par, block)
+    if keep_fp8:  # fp8_aligned made sure the shard is whole blocks: no crop
+        set_tensor(model, name, w.to(device))
+        set_tensor(model, scale_name, scale.to(device=device, dtype=torch.float32))
+        return
+    w = dequantize_fp8_block(w.to(device), scale.to(device), block)
+    set_tensor(model, name, (w if crop is None else w[crop]).to(dtype))
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
@@ -151,8 +171,10 @@ def is_skipped(name: str, num_layers: int) -> bool:
     return m is not None and int(m.group(1)) >= num_layers
 
 
-def _check_names(root: Path, weight_map: dict[str, str], expected: dict[str, torch.Size], num_layers: int) -> None:
-    stored = {n for n in weight_map if not is_skipped(n, num_layers)}
+def _check_names(root: Path, weight_map: dict[str, str], expected: dict[str, torch.Size], num_layers: int,
+                 elsewhere: Callable[[str], bool]) -> None:
+    """Every expected tensor is stored, and every stored one is expected (or another rank's: ``elsewhere``)."""
+    stored = {n for n in weight_map if not is_skipped(n, num_layers) and not elsewhere(n)}
     for name in sorted(stored):
         if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) not in stored:
             weight = name.removesuffix(SCALE_SUFFIX)
@@ -173,34 +195,39 @@ def _open(file: Path) -> Any:
 
 
 class _TensorReader:
-    """Reads single tensors by name, keeping only the shard of the last read open (reads come shard by shard)."""
+    """Reads single tensors by name, keeping the shards of the last two reads open (reads come shard by shard; a
+    weight and its scale may sit in neighbouring shards)."""
+
+    KEEP_OPEN = 2
 
     def __init__(self, root: Path, weight_map: dict[str, str]) -> None:
         self.root, self.weight_map = root, weight_map
-        self._shard: str | None = None
-        self._handle: Any = None
+        self._handles: dict[str, Any] = {}
 
     def file(self, name: str) -> Path:
         return self.root / self.weight_map[name]
 
-    def read(self, name: str, shape: torch.Size) -> torch.Tensor:
-        """The tensor ``name``, checked to have ``shape``."""
-        if self._shard != self.weight_map[name]:
-            self.close()
-            self._handle = _open(self.file(name)).__enter__()
-            self._shard = self.weight_map[name]
+    def source(self, name: str, shape: torch.Size, lazy: bool = False) -> Any:
+        """The tensor ``name``, checked to have ``shape``: read whole, or with ``lazy`` a safetensors slice
+        from which only the indexed part is read."""
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            if len(self._handles) == self.KEEP_OPEN:
+                self._handles.pop(next(iter(self._handles))).__exit__(None, None, None)
+            self._handles[shard] = _open(self.file(name)).__enter__()
         try:
-            t = self._handle.get_tensor(name)
+            t = self._handles[shard].get_slice(name) if lazy else self._handles[shard].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{self.file(name)}: cannot read tensor {name} ({e})") from None
-        if t.shape != shape:
-            raise CheckpointError(f"{self.file(name)}: tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        stored = list(t.get_shape()) if lazy else list(t.shape)
+        if stored != list(shape):
+            raise CheckpointError(f"{self.file(name)}: tensor {name} has shape {stored}, expected {list(shape)}")
         return t
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._shard = self._handle = None
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:

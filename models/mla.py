@@ -4,6 +4,10 @@ Per token the cache holds one vector [kv_a_layernorm(c_kv) (kv_lora_rank) | rota
 all heads. ``kv_b_proj`` is never applied to the cache: its key half W_UK is folded into the query
 (q_lat = q_nope @ W_UK per head) and its value half W_UV into the output (o = o_lat @ W_UV^T per head), so
 attention runs directly on latent vectors (DeepSeek-V3 ``inference/model.py``, absorb mode).
+
+Tensor parallel: a rank holds H/world heads (its rows of q_b_proj and kv_b_proj, its columns of o_proj) and
+returns its partial o_proj sum, which the decoder layer all-reduces. q_a_proj, kv_a_proj_with_mqa and the
+latent cache are replicated: the latent vector is shared by all heads, so each rank needs all of it.
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from torch import nn
 from models.config import ModelArgs
 from models.context import ForwardContext
 from models.layers import RMSNorm
+from models.parallel import Parallel
 from models.rope import apply_rope
 
 
 class MLA(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, par: Parallel = Parallel()) -> None:
         super().__init__()
-        self.n_heads = args.num_attention_heads
+        self.n_heads = par.part(args.num_attention_heads)  # this rank's heads
         self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         self.kv_lora_rank = args.kv_lora_rank
         self.softmax_scale = args.softmax_scale
@@ -49,7 +54,8 @@ class MLA(nn.Module):
     def forward(
         self, x: torch.Tensor, ctx: ForwardContext, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; writes the T new latent vectors into ``kv_cache`` first."""
+        """x [T, hidden] -> [T, hidden] (this rank's partial sum); writes the T new latent vectors into
+        ``kv_cache`` first."""
         if self.kv_cache is None or self.w_uk is None:
             raise RuntimeError("MLA needs kv_cache assigned and absorb_weights() called before forward")
         cos, sin = rope

@@ -1,4 +1,11 @@
-"""DeepSeek-V3 mixture of experts: sigmoid router with group-limited top-k, routed experts and shared experts."""
+"""DeepSeek-V3 mixture of experts: sigmoid router with group-limited top-k, routed experts and shared experts.
+
+Parallel (models/parallel.py): the router is replicated and every rank routes every token (hidden states are
+replicated after the attention all-reduce). Expert parallel: a rank holds E/world whole experts and computes
+only the (token, expert) pairs routed to them (global ids mapped to its local ids, -1 for other ranks'
+experts); tensor parallel: it holds a 1/world slice of every expert. Either way it returns a partial sum,
+routed plus its slice of the shared expert, that the decoder layer joins with one all-reduce.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,6 +14,7 @@ from torch import nn
 from models.config import ModelArgs
 from models.fp8_linear import FP8Linear
 from models.layers import MLP
+from models.parallel import Parallel
 
 
 class Gate(nn.Module):
@@ -49,14 +57,35 @@ class Gate(nn.Module):
 FUSED_MAX_TOKENS = 1024
 
 
+class Experts(nn.Module):
+    """The routed experts a rank holds, registered under their global ids (``experts.7.up_proj``, the
+    checkpoint's names) and indexed, counted and iterated in local order, like a ``ModuleList``."""
+
+    def __init__(self, ids: range, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        for e in ids:
+            self.add_module(str(e), MLP(hidden_size, intermediate_size))
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, i: int) -> MLP:
+        return list(self._modules.values())[i]
+
+
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, par: Parallel = Parallel()) -> None:
         super().__init__()
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(
-            MLP(args.hidden_size, args.moe_intermediate_size) for _ in range(args.n_routed_experts)
-        )
-        self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+        owned = par.owned_experts(args.n_routed_experts)
+        inter = args.moe_intermediate_size if par.moe == "ep" else par.part(args.moe_intermediate_size)
+        self.experts = Experts(owned, args.hidden_size, inter)
+        # Expert parallel at world > 1: global ids -> local ids [0, len(owned)), -1 for other ranks' experts.
+        self.first_expert = owned.start if len(owned) < args.n_routed_experts else None
+        self.shared_experts = MLP(args.hidden_size, par.part(args.moe_intermediate_size * args.n_shared_experts))
         # Stacked expert weights for the fused kernel, [E, 2 * inter, hidden] (gate rows, then up rows) and
         # [E, hidden, inter]; set by stack_experts() once the weights are loaded.
         self.w13: torch.Tensor | None = None
@@ -101,7 +130,11 @@ class MoE(nn.Module):
             e.down_proj.weight_scale_inv = self.w2_scale[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]: this rank's partial sum (all of it at world size 1)."""
         weights, indices = self.gate(x)
+        if self.first_expert is not None:
+            local = indices - self.first_expert
+            indices = local.masked_fill((local < 0) | (local >= len(self.experts)), -1)
         if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS and self.w13 is not None:
             from kernels.fused_moe import fused_moe  # imported on a GPU only: no Triton interpreter involved
 
@@ -116,12 +149,13 @@ class MoE(nn.Module):
 
         (token, expert) pairs are sorted by expert so each expert that received tokens runs once on a contiguous
         slice; results are scattered back with index_add. The host sync on the counts is the price of an eager
-        per-expert loop (a fused MoE kernel replaces it).
+        per-expert loop (a fused MoE kernel replaces it). Pairs with id -1 (another rank's expert) are dropped.
         """
         flat = indices.flatten()
         order = flat.argsort(stable=True)
+        order = order[flat[order] >= 0]
         tokens, token_weights = order // indices.shape[1], weights.flatten()[order, None]
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat[order], minlength=len(self.experts)).tolist()
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         start = 0
         for expert, count in zip(self.experts, counts):

@@ -12,6 +12,7 @@ from models.config import ModelArgs
 from models.deepseek_v3 import DeepseekV3ForCausalLM
 from models.errors import CheckpointError
 from models.loader import load_model, load_tokenizer
+from models.parallel import Parallel
 from models.random_weights import random_model
 from models.tiny import ensure_tiny_checkpoint
 from runner.config import ModelConfig
@@ -63,11 +64,12 @@ class ModelSource:
         return True
 
     def load(self, dtype: torch.dtype, device: torch.device, progress: bool,
-             fp8: bool = False) -> DeepseekV3ForCausalLM:
+             fp8: bool = False, par: Parallel = Parallel()) -> DeepseekV3ForCausalLM:
+        """The model, or this rank's shard of it (``par``)."""
         if self.path is None:
-            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8)
+            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8, par=par)
         return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress,
-                          fp8=fp8)
+                          fp8=fp8, par=par)
 
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer; None for random weights (prompts are token ids then)."""

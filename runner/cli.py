@@ -5,12 +5,17 @@ Every job writes ``resolved_config.yaml`` and ``result.json`` into its output di
 with exit code 1, in a multirun it is recorded in the job's result.json and the sweep goes on. Between
 jobs of a multirun (one process, Hydra's basic launcher) the engine, its CUDA graphs and its cache are
 dropped and the allocator's cache emptied.
+
+Under ``torchrun --nproc-per-node N -m runner ...`` every process runs the same jobs (runner/distributed.py);
+rank 0 alone writes the output directory: the other ranks' Hydra writes nothing (no run dir, no logs, no
+sweep summary) and their tasks print nothing.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -21,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.compose import CONF_DIR, compose_config, to_run_config
 from runner.config import register_configs
+from runner.distributed import rank, shutdown
 from runner.errors import ConfigError, UserError
 from runner.sweep.result import RESULT_FILE, hydra_job_info, make_result, write_result
 
@@ -45,7 +51,9 @@ def _prevalidate(argv: list[str]) -> None:
 def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    (output_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    writer = rank() == 0
+    if writer:
+        (output_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     run, outcome, error = None, {}, None
     try:
         run = to_run_config(cfg)
@@ -54,15 +62,17 @@ def main(cfg: DictConfig) -> None:
         outcome = TASKS[run.task.name](run, output_dir)
     except UserError as e:
         error = str(e)
-        print(f"error: {e}", file=sys.stderr)
+        if writer:  # the other ranks meet the same error
+            print(f"error: {e}", file=sys.stderr)
     except Exception as e:  # a bug: the sweep records it and goes on; a single run shows the traceback
         error = f"{type(e).__name__}: {e}"
         if not multirun:
             raise
         log.exception("job failed")
     finally:
-        result = make_result(run, hydra_job_info(), outcome.get("metrics"), outcome.get("rows"), error)
-        write_result(output_dir / RESULT_FILE, result)
+        if writer:
+            result = make_result(run, hydra_job_info(), outcome.get("metrics"), outcome.get("rows"), error)
+            write_result(output_dir / RESULT_FILE, result)
         _release_memory()
     if error is not None and not multirun:
         sys.exit(1)
@@ -74,6 +84,20 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+# Hydra overrides for ranks > 0: no logs, no .hydra files, no sweep summary; what Hydra still creates (run
+# and sweep dirs, multirun.yaml) goes to a scratch dir that is removed at the end.
+QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                        "~hydra.callbacks.sweep_summary"]
+
+
 def run() -> None:
     _prevalidate(sys.argv[1:])
-    main()
+    try:
+        if rank() == 0:
+            main()
+            return
+        with tempfile.TemporaryDirectory(prefix=f"runner-rank{rank()}-") as scratch:
+            sys.argv += QUIET_RANK_OVERRIDES + [f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}"]
+            main()
+    finally:
+        shutdown()

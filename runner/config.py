@@ -7,7 +7,7 @@ fails before any work starts, whether it came from the command line, a YAML file
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -21,6 +21,7 @@ DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("torch", "triton", "flashmla", "aiter")
 METADATA_STRATEGIES = ("persistent", "per_step")
 WEIGHTS = ("auto", "fp8", "bf16")
+MOE_LAYOUTS = ("ep", "tp")
 
 
 def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -127,6 +128,24 @@ class BenchTaskConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a ``torchrun --nproc-per-node N -m runner ...`` launch splits the model over its N processes (one GPU
+    each, or CPU processes over gloo): attention heads, dense MLPs, embedding and lm_head always tensor
+    parallel; ``moe`` picks the routed experts' layout. A single process ignores ``moe``.
+
+    ``moe``: ep (expert parallel: each rank holds E/N whole experts) | tp (each rank a 1/N slice of every expert).
+    ``size``: the number of processes this run expects (checked against torchrun's); unset: whatever was launched.
+    """
+
+    moe: str = "ep"
+    size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("parallel.moe", self.moe, MOE_LAYOUTS)
+        _check_positive("parallel.size", self.size, allow_none=True)
+
+
+@dataclass
 class RunConfig:
     """One run: a model, an attention backend, a metadata strategy, a task and the run settings."""
 
@@ -150,6 +169,7 @@ class RunConfig:
     # Triton interpreter: slow, for tests); bf16: dequantized at load to the run dtype; auto: fp8 for an FP8
     # checkpoint on a GPU, else dequantized (random weights: fp8 only when asked).
     weights: str = "auto"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # several GPUs (launched by torchrun)
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)

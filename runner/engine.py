@@ -5,6 +5,10 @@ through the torch reference attention (any correct path will do there); decode g
 configured backend with metadata built once per step by the configured strategy, shared by every layer.
 Decode inputs live in persistent buffers sized once for ``max_batch_size``, so the positions the layers
 read are the step's input buffer itself.
+
+Under torchrun every rank runs this same engine over its shard of the model (runner/distributed.py): its
+own heads' backend and metadata, the whole latent cache, the same scheduler steps; CUDA graphs capture the
+step with its collectives.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from models.context import ForwardContext
+from models.parallel import layout_problem
 from runner.attention import StepMetadata, TorchAttention, make_backend
 from runner.block_manager import BlockManager
 from runner.checkpoint import ModelSource
 from runner.config import RunConfig
 from runner.cuda_graphs import DecodeGraphs
+from runner.distributed import setup
 from runner.errors import ConfigError, UserError
 from runner.metadata import make_metadata_builder
 from runner.request import Request
@@ -73,24 +79,28 @@ class DecodeBuffers:
 class Engine:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.par, self.device = setup(cfg.parallel, resolve_device(cfg.device))
+        self.progress = cfg.progress and self.par.rank == 0
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         self.source = ModelSource.resolve(cfg.model)
         self.args = self.source.args
+        problem = layout_problem(self.args, self.par)
+        if problem is not None:
+            raise ConfigError(f"model={cfg.model.name} cannot be split over {self.par.world} processes: {problem}")
+        heads = self.par.part(self.args.num_attention_heads)  # this rank's attention heads
         if cfg.max_model_len > self.args.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len={cfg.max_model_len} is larger than the model's "
                 f"max_position_embeddings={self.args.max_position_embeddings}"
             )
         kv_lora_rank = self.args.kv_lora_rank
-        self.backend = make_backend(cfg.attention.name, self.device, kv_lora_rank, self.args.num_attention_heads,
-                                    cfg.page_size)
+        self.backend = make_backend(cfg.attention.name, self.device, kv_lora_rank, heads, cfg.page_size)
         self.prefill_backend = TorchAttention(kv_lora_rank)
         use_graphs = self._use_cuda_graphs()  # checked before the weights load: a bad combination fails fast
         self.fp8 = self.source.use_fp8(cfg.weights, self.device)
 
-        self.model = self.source.load(self.dtype, self.device, cfg.progress, fp8=self.fp8)
+        self.model = self.source.load(self.dtype, self.device, self.progress, fp8=self.fp8, par=self.par)
         self.tokenizer = self.source.tokenizer()
         eos = self.args.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -100,7 +110,7 @@ class Engine:
         latent_dim = kv_lora_rank + self.args.qk_rope_head_dim
         attention_layers = self.model.attention_layers
         bytes_per_page = len(attention_layers) * cfg.page_size * latent_dim * self.dtype.itemsize
-        num_pages = cfg.num_pages or self._default_num_pages(bytes_per_page)
+        num_pages = cfg.num_pages or self.par.agree(self._default_num_pages(bytes_per_page), self.device)
         if num_pages < self.max_pages_per_seq:
             raise ConfigError(
                 f"the KV cache holds {num_pages * cfg.page_size} tokens ({num_pages} pages), fewer than "
@@ -119,7 +129,7 @@ class Engine:
         self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, self.device)
         self.metadata = make_metadata_builder(
             cfg.metadata,
-            num_heads=self.args.num_attention_heads,
+            num_heads=heads,
             max_batch=cfg.max_batch_size,
             max_pages_per_seq=self.max_pages_per_seq,
             page_size=cfg.page_size,
@@ -127,7 +137,7 @@ class Engine:
             rope_dim=self.args.qk_rope_head_dim,
             device=self.device,
         )
-        self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, cfg.progress) if use_graphs else None
+        self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, self.progress) if use_graphs else None
 
     def _default_num_pages(self, bytes_per_page: int) -> int:
         """Pages for max_batch_size full-length requests, capped on a GPU by the configured fraction of the
@@ -178,7 +188,7 @@ class Engine:
         requests = list(requests)
         for req in requests:
             self.scheduler.add(req)
-        show = self.cfg.progress if progress is None else progress
+        show = self.progress if progress is None else progress and self.par.rank == 0
         bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not show or not requests, leave=False)
         start, generated = time.perf_counter(), 0
         with torch.inference_mode():

@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from subproc import repo_env
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The user's cache moved into a temp dir, so the embedded checkpoints are generated fresh once."""
     cache = tmp_path_factory.mktemp("cache")
-    return {**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONPATH": str(REPO)}
+    return repo_env(XDG_CACHE_HOME=str(cache))
 
 
 def run_cli(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from subproc import repo_env
+
 GRID = {("torch", "persistent"), ("torch", "per_step"), ("triton", "persistent"), ("triton", "per_step")}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """The user's cache moved into a temp dir, so the embedded checkpoint is generated fresh once."""
-    return {**os.environ, "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("cache")), "PYTHONPATH": str(REPO)}
+    return repo_env(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("cache")))
 
 
 KERNEL_BENCH = ["task=bench", "task.mode=kernel", "task.batch=2", "task.context=40,80", "task.iters=2",

@@ -4,6 +4,8 @@ Modes:
 - ``decode``: the engine's whole decode step (scheduling, metadata, model, sampling) on a model whose KV
   cache already holds ``context`` tokens for each of ``batch`` requests; step time, tokens/s, and the
   roofline: bytes of weights the step touches plus KV read, over the copy bandwidth measured in this run.
+  Under torchrun (``tp`` ranks) the bytes are the busiest rank's: its weight shards and routed experts, and
+  the whole latent cache, which every rank reads for its heads.
 - ``kernel``: one layer's MLA attention call through the configured backend and metadata strategy: us,
   GB/s of KV read, TFLOP/s and the roofline floor (copy and matmul ceilings measured in this run).
 - ``metadata``: the per-step metadata build of the configured strategy at ``batch``.
@@ -11,6 +13,7 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ from kernels.testing import make_problem
 from runner.attention import make_backend
 from runner.checkpoint import ModelSource
 from runner.config import BenchTaskConfig, RunConfig
+from runner.distributed import rank
 from runner.engine import Engine, resolve_device, resolve_dtype
 from runner.metadata import make_metadata_builder
 from runner.errors import ConfigError
@@ -35,7 +39,8 @@ def run_bench(cfg: RunConfig, output_dir: Path) -> dict:
     modes: dict[str, Callable[[RunConfig], dict]] = {
         "decode": bench_decode, "kernel": bench_kernel, "metadata": bench_metadata}
     row = {"backend": cfg.attention.name, "strategy": cfg.metadata.strategy, **modes[task.mode](cfg)}
-    print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+    if rank() == 0:
+        print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
     return {"metrics": row, "rows": [row]}
 
 
@@ -59,12 +64,13 @@ def bench_decode(cfg: RunConfig) -> dict:
         if i >= task.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    weight_bytes = touched_weight_bytes(engine.model, B, experts)
+    weight_bytes = engine.par.agree(touched_weight_bytes(engine.model, B, experts), engine.device, largest=True)
     kv_bytes = B * (L + steps // 2) * engine.kv_cache[0, 0, 0].numel() * engine.kv_cache.element_size() \
         * engine.kv_cache.shape[0]
     floor_s = (weight_bytes + kv_bytes) / (ceilings.copy_gbps * 1e9)
     return {
-        "mode": "decode", "batch": B, "context": L, "cuda_graphs": engine.graphs is not None,
+        "mode": "decode", "tp": engine.par.world, "moe": cfg.parallel.moe, "batch": B, "context": L,
+        "cuda_graphs": engine.graphs is not None,
         "step_ms": step_s * 1e3, "tokens_per_s": B / step_s,
         "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
         "gb_s": (weight_bytes + kv_bytes) / step_s / 1e9,
@@ -143,7 +149,7 @@ def time_call(fn: Callable[[], object], device: torch.device, task: BenchTaskCon
     if device.type == "cuda" and not wall:
         from triton.testing import do_bench
 
-        from kernels.bench import graph_time
+        from kernels.cuda_graph import graph_time
 
         if graph:
             return graph_time(fn) * 1e-6
@@ -187,11 +193,16 @@ def fill_running(engine: Engine, contexts: list[int], max_tokens: int) -> list[R
 
 
 def count_experts(engine: Engine) -> list[int]:
-    """The distinct experts each MoE layer routes to in one eager decode step (router hooks; graph replays
-    would not call them)."""
+    """The distinct experts of this rank that each MoE layer routes to in one eager decode step (router hooks;
+    graph replays would not call them)."""
     unique: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: unique.append(int(out[1].unique().numel())))
-             for name, m in engine.model.named_modules() if name.endswith("mlp.gate")]
+    owned = engine.par.owned_experts(engine.args.n_routed_experts)
+
+    def record(_m, _i, out) -> None:
+        ids = out[1].unique()
+        unique.append(int(((ids >= owned.start) & (ids < owned.stop)).sum()))
+
+    hooks = [m.register_forward_hook(record) for name, m in engine.model.named_modules() if name.endswith("mlp.gate")]
     graphs, engine.graphs = engine.graphs, None
     try:
         engine.step()
@@ -211,7 +222,7 @@ def touched_weight_bytes(model: torch.nn.Module, batch: int, unique_experts: lis
             total += batch * p.shape[1] * p.element_size()
         elif ".experts." not in name:
             total += p.numel() * p.element_size()
-    experts = [m for name, m in model.named_modules() if name.endswith(".experts.0")]
+    experts = [m for name, m in model.named_modules() if re.search(r"\.experts\.\d+$", name)]
     if experts:  # every MoE layer's experts have the same shapes
         total += sum(p.numel() * p.element_size() for p in experts[0].parameters()) * sum(unique_experts)
     return total

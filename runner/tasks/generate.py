@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
 from runner.config import RunConfig
+from runner.distributed import rank
 from runner.engine import Engine
 from runner.errors import UserError
 from runner.prompts import BUILTIN_PROMPTS, PromptSpec, encode, read_prompt_file
@@ -26,26 +28,30 @@ def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
     engine = Engine(cfg)
     defaults = SamplingParams(temperature=task.temperature, top_p=task.top_p, top_k=task.top_k,
                               max_tokens=task.max_tokens, seed=task.seed)
+    writer = rank() == 0  # under torchrun every rank generates the same tokens; rank 0 writes and prints them
     output_path = output_dir / task.output
-    with open(output_path, "w", encoding="utf-8", buffering=1) as out:
+    with open(output_path if writer else os.devnull, "w", encoding="utf-8", buffering=1) as out:
         requests, errors = [], 0
         for i, spec in enumerate(specs):
             try:
                 requests.append(_request(engine, i, spec, defaults, task.chat))
             except UserError as e:
                 errors += 1
-                log.warning("prompt %d skipped: %s", i, e)
+                if writer:
+                    log.warning("prompt %d skipped: %s", i, e)
                 _write(out, {"index": i, "error": str(e)})
         start = time.perf_counter()
         engine.run(requests, on_finish=lambda req: _write(out, _result(req)))
         elapsed = time.perf_counter() - start
     tokens = sum(len(r.output_token_ids) for r in requests)
+    summary = {"requests": len(requests), "errors": errors, "generated_tokens": tokens,
+               "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None}
+    if not writer:
+        return {"metrics": summary}
     for req in requests[:SHOWN]:
         print(f"[{req.index}] {req.prompt!r} -> {req.text!r}")
     if len(requests) > SHOWN:
         print(f"... and {len(requests) - SHOWN} more in {output_path}")
-    summary = {"requests": len(requests), "errors": errors, "generated_tokens": tokens,
-               "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None}
     print(f"{len(requests)} requests ({errors} errors), {tokens} tokens in {elapsed:.2f} s: "
           f"{summary['tokens_per_s']} tokens/s  ->  {output_path}")
     return {"metrics": summary}

@@ -1,0 +1,113 @@
+"""Two CPU processes over gloo, as torchrun would start them: the same greedy tokens as one process and logits
+equal up to fp32 summation order, for both flavours and both MoE layouts; and ``torchrun -m runner`` itself.
+With two GPUs, the same over NCCL with the decode steps as CUDA-graph replays."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.loader import load_model
+from oracle import PagedRunner
+from subproc import repo_env
+from runner import LLM, SamplingParams
+
+PROMPTS = ([5], [7, 3, 9, 11, 2, 40, 41, 8, 6], list(range(20, 60)))
+MAX_TOKENS = 5
+# Relative max logit error allowed against one process, fp32: the all-reduces only change summation order.
+LOGIT_RTOL = 1e-5
+CASES = [("dsv3", "ep", "torch"), ("dsv3", "tp", "torch"), ("kimi", "ep", "torch"), ("kimi", "tp", "torch"),
+         ("dsv3", "ep", "triton")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _llm(ckpt: str, device: str = "cpu", **overrides) -> LLM:
+    return LLM(ckpt, dtype="float32", device=device, page_size=16, max_model_len=128, progress=False, **overrides)
+
+
+def _generate(llm: LLM, ignore_eos: bool = True) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=ignore_eos)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _logits(model) -> torch.Tensor:
+    """Prefill of two prompts, then one decode step of each, through our paged runner."""
+    runner = PagedRunner(model)
+    first = runner.step({0: PROMPTS[1], 1: PROMPTS[2]})
+    second = runner.step({0: [3], 1: [4]})
+    return torch.cat([*first.values(), *second.values()])
+
+
+def _worker(rank: int, world: int, port: int, ckpts: dict[str, str], out_file: str, device: str = "cpu") -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    results, full = {}, {}
+    for flavour, moe, attention in CASES:
+        llm = _llm(ckpts[flavour], device, attention=attention, **{"parallel.moe": moe})
+        if device == "cuda":
+            assert (llm.engine.graphs is not None) == (attention == "triton")
+        tokens = _generate(llm)
+        if flavour not in full:
+            model = load_model(ckpts[flavour], dtype=torch.float32, progress=False, device=llm.engine.device)
+            full[flavour] = _logits(model)
+        ref = full[flavour]
+        err = float((_logits(llm.engine.model) - ref).abs().max() / ref.abs().max())
+        results["/".join((flavour, moe, attention))] = {"tokens": tokens, "logit_err": err}
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+# Triton on a CPU runs under its interpreter, which conftest turns on only on machines without a GPU.
+CPU_TRITON = "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
+def test_two_ranks_match_one_process(dsv3_ckpt: Path, kimi_ckpt: Path, tmp_path: Path, device: str):
+    """cpu: gloo; cuda: NCCL, and triton + persistent decode steps replay CUDA graphs with the collectives."""
+    if device == "cpu" and CPU_TRITON != "triton":
+        pytest.skip("the CPU run needs the Triton interpreter, which is off on a GPU machine")
+    ckpts = {"dsv3": str(dsv3_ckpt), "kimi": str(kimi_ckpt)}
+    out = tmp_path / "results.json"
+    mp.spawn(_worker, args=(2, _free_port(), ckpts, str(out), device), nprocs=2, join=True)
+    results = json.loads(out.read_text())
+    single = {flavour: _generate(_llm(ckpt, device)) for flavour, ckpt in ckpts.items()}
+    for flavour, moe, attention in CASES:
+        got = results["/".join((flavour, moe, attention))]
+        assert got["tokens"] == single[flavour], (flavour, moe, attention)
+        assert got["logit_err"] < LOGIT_RTOL, (flavour, moe, attention, got["logit_err"])
+
+
+def test_torchrun_runs_the_cli_and_rank0_alone_writes(dsv3_ckpt: Path, tmp_path: Path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
+    work, out = tmp_path / "cwd", tmp_path / "cwd" / "run"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "runner",
+         f"model.path={dsv3_ckpt}", "device=cpu", "dtype=float32", "attention=triton", "parallel.moe=tp",
+         "parallel.size=2", f"task.prompts={prompts}", f"task.max_tokens={MAX_TOKENS}", "page_size=16",
+         "max_model_len=128", "progress=false", f"hydra.run.dir={out}"],
+        cwd=work, env=repo_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)  # CPU processes
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    expected = _generate(_llm(str(dsv3_ckpt)), ignore_eos=False)
+    assert [r["token_ids"] for r in sorted(rows, key=lambda r: r["index"])] == expected
+    assert sorted(p.name for p in work.iterdir()) == ["run"]  # rank 1 left nothing behind
+    assert proc.stdout.count("tokens/s") == 1  # and printed nothing
