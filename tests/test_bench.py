@@ -1,4 +1,4 @@
-"""task=bench on the CPU: every mode yields a consistent row, and the roofline bookkeeping is right."""
+"""task=bench on the CPU (or the GPU where there is one): every mode yields a consistent row, and the roofline bookkeeping is right."""
 from __future__ import annotations
 
 import pytest
@@ -13,12 +13,12 @@ from runner.tasks.bench import count_experts, fill_running, run_bench, touched_w
 def test_bench_modes(tmp_path, mode, attention, metadata):
     cfg = compose_config(["task=bench", f"task.mode={mode}", "task.batch=3", "task.context=70", "task.iters=2",
                           "task.warmup=1", f"attention={attention}", f"metadata={metadata}", "page_size=16",
-                          "device=cpu", "progress=false"])
+                          "device=auto", "dtype=float32", "progress=false"])  # the interpreter, or a GPU
     out = run_bench(cfg, tmp_path)
     (row,) = out["rows"]
     assert (row["backend"], row["strategy"], row["mode"], row["batch"]) == (attention, metadata, mode, 3)
     if mode == "kernel":
-        kv_bytes = 3 * 70 * (32 + 8) * 4  # tiny model: 40-wide latent, float32 on a CPU
+        kv_bytes = 3 * 70 * (32 + 8) * 4  # tiny model: 40-wide latent, float32
         assert row["gb_s"] == pytest.approx(kv_bytes / (row["time_us"] * 1e-6) / 1e9)
         assert row["roofline_fraction"] == pytest.approx(row["floor_us"] / row["time_us"])
     elif mode == "decode":
@@ -29,7 +29,7 @@ def test_bench_modes(tmp_path, mode, attention, metadata):
 
 
 def test_decode_bytes_count_the_experts_routed_to():
-    engine = Engine(compose_config(["device=cpu", "dtype=float32", "progress=false", "page_size=16"]))
+    engine = Engine(compose_config(["device=auto", "dtype=float32", "progress=false", "page_size=16"]))
     fill_running(engine, [40, 3], max_tokens=4)
     unique = count_experts(engine)
     args = engine.args

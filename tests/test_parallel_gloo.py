@@ -71,6 +71,12 @@ def _worker(rank: int, world: int, port: int, ckpts: dict[str, str], out_file: s
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.destroy_process_group()
+    # Leave without interpreter finalization: after all the work, gloo's native threads sometimes abort the
+    # process while it tears down ("terminate called without an active exception", no Python frame; about 1
+    # run in 4 with torch 2.13 on 2 cores), which mp.spawn would report as a failure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # Triton on a CPU runs under its interpreter, which conftest turns on only on machines without a GPU.
@@ -95,6 +101,8 @@ def test_two_ranks_match_one_process(dsv3_ckpt: Path, kimi_ckpt: Path, tmp_path:
 
 
 def test_torchrun_runs_the_cli_and_rank0_alone_writes(dsv3_ckpt: Path, tmp_path: Path):
+    if CPU_TRITON != "triton":
+        pytest.skip("the CPU processes need the Triton interpreter, which is off on a GPU machine")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
     work, out = tmp_path / "cwd", tmp_path / "cwd" / "run"
@@ -104,7 +112,7 @@ def test_torchrun_runs_the_cli_and_rank0_alone_writes(dsv3_ckpt: Path, tmp_path:
          f"model.path={dsv3_ckpt}", "device=cpu", "dtype=float32", "attention=triton", "parallel.moe=tp",
          "parallel.size=2", f"task.prompts={prompts}", f"task.max_tokens={MAX_TOKENS}", "page_size=16",
          "max_model_len=128", "progress=false", f"hydra.run.dir={out}"],
-        cwd=work, env=repo_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)  # CPU processes
+        cwd=work, env=repo_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     expected = _generate(_llm(str(dsv3_ckpt)), ignore_eos=False)
