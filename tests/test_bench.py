@@ -29,7 +29,8 @@ def test_bench_modes(tmp_path, mode, attention, metadata):
 
 
 def test_decode_bytes_count_the_experts_routed_to():
-    engine = Engine(compose_config(["device=auto", "dtype=float32", "progress=false", "page_size=16"]))
+    engine = Engine(compose_config(["device=auto", "dtype=float32", "weights=bf16", "progress=false",
+                                    "page_size=16"]))  # dequantized: 4 bytes per weight below
     fill_running(engine, [40, 3], max_tokens=4)
     unique = count_experts(engine)
     args = engine.args
