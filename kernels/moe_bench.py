@@ -197,3 +197,75 @@ def run_bench(sweep: bool = False, dtype: torch.dtype = torch.bfloat16, shapes: 
         del w13, w2, q13, q2
         torch.cuda.empty_cache()
     return rows
+
+
+# ---------------------------------------------------------------- the router (kernels/moe_routing.py)
+ROUTERS = {"DeepSeek-V3": dict(E=256, n_group=8, topk_group=4, k=8, scale=2.5),
+           "Kimi-K2": dict(E=384, n_group=1, topk_group=1, k=8, scale=2.827)}
+
+
+def bench_routing(tokens: tuple = TOKENS, hidden: int = 7168, warps: tuple = (1, 2, 4, 8)) -> list[dict]:
+    """models/moe.py Gate, torch ops vs the fused routing kernel, each captured in a CUDA graph (graph_time:
+    median us, L2 flushed): the whole Gate.forward (bf16 router weight, fp32 GEMM), the GEMM alone, and the
+    routing after the GEMM alone (torch ``routing_reference`` vs ``fused_routing`` at its default num_warps and
+    at each of ``warps``). ``same ids``: fraction of tokens whose fused ids equal the torch ones, in order.
+    Two GEMM variants that would skip Gate's per-call ``weight.float()`` copy (not used by Gate; for deciding
+    the next step): ``GEMM f32 W`` on an fp32 copy of the weight kept beside it (same result, bit for bit),
+    ``GEMM bf16->f32`` one bf16 GEMM with fp32 output (``torch.mm(out_dtype=)``, torch >= 2.8; exact products,
+    cuBLAS's summation order: not bit-identical logits)."""
+    from types import SimpleNamespace
+
+    from kernels.cuda_graph import graph_time
+    from kernels.moe_routing import fused_routing, routing_reference
+    from models.moe import Gate
+
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.moe_bench needs a CUDA GPU")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; router "
+          f"hidden {hidden}, bf16 weight, fp32 logits; us = CUDA-graph replay median, L2 flushed", flush=True)
+    print("| model | T | Gate torch | Gate fused | speedup | GEMM only | routing torch | routing fused | "
+          + " | ".join(f"fused {w} warps" for w in warps) + " | same ids | GEMM f32 W | GEMM bf16->f32 |")
+    print("|---|---:|" + "---:|" * (9 + len(warps)))
+    rows = []
+    for name, r in ROUTERS.items():
+        E, G, TG, k, scale = r["E"], r["n_group"], r["topk_group"], r["k"], r["scale"]
+        args = SimpleNamespace(num_experts_per_tok=k, n_group=G, topk_group=TG, norm_topk_prob=True,
+                               routed_scaling_factor=scale, n_routed_experts=E, hidden_size=hidden)
+        gate = Gate(args).cuda().requires_grad_(False)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        gate.weight.data = (torch.randn(E, hidden, device="cuda", generator=g) * hidden ** -0.5).bfloat16()
+        gate.e_score_correction_bias.copy_(torch.randn(E, device="cuda", generator=g) * 0.1)
+        bias = gate.e_score_correction_bias
+        for T in tokens:
+            x = torch.randn(T, hidden, device="cuda", generator=g).bfloat16()
+            logits = x.float() @ gate.weight.float().t()
+            out_w = torch.empty(T, k, device="cuda")
+            out_ids = torch.empty(T, k, dtype=torch.int64, device="cuda")
+            us = {}
+            gate.fused = False
+            us["Gate torch"] = graph_time(lambda: gate(x))
+            ref_w, ref_ids = gate(x)
+            gate.fused = True
+            us["Gate fused"] = graph_time(lambda: gate(x))
+            w, ids = gate(x)
+            us["GEMM only"] = graph_time(lambda: x.float() @ gate.weight.float().t())
+            us["routing torch"] = graph_time(lambda: routing_reference(logits, bias, k, G, TG, True, scale))
+            us["routing fused"] = graph_time(
+                lambda: fused_routing(logits, bias, k, G, TG, True, scale, out_w, out_ids))
+            for nw in warps:
+                us[f"{nw} warps"] = graph_time(
+                    lambda: fused_routing(logits, bias, k, G, TG, True, scale, out_w, out_ids, num_warps=nw))
+            w32 = gate.weight.float()
+            us["GEMM f32 W"] = graph_time(lambda: x.float() @ w32.t())
+            try:
+                us["GEMM bf16->f32"] = graph_time(lambda: torch.mm(x, gate.weight.t(), out_dtype=torch.float32))
+            except (TypeError, RuntimeError):  # torch without out_dtype, or no kernel for it
+                us["GEMM bf16->f32"] = float("nan")
+            same = (ids == ref_ids).all(dim=1).float().mean().item()
+            rows.append(dict(model=name, T=T, us=us, same_ids=same,
+                             max_weight_rel_err=((w - ref_w).abs() / ref_w).max().item()))
+            print(f"| {name} | {T} | {us['Gate torch']:.1f} | {us['Gate fused']:.1f} | "
+                  f"{us['Gate torch'] / us['Gate fused']:.2f}x | {us['GEMM only']:.1f} | {us['routing torch']:.1f} | "
+                  f"{us['routing fused']:.1f} | " + " | ".join(f"{us[f'{nw} warps']:.1f}" for nw in warps)
+                  + f" | {same:.3f} | {us['GEMM f32 W']:.1f} | {us['GEMM bf16->f32']:.1f} |", flush=True)
+    return rows

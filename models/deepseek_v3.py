@@ -80,11 +80,12 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def post_load(self) -> None:
         """Derive what the checkpoint does not store, once the weights are in place on their device:
-        the RoPE tables, the per-head W_UK / W_UV views of kv_b_proj (in the run dtype) and the stacked
-        expert weights of the fused MoE."""
+        the RoPE tables, the per-head W_UK / W_UV views of kv_b_proj (in the run dtype), q_a_proj and
+        kv_a_proj_with_mqa fused into one GEMM, and the stacked expert weights of the fused MoE."""
         self.model.rotary_emb.init_tables(self.lm_head.weight.device)
         for attn in self.attention_layers:
             attn.absorb_weights()
+            attn.fuse_input_projections()
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoE):
                 layer.mlp.stack_experts()

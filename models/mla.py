@@ -8,6 +8,10 @@ attention runs directly on latent vectors (DeepSeek-V3 ``inference/model.py``, a
 Tensor parallel: a rank holds H/world heads (its rows of q_b_proj and kv_b_proj, its columns of o_proj) and
 returns its partial o_proj sum, which the decoder layer all-reduces. q_a_proj, kv_a_proj_with_mqa and the
 latent cache are replicated: the latent vector is shared by all heads, so each rank needs all of it.
+
+q_a_proj and kv_a_proj_with_mqa read the same x: after loading, ``fuse_input_projections`` concatenates their
+weights into one [q_lora_rank + kv_cache_dim, hidden] GEMM (decode runs one call instead of two, each on the
+~12-19 us floor of a graph-replayed GEMM: kernels/FP8_NOTES.md); the modules keep their names as views of it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch import nn
 
 from models.config import ModelArgs
 from models.context import ForwardContext
+from models.fp8_linear import fuse_linears, linear
 from models.layers import RMSNorm
 from models.parallel import Parallel
 from models.rope import apply_rope
@@ -26,7 +31,7 @@ class MLA(nn.Module):
         super().__init__()
         self.n_heads = par.part(args.num_attention_heads)  # this rank's heads
         self.nope_dim, self.rope_dim, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
-        self.kv_lora_rank = args.kv_lora_rank
+        self.kv_lora_rank, self.q_lora_rank = args.kv_lora_rank, args.q_lora_rank
         self.softmax_scale = args.softmax_scale
         q_out = self.n_heads * args.qk_head_dim
         self.has_q_lora = args.q_lora_rank is not None
@@ -45,11 +50,46 @@ class MLA(nn.Module):
         # Views of kv_b_proj.weight, [H, nope, kv_lora] and [H, v, kv_lora]; set by absorb_weights().
         self.w_uk: torch.Tensor | None = None
         self.w_uv: torch.Tensor | None = None
+        # [q_a_proj | kv_a_proj_with_mqa] weights concatenated (and their FP8 block scales, None for run-dtype
+        # weights); set by fuse_input_projections(). Plain tensors: the modules' weights are views of them.
+        self.w_qkv_a: torch.Tensor | None = None
+        self.w_qkv_a_scale: torch.Tensor | None = None
+        self._fused_modules: tuple[nn.Module, ...] = ()  # the modules w_qkv_a was made from
 
     def absorb_weights(self) -> None:
         """Split kv_b_proj into per-head W_UK / W_UV views; call once its weight is loaded."""
         w = self.kv_b_proj.weight.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         self.w_uk, self.w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def fuse_input_projections(self) -> bool:
+        """Make q_a_proj and kv_a_proj_with_mqa one GEMM (models/fp8_linear.py ``fuse_linears``); call once their
+        weights are loaded. Not fused (returns False): q_proj models (no q_lora), FP8 weights with q_lora_rank
+        not a multiple of 128 (a scale block row would straddle the two), or mismatched layer types."""
+        self.w_qkv_a = self.w_qkv_a_scale = None
+        self._fused_modules = ()
+        if not self.has_q_lora:
+            return False
+        fused = fuse_linears([self.q_a_proj, self.kv_a_proj_with_mqa])
+        if fused is None:
+            return False
+        self.w_qkv_a, self.w_qkv_a_scale = fused
+        self._fused_modules = (self.q_a_proj, self.kv_a_proj_with_mqa)
+        return True
+
+    @property
+    def input_projections_fused(self) -> bool:
+        """Whether forward runs the fused GEMM: fused, and neither module replaced since (tests swap FP8Linear
+        layers for emulations after loading; those then run on their own). ``w_qkv_a = None`` unfuses."""
+        fused = self._fused_modules
+        return (self.w_qkv_a is not None and len(fused) == 2 and fused[0] is self.q_a_proj
+                and fused[1] is self.kv_a_proj_with_mqa)
+
+    def input_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (q_a_proj(x) [T, q_lora_rank], kv_a_proj_with_mqa(x) [T, kv_cache_dim])."""
+        if self.input_projections_fused:
+            qkv = linear(x, self.w_qkv_a, self.w_qkv_a_scale)
+            return qkv.split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], -1)
+        return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
 
     def forward(
         self, x: torch.Tensor, ctx: ForwardContext, rope: tuple[torch.Tensor, torch.Tensor]
@@ -60,11 +100,12 @@ class MLA(nn.Module):
             raise RuntimeError("MLA needs kv_cache assigned and absorb_weights() called before forward")
         cos, sin = rope
         if self.has_q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_a, kv_a = self.input_projections(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
-            q = self.q_proj(x)
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q_nope, q_pe = q.view(-1, self.n_heads, self.nope_dim + self.rope_dim).split([self.nope_dim, self.rope_dim], -1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], -1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
         self.kv_cache.view(-1, latent.shape[-1])[ctx.slot_mapping] = latent.to(self.kv_cache.dtype)
 

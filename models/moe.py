@@ -25,7 +25,13 @@ class Gate(nn.Module):
     kept (others masked with -inf), then the top-k experts are taken. The weights are the unbiased scores of
     the chosen experts, normalized to sum 1 and times ``routed_scaling_factor``.
     Returning (weights, indices) lets tests observe the routing with a forward hook.
+
+    On CUDA the steps after the GEMM run as one Triton kernel (``kernels.moe_routing.fused_routing``: same
+    selection on untied scores, ties to the lower index, weights within float rounding; no host sync, so it
+    runs inside CUDA graphs); ``fused = False`` (per instance or on the class) keeps the torch ops below.
     """
+
+    fused = True  # CUDA inputs take the fused routing kernel
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -36,7 +42,13 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] fp32, expert ids [T, k] int64)."""
-        scores = (x.float() @ self.weight.float().t()).sigmoid()
+        logits = x.float() @ self.weight.float().t()
+        if logits.is_cuda and self.fused:
+            from kernels.moe_routing import fused_routing  # imported on a GPU only: no Triton interpreter involved
+
+            return fused_routing(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
+                                 self.topk_group, self.normalize, self.scale)
+        scores = logits.sigmoid()
         biased = scores + self.e_score_correction_bias
         if self.topk_group < self.n_group:
             grouped = biased.unflatten(-1, (self.n_group, -1))
