@@ -45,12 +45,14 @@ def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | 
                 if name in wanted:
                     _set_fp8(model, name, q, scale, par, dtype)
             continue
-        if name.endswith(FP32_TENSOR_SUFFIXES):
+        if name.endswith("e_score_correction_bias"):
             value = torch.empty(tensor.shape, dtype=torch.float32, device=device).normal_(0, 1e-3, generator=gen)
         elif isinstance(module, RMSNorm):
             value = torch.ones(tensor.shape, dtype=dtype, device=device)
         elif tensor.dim() == 2:
             value = _normal(tensor.shape, dtype, device, gen)
+            if name.endswith(FP32_TENSOR_SUFFIXES):  # the router weight: run-dtype values, kept in fp32
+                value = value.float()
         else:
             continue  # non-persistent tables that post_load derives
         if name in wanted:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import models.loader as loader
+from models.deepseek_v3 import FP32_TENSOR_SUFFIXES
 from models.errors import CheckpointError, UserError
 from models.loader import load_model, load_tokenizer, read_weight_map
 from oracle import PagedRunner, dequantized_copy
@@ -247,7 +248,9 @@ def test_loads_onto_the_requested_device_and_dtype(kimi_ckpt: Path) -> None:
     model = load_model(kimi_ckpt, dtype=torch.bfloat16, device="cpu", progress=False)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     assert not any(t.is_meta for t in params.values())
-    run_dtypes = {t.dtype for n, t in params.items() if "e_score_correction_bias" not in n and "rotary" not in n}
+    fp32 = {n for n in params if n.endswith(FP32_TENSOR_SUFFIXES)}  # the router's weight and bias
+    assert fp32 and all(params[n].dtype == torch.float32 for n in fp32)
+    run_dtypes = {t.dtype for n, t in params.items() if n not in fp32 and "rotary" not in n}
     assert run_dtypes == {torch.bfloat16}
     assert all(not p.requires_grad for p in model.parameters())
     assert not model.training

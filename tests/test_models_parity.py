@@ -98,6 +98,8 @@ def test_bf16_run_tracks_fp32(dsv3_ckpt: Path, dsv3_model: torch.nn.Module) -> N
     bf16 = load_model(dsv3_ckpt, dtype=torch.bfloat16, progress=False)
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     assert bf16.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    gate = bf16.model.layers[1].mlp.gate.weight  # fp32, holding the checkpoint's bf16 values
+    assert gate.dtype == torch.float32 and torch.equal(gate, gate.bfloat16().float())
     prompt = list(range(3, 40))
     recorders = ExpertRecorder(bf16.model.layers), ExpertRecorder(dsv3_model.model.layers)
     try:
