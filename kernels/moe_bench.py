@@ -29,23 +29,16 @@ TOKENS = (1, 16, 128)
 
 
 def eager_moe_loop(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    """models/moe.py's MoE.routed on stacked weights: sort by expert, host-read counts, loop over experts."""
-    inter, k = w13.shape[1] // 2, topk_ids.shape[1]
-    flat = topk_ids.flatten()
-    order = flat.argsort(stable=True)
-    tokens = order // k
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # the host sync
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            idx = tokens[start:start + count]
-            xe = x[idx]
-            h = F.silu(xe @ w13[e, :inter].t()) * (xe @ w13[e, inter:].t())
-            y = (h @ w2[e].t()).float() * topk_weights.flatten()[order[start:start + count], None]
-            out.index_add_(0, idx, y)
-            start += count
-    return out.to(x.dtype)
+    """models/moe.py's eager loop (``expert_loop``: sort by expert, host-read counts, one call per used expert)
+    on stacked weights."""
+    from models.moe import expert_loop
+
+    inter = w13.shape[1] // 2
+
+    def expert(e, xe):
+        return (F.silu(xe @ w13[e, :inter].t()) * (xe @ w13[e, inter:].t())) @ w2[e].t()
+
+    return expert_loop(x, topk_weights, topk_ids, w13.shape[0], expert).to(x.dtype)
 
 
 def quantize_experts(w13: torch.Tensor, w2: torch.Tensor):
@@ -101,25 +94,15 @@ def eager_moe_loop_fp8(x, q13, s13, q2, s2, topk_weights, topk_ids) -> torch.Ten
     """The same loop over FP8 experts, three ``fp8_linear`` calls (W8A8 for 16-bit x) per used expert: what
     models/moe.py's MoE.routed runs with FP8Linear experts (CPU, prefill). Same numerics as fused W8A8."""
     from kernels.fp8_gemm import fp8_linear
+    from models.moe import expert_loop
 
-    inter, k = q13.shape[1] // 2, topk_ids.shape[1]
-    rows = s13.shape[1] // 2
-    flat = topk_ids.flatten()
-    order = flat.argsort(stable=True)
-    tokens = order // k
-    counts = torch.bincount(flat, minlength=q13.shape[0]).tolist()
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            idx = tokens[start:start + count]
-            xe = x[idx]
-            h = (F.silu(fp8_linear(xe, q13[e, :inter], s13[e, :rows]))
-                 * fp8_linear(xe, q13[e, inter:], s13[e, rows:]))
-            y = fp8_linear(h, q2[e], s2[e]).float() * topk_weights.flatten()[order[start:start + count], None]
-            out.index_add_(0, idx, y)
-            start += count
-    return out.to(x.dtype)
+    inter, rows = q13.shape[1] // 2, s13.shape[1] // 2
+
+    def expert(e, xe):
+        h = F.silu(fp8_linear(xe, q13[e, :inter], s13[e, :rows])) * fp8_linear(xe, q13[e, inter:], s13[e, rows:])
+        return fp8_linear(h, q2[e], s2[e])
+
+    return expert_loop(x, topk_weights, topk_ids, q13.shape[0], expert).to(x.dtype)
 
 
 def run_bench(sweep: bool = False, dtype: torch.dtype = torch.bfloat16, shapes: dict = SHAPES,

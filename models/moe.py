@@ -8,6 +8,8 @@ routed plus its slice of the shared expert, that the decoder layer joins with on
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -157,22 +159,30 @@ class MoE(nn.Module):
         return routed + self.shared_experts(x)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of each token's chosen experts, in fp32.
+        """Weighted sum of each token's chosen experts, in fp32 (``expert_loop`` over this rank's experts)."""
+        experts = list(self.experts)
+        return expert_loop(x, weights, indices, len(experts), lambda e, rows: experts[e](rows))
 
-        (token, expert) pairs are sorted by expert so each expert that received tokens runs once on a contiguous
-        slice; results are scattered back with index_add. The host sync on the counts is the price of an eager
-        per-expert loop (a fused MoE kernel replaces it). Pairs with id -1 (another rank's expert) are dropped.
-        """
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        order = order[flat[order] >= 0]
-        tokens, token_weights = order // indices.shape[1], weights.flatten()[order, None]
-        counts = torch.bincount(flat[order], minlength=len(self.experts)).tolist()
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        start = 0
-        for expert, count in zip(self.experts, counts):
-            if count:
-                rows = slice(start, start + count)
-                out.index_add_(0, tokens[rows], expert(x[tokens[rows]]).float() * token_weights[rows])
-                start += count
-        return out
+
+def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                run_expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The eager routed-expert sum: sum_j weights[t, j] * expert_{indices[t, j]}(x[t]) in fp32 [T, hidden].
+
+    (token, expert) pairs are sorted by expert so each expert that received tokens runs once, as
+    ``run_expert(e, x_rows)``, on a contiguous slice; results are scattered back with index_add. The host sync on
+    the counts is the price of an eager per-expert loop (the fused MoE kernel replaces it). Pairs with a
+    negative id (another rank's expert) are dropped.
+    """
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    order = order[flat[order] >= 0]
+    tokens, token_weights = order // indices.shape[1], weights.flatten()[order, None]
+    counts = torch.bincount(flat[order], minlength=num_experts).tolist()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            rows = slice(start, start + count)
+            out.index_add_(0, tokens[rows], run_expert(e, x[tokens[rows]]).float() * token_weights[rows])
+            start += count
+    return out
