@@ -104,10 +104,14 @@ def _flash_mla_time(q, kv, sl, bt, H, q_len, page):
 
 
 def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=torch.bfloat16,
-                     builder_kw: dict | None = None, config=None, flashmla: bool = True) -> list[dict]:
-    """Time decode + merge for each shape dict {H, lens, q_len, name}; returns one row per shape."""
+                     builder_kw: dict | None = None, config=None, flashmla: bool = True,
+                     gluon: bool = True) -> list[dict]:
+    """Time decode + merge for each shape dict {H, lens, q_len, name}; returns one row per shape.
+    ``gluon=False`` keeps the Triton kernel where the sm90 Gluon kernel would run."""
+    import dataclasses
+
     from kernels.metadata import PersistentMetadataBuilder
-    from kernels.mla_decode import mla_decode
+    from kernels.mla_decode import default_config, mla_decode
 
     rows = []
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -119,11 +123,15 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
                                             **(builder_kw or {}))
         meta = builder.build(sl, qo, bt)
         out = torch.empty(q.shape[0], H, DV, device="cuda", dtype=dtype)
-        us = graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=config))
+        cfg = config
+        if cfg is None and not gluon:
+            cfg = dataclasses.replace(default_config(q_len * H, esize), gluon=False)
+        us = graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=cfg))
         nbytes = sum(lens) * D * esize
         flops = sum(2 * H * q_len * L * (D + DV) for L in lens)
         floor = max(nbytes / (ceilings["copy_GBps"] * 1e3), flops / (ceilings["matmul_bf16_TFLOPs"] * 1e6))
         row = dict(name=s.get("name", "uniform"), H=H, B=len(lens), L=s.get("L", max(lens)), q_len=q_len,
+                   impl=mla_decode.last_impl,
                    kv_MB=nbytes / 1e6, us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, floor_us=floor,
                    pct_floor=100 * floor / us, num_parts=meta.num_parts)
         fm = _flash_mla_time(q, kv, sl, bt, H, q_len, page) if page == 64 and flashmla else None
@@ -300,7 +308,8 @@ def print_tables(result: dict) -> None:
     c = result["ceilings"]
     print(f"\n{c['device']}: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
     hdr = (f"{'case':>20} {'H':>4} {'B':>4} {'L':>6} {'q':>2} {'us':>8} {'GB/s':>7} {'TF/s':>6} {'floor':>7} "
-           f"{'%floor':>6} {'FlashMLA':>8} {'x FM':>5} {'refFM':>7} {'x refFM':>7} {'refSGL':>7} {'x SGL':>6}")
+           f"{'%floor':>6} {'FlashMLA':>8} {'x FM':>5} {'refFM':>7} {'x refFM':>7} {'refSGL':>7} {'x SGL':>6} "
+           f"{'kernel':>6} {'triton':>7}")
     print(hdr)
     for r in result["kernel"]:
         fm = r.get("flashmla_us")
@@ -309,13 +318,16 @@ def print_tables(result: dict) -> None:
         print(f"{r['name'][:20]:>20} {r['H']:>4} {r['B']:>4} {r['L']:>6} {r['q_len']:>2} {_fmt(r['us'])} "
               f"{r['GBps']:7.0f} {r['TFLOPs']:6.0f} {_fmt(r['floor_us'], 7)} {r['pct_floor']:6.0f} {_fmt(fm)} "
               f"{_fmt(fm / r['us'] if fm else None, 5, 2)} {_fmt(rfm, 7)} {_fmt(rfm / r['us'] if rfm else None, 7, 2)} "
-              f"{_fmt(rsg, 7)} {_fmt(rsg / r['us'] if rsg else None, 6, 2)}")
+              f"{_fmt(rsg, 7)} {_fmt(rsg / r['us'] if rsg else None, 6, 2)} {r.get('impl', '-'):>6} "
+              f"{_fmt(r.get('triton_us'), 7)}")
     if result.get("metadata"):
         print(f"\n{'B':>4} {'persistent GPU us':>18} {'persistent wall us':>19} {'per_step wall us':>17}")
         for r in result["metadata"]:
             print(f"{r['B']:>4} {r['persistent_gpu_us']:18.2f} {r['persistent_wall_us']:19.1f} "
                   f"{r['per_step_wall_us']:17.1f}")
-    print("(x FM / x refFM / x SGL: their time over ours, > 1 means we are faster; ref* = mla_decode.md H100)")
+    print("(x FM / x refFM / x SGL: their time over ours, > 1 means we are faster; ref* = mla_decode.md H100; "
+          "kernel: gluon = kernels/mla_decode_sm90.py, triton = kernels/mla_decode.py; triton: the Triton kernel's "
+          "us on the same shape)")
 
 
 def main(argv=None) -> dict:
@@ -327,6 +339,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sweep", action="store_true",
                     help="tile-config, plan-snapping, grid-size and merge sweeps, then exit")
     ap.add_argument("--min-chunk", type=int, default=None, help="PersistentMetadataBuilder min_chunk")
+    ap.add_argument("--triton-too", action="store_true",
+                    help="also time the Triton kernel where the sm90 Gluon kernel runs (column 'triton')")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU")
@@ -343,6 +357,11 @@ def main(argv=None) -> dict:
     kw = {} if args.min_chunk is None else {"min_chunk": args.min_chunk}
     result = {"ceilings": ceilings, "torch": torch.__version__, "kernel": run_kernel_bench(shapes, ceilings,
                                                                                         builder_kw=kw)}
+    if args.triton_too:
+        todo = [(s, r) for s, r in zip(shapes, result["kernel"]) if r["impl"] == "gluon"]
+        for (s, r), t in zip(todo, run_kernel_bench([s for s, _ in todo], ceilings, builder_kw=kw, flashmla=False,
+                                                    gluon=False)):
+            r["triton_us"] = t["us"]
     import triton
     result["triton"] = triton.__version__
     with open(args.out, "w") as f:  # kernel rows first, in case the metadata part is cut short

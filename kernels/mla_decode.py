@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import mla_decode_sm90 as sm90
+
 LOG2E = 1.4426950408889634
 
 
@@ -182,6 +184,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     use_tma: bool = True  # whole in-page blocks through tensor descriptors (when the layout allows)
+    gluon: bool = True  # on sm90, the Gluon kernel (kernels.mla_decode_sm90) where it supports the call
 
 
 # Chosen by measurement on H100 (kernels/NOTES.md, `python -m kernels.bench --sweep`).
@@ -248,7 +251,8 @@ def mla_decode(
     """Absorbed MLA attention: q [T, H, D] against kv_cache [P, page, D] -> [T, H, kv_lora_rank] (q's dtype).
 
     ``meta`` is the step's ``MLAMetadata``. Rows of padding slots (q_len 0 or seq_len 0) are not written.
-    Launches the decode kernel and, when the plan cut a request over several parts, the merge kernel;
+    Launches the decode kernel (on sm90 the Gluon kernel of ``kernels.mla_decode_sm90`` where it applies,
+    else the Triton kernel above) and, when the plan cut a request over several parts, the merge kernel;
     no allocation when ``out`` is given, no host synchronization.
     """
     from kernels.mla_merge import mla_merge
@@ -260,6 +264,20 @@ def mla_decode(
     if meta.num_parts == 0 or T == 0:
         return out
     cfg = config or default_config(meta.max_q_len * H, q.element_size(), kv_lora_rank, q.is_cuda)
+    merged_upto = 0  # requests cut into at most this many parts are merged by the decode kernel itself
+    if cfg.gluon and q.is_cuda and sm90.supported(q, kv_cache, meta, kv_lora_rank) is None:
+        merged_upto = sm90.mla_decode_sm90(q, kv_cache, meta, sm_scale, out, LOG2E)
+        mla_decode.last_impl = "gluon"
+    else:
+        _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg)
+        mla_decode.last_impl = "triton"
+    if meta.max_merges > 0:
+        mla_merge(out, meta, merged_upto=merged_upto)
+    return out
+
+
+def _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg) -> None:
+    T, H, D = q.shape
     rope_dim = D - kv_lora_rank
     half = max(32, triton.next_power_of_2(kv_lora_rank)) // 2
     block_dpe = max(16, triton.next_power_of_2(max(rope_dim, 1)))
@@ -290,6 +308,3 @@ def mla_decode(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     mla_decode.last_used_tma = use_tma
-    if meta.max_merges > 0:
-        mla_merge(out, meta)
-    return out

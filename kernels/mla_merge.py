@@ -18,7 +18,7 @@ import triton.language as tl
 def _mla_merge_kernel(
     O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, MERGE_REQS, NUM_MERGE,
     stride_ot, stride_oh, stride_ps, stride_pr, stride_ls,
-    H, G,
+    H, G, merged_upto,
     DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -29,8 +29,8 @@ def _mla_merge_kernel(
         b = tl.load(MERGE_REQS + m)
         q_start = tl.load(QO_INDPTR + b)
         n_rows = (tl.load(QO_INDPTR + b + 1) - q_start) * H
-        if r < n_rows:
-            n_split = tl.load(NUM_SPLITS + b)
+        n_split = tl.load(NUM_SPLITS + b)
+        if (r < n_rows) & (n_split > merged_upto):
             slot0 = tl.load(SPLIT_INDPTR + b).to(tl.int64)
             mx = float("-inf")
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -53,8 +53,11 @@ def _mla_merge_kernel(
             tl.store(o_ptr + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
 
 
-def mla_merge(out: torch.Tensor, meta, block_s: int = 16, block_d: int = 256, groups: int = 16) -> torch.Tensor:
-    """Merge the partials of ``meta``'s split requests into ``out`` [T, H, kv_lora_rank] in place."""
+def mla_merge(out: torch.Tensor, meta, block_s: int = 16, block_d: int = 256, groups: int = 16,
+              merged_upto: int = 0) -> torch.Tensor:
+    """Merge the partials of ``meta``'s split requests into ``out`` [T, H, kv_lora_rank] in place.
+
+    Requests cut into at most ``merged_upto`` parts are skipped (the decode kernel merged them itself)."""
     if out.dim() != 3 or out.shape[1] != meta.num_heads or out.shape[2] != meta.kv_lora_rank:
         raise ValueError(f"out must be [T, {meta.num_heads}, {meta.kv_lora_rank}], got {tuple(out.shape)}")
     if out.stride(-1) != 1:
@@ -68,7 +71,7 @@ def mla_merge(out: torch.Tensor, meta, block_s: int = 16, block_d: int = 256, gr
         out, meta.o_partial, meta.lse_partial, meta.qo_indptr, meta.num_splits, meta.split_indptr,
         meta.merge_reqs, meta.num_merge,
         out.stride(0), out.stride(1), meta.o_partial.stride(0), meta.o_partial.stride(1),
-        meta.lse_partial.stride(0), H, G,
+        meta.lse_partial.stride(0), H, G, merged_upto,
         DV=dv, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
     )
     return out

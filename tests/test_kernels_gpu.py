@@ -154,7 +154,7 @@ def test_cuda_graph_replay_new_lengths():
     e.fill([100] * 16, [1] * 16, seed=0)
     graph, _ = capture(e.step, warmup=2)
     steps = [([8000, 3, 1, 700], [1, 1, 1, 1]), ([1] * 16, [1] * 16), ([2, 8191] + [64] * 13, [1] * 15),
-             ([5000], [1])]
+             ([5000], [1]), ([4000] * 16, [1] * 16)]  # (the last: requests cut 2-5 ways, merged in the kernel)
     for i, (lens, qls) in enumerate(steps):
         T = e.fill(lens, qls, seed=i + 1)
         e.out.fill_(float("nan"))
@@ -167,3 +167,58 @@ def test_cuda_graph_replay_new_lengths():
         torch.cuda.synchronize()
         torch.testing.assert_close(replayed[:T], e.out[:T], rtol=0, atol=0)
         assert rel_err(replayed[:T], e.reference()[:T]) < REL_TOL[torch.bfloat16]
+
+
+def _sm90_or_skip():
+    from kernels import mla_decode_sm90
+
+    if torch.cuda.get_device_capability() != (9, 0) or mla_decode_sm90._GLUON_ERROR:
+        pytest.skip("the Gluon kernel needs an sm90 GPU and Triton's Gluon")
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_sm90_kernel_merges_in_kernel(H):
+    """Page-64 bf16 calls run the Gluon kernel; requests cut into <= MERGE_UPTO parts are merged by the
+    kernel (the last part to finish), longer cuts by the merge kernel; counters return to 0; a second call
+    gives the same bits; the Triton kernel agrees."""
+    _sm90_or_skip()
+    from kernels import mla_decode as md
+    from kernels.mla_decode_sm90 import MERGE_UPTO
+
+    g = torch.Generator().manual_seed(3)
+    lens = [16384] + torch.randint(1, 6000, (47,), generator=g).tolist()
+    q, kv, sl, qo, bt = gpu_problem(lens, [1] * len(lens), H, 64)
+    meta = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=1, max_pages_per_seq=bt.shape[1],
+                                     page_size=64, device=DEV).build(sl, qo, bt)
+    ns = meta.num_splits
+    assert ((ns > 1) & (ns <= MERGE_UPTO)).any() and (ns > MERGE_UPTO).any()
+    out = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV)
+    assert md.mla_decode.last_impl == "gluon"
+    assert int(meta.merge_counters.abs().sum()) == 0
+    ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+    assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+    assert torch.equal(mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV), out)
+    tri = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, config=md.DecodeConfig(64, 64, 8, 2, gluon=False))
+    assert md.mla_decode.last_impl == "triton"
+    assert rel_err(out, tri) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_sm90_kernel_mixed_q_len_and_unwritten_rows(H):
+    """Causal rows of mixed q_len, padding slots, and NaN in the unwritten rows of every last page."""
+    _sm90_or_skip()
+    from kernels import mla_decode as md
+
+    lens, qls = [300, 5000, 17, 64, 0, 2049], [1, 3, 2, 1, 0, 2]
+    q, kv, sl, qo, bt = gpu_problem(lens, qls, H, 64)
+    for b, L in enumerate(lens):
+        if L % 64:
+            kv[bt[b, L // 64], L % 64:] = float("nan")
+    meta = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=3, max_pages_per_seq=bt.shape[1],
+                                     page_size=64, device=DEV).build(sl, qo, bt)
+    out = torch.full((q.shape[0], H, DV), float("nan"), dtype=q.dtype, device=DEV)
+    mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, out=out)
+    assert md.mla_decode.last_impl == "gluon"
+    ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < REL_TOL[torch.bfloat16]

@@ -1,0 +1,307 @@
+"""Hopper MLA decode in Gluon: the same plan and outputs as ``kernels.mla_decode``, with explicit warpgroups.
+
+Why a second kernel: Triton (3.6) lays the 64 x 64 score tile of the generic kernel over both warpgroups
+with warps stacked along rows, so each warpgroup computes the whole QK^T (576-deep) for the same 64 rows:
+the largest matmul of the block runs twice, in 64 x 32 instructions. Gluon lets us pick the layouts:
+
+- scores S = Q K^T [64 rows, 64 tokens]: warpgroup g computes tokens 32g .. 32g + 31 (no duplicate work);
+  the row max and sum cross the two warpgroups once per block;
+- P (bf16) goes to shared memory once and both warpgroups read it as the A operand of P V;
+- the output O [64, 512] fp32: warpgroup g owns value columns 256g .. 256g + 255 (128 registers a thread).
+
+Q (64 x 576) stays in shared memory for a request; KV blocks (64 tokens = one page) arrive by TMA into a
+two-stage ring, block j + 1 in flight while block j is computed. Rows of a request's last page past its
+length may hold anything (NaN included): they are zeroed in shared memory before they are used as values.
+A request cut into at most ``MERGE_UPTO`` parts is merged by the part that finishes it last (a counter per
+(request, row tile) in the metadata, reset by the merger); longer cuts go to ``kernels.mla_merge``.
+Measurements and the version history: kernels/NOTES.md (session 3).
+
+Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, at least 64 rows per request
+(q_len * H), contiguous q and cache. ``supported`` says why not otherwise; ``kernels.mla_decode`` falls
+back to the generic kernel then. Gluon kernels do not run under the interpreter: tested on the GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    _GLUON_ERROR = None
+except ImportError as e:  # an older Triton: the generic kernel serves
+    _GLUON_ERROR = f"this Triton has no Gluon for Hopper ({e})"
+
+BLOCK_H, BLOCK_N, DV, DPE, HALF = 64, 64, 512, 64, 256
+# A request cut into at most this many parts is merged by the part that finishes it last (its partials are
+# still in L2, and no merge launch waits for it); longer splits (small batches) keep the parallel merge kernel.
+MERGE_UPTO = 4
+
+
+def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int) -> Optional[str]:
+    """None when the Gluon kernel can run this call, else the reason (one line)."""
+    if _GLUON_ERROR is not None:
+        return _GLUON_ERROR
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "the Gluon kernel needs an sm90 GPU"
+    if q.dtype != torch.bfloat16:
+        return f"the Gluon kernel needs bf16, got {q.dtype}"
+    if q.shape[-1] != DV + DPE or kv_lora_rank != DV:
+        return f"the Gluon kernel needs 576 = 512 + 64 wide vectors, got {q.shape[-1]} with rank {kv_lora_rank}"
+    if meta.page_size != BLOCK_N or meta.plan_block != BLOCK_N:
+        return f"the Gluon kernel needs page size and plan block {BLOCK_N}"
+    if meta.max_q_len * meta.num_heads < BLOCK_H:
+        return f"the Gluon kernel needs at least {BLOCK_H} rows (q_len * H) per request"
+    if not (q.is_contiguous() and kv_cache.is_contiguous()):
+        return "the Gluon kernel needs contiguous q and cache"
+    if meta.merge_counters is None:
+        return "the Gluon kernel needs metadata with merge counters"
+    return None
+
+
+if _GLUON_ERROR is None:
+
+    @gluon.jit
+    def _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, b, tile, H,
+                       stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H: gl.constexpr, DV: gl.constexpr):
+        """Merge the partials of rows [tile * BLOCK_H, + BLOCK_H) of request ``b`` into ``O``, 16 rows at a time.
+        Partials are read through L2 only (.cg): other SMs wrote them during this launch."""
+        q_start = gl.load(QO_INDPTR + b)
+        n_rows = (gl.load(QO_INDPTR + b + 1) - q_start) * H
+        n_split = gl.load(NUM_SPLITS + b)
+        slot0 = gl.load(SPLIT_INDPTR + b)
+        row0 = tile * BLOCK_H
+        R: gl.constexpr = 16
+        M_L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])
+        cols = gl.arange(0, DV, layout=gl.SliceLayout(0, M_L))
+        for r0 in gl.static_range(0, BLOCK_H, R):
+            rows = row0 + r0 + gl.arange(0, R, layout=gl.SliceLayout(1, M_L))
+            ok = rows < n_rows
+            ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < DV, 0)
+            mx = gl.full([R], float("-inf"), gl.float32, layout=gl.SliceLayout(1, M_L))
+            w_sum = gl.zeros([R], gl.float32, layout=gl.SliceLayout(1, M_L))
+            acc = gl.zeros([R, DV], gl.float32, layout=M_L)
+            for i in range(n_split):
+                sl = (slot0 + i).to(gl.int64)
+                lse = gl.load(LSE_PART + sl * stride_ls + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                o = gl.load(O_PART + sl * stride_ps + gl.expand_dims(rows * stride_pr, 1) + gl.expand_dims(cols, 0),
+                            mask=ok2, other=0.0, cache_modifier=".cg")
+                mx_new = gl.maximum(mx, lse)
+                base = gl.where(mx_new == float("-inf"), gl.zeros_like(mx_new), mx_new)
+                scale = gl.exp2(mx - base)
+                w = gl.exp2(lse - base)
+                acc = acc * gl.expand_dims(scale, 1) + gl.expand_dims(w, 1) * o
+                w_sum = w_sum * scale + w
+                mx = mx_new
+            res = acc / gl.expand_dims(gl.where(w_sum > 0.0, w_sum, gl.full_like(w_sum, 1.0)), 1)
+            o_ptr = O + (q_start + rows // H) * stride_ot + (rows % H) * stride_oh
+            gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols, 0), res.to(gl.bfloat16), mask=ok2)
+
+    @gluon.jit
+    def _mla_decode_sm90_kernel(
+        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+        QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
+        stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
+        COUNTERS, scale_log2, H, overhead, n_tiles,
+        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
+        MERGE_UPTO: gl.constexpr,
+    ):
+        gl.static_assert(BLOCK_H == 64 and BLOCK_N == 64 and DV == 2 * HALF)
+        # scores: warpgroup g owns tokens [32g, 32g + 32) of the block; output: value columns [256g, 256g + 256)
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                      instr_shape=[16, HALF, 16])
+        ZERO_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        LAT_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DV], gl.bfloat16)
+        PE_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DPE], gl.bfloat16)
+        P_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        NBYTES_Q: gl.constexpr = BLOCK_H * (DV + DPE) * 2
+        NBYTES_KV: gl.constexpr = BLOCK_N * (DV + DPE) * 2
+
+        # (one-slot rings indexed by a loop-variant 0 below: otherwise the 36 wgmma descriptors of Q are hoisted
+        # out of the loop and held in registers, which spills the loop)
+        q_lat_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, DV], LAT_SL)
+        q_pe_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, DPE], PE_SL)
+        q_lat = q_lat_ring.index(0)
+        q_pe = q_pe_ring.index(0)
+        kv_lat = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DV], LAT_SL)
+        kv_pe = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DPE], PE_SL)
+        p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_N], P_SL)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar.index(0), count=1)
+        mbarrier.init(kv_bar.index(1), count=1)
+        mbarrier.init(q_bar, count=1)
+        fence_async_shared()
+        gl.thread_barrier()
+
+        p = gl.program_id(0)
+        tile = gl.program_id(1)
+        begin = gl.load(PART_BOUNDS + p)
+        end = gl.load(PART_BOUNDS + p + 1)
+        b_lo = gl.load(PART_REQS + 2 * p)
+        b_hi = gl.load(PART_REQS + 2 * p + 1)
+
+        # requests this program finished last (only a part's first and last requests can be cut): merged at the end
+        merge_a = -1
+        merge_b = -1
+        it = 0  # KV blocks loaded by this program so far: block `it` goes to stage it % 2, phase (it // 2) & 1
+        q_phase = 0
+        for b in range(b_lo, b_hi):
+            cs = gl.load(CU_COST + b)
+            ce = gl.load(CU_COST + b + 1)
+            kv0 = cs + overhead  # the request's KV blocks occupy plan units [kv0, ce)
+            lo = gl.maximum(begin, kv0) - kv0
+            hi = gl.minimum(end, ce) - kv0
+            q_start = gl.load(QO_INDPTR + b)
+            q_len = gl.load(QO_INDPTR + b + 1) - q_start
+            n_rows = q_len * H
+            if (lo < hi) & (tile * BLOCK_H < n_rows):
+                L = gl.load(SEQ_LENS + b)
+                start_n = lo * BLOCK_N
+                last_tok = gl.minimum((tile * BLOCK_H + BLOCK_H - 1) // H, q_len - 1)
+                end_n = gl.minimum(gl.minimum(hi * BLOCK_N, L), L - q_len + last_tok + 1)
+                n_blocks = gl.maximum(end_n - start_n + BLOCK_N - 1, 0) // BLOCK_N
+                bt_row = BLOCK_TABLE + b * stride_bt
+
+                row_q = q_start * H + tile * BLOCK_H  # q is [T * H, 576]: the tile's rows are contiguous
+                mbarrier.expect(q_bar, NBYTES_Q)
+                tma.async_copy_global_to_shared(Q_DESC, [row_q, 0], q_bar, q_lat.slice(0, HALF, dim=1))
+                tma.async_copy_global_to_shared(Q_DESC, [row_q, HALF], q_bar, q_lat.slice(HALF, HALF, dim=1))
+                tma.async_copy_global_to_shared(Q_PE_DESC, [row_q, DV], q_bar, q_pe)
+                if n_blocks > 0:
+                    st = it % 2
+                    row_kv = gl.load(bt_row + start_n // BLOCK_N) * BLOCK_N
+                    bar = kv_bar.index(st)
+                    mbarrier.expect(bar, NBYTES_KV)
+                    tma.async_copy_global_to_shared(KV_DESC, [row_kv, 0], bar, kv_lat.index(st).slice(0, HALF, dim=1))
+                    tma.async_copy_global_to_shared(KV_DESC, [row_kv, HALF], bar,
+                                                    kv_lat.index(st).slice(HALF, HALF, dim=1))
+                    tma.async_copy_global_to_shared(KV_PE_DESC, [row_kv, DV], bar, kv_pe.index(st))
+                mbarrier.wait(q_bar, q_phase)
+                q_phase ^= 1
+
+                rows_s = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_S)
+                pos = L - q_len + rows_s // H  # KV position of each row's query token
+                m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=ROW_S)
+                l_i = gl.zeros([BLOCK_H], gl.float32, layout=ROW_S)
+                acc = gl.zeros([BLOCK_H, DV], gl.float32, layout=O_L)
+                for j in range(n_blocks):
+                    st = it % 2
+                    if j + 1 < n_blocks:  # prefetch block j + 1 into the other stage (free since block j - 1)
+                        nx = 1 - st
+                        row_kv = gl.load(bt_row + start_n // BLOCK_N + j + 1) * BLOCK_N
+                        bar = kv_bar.index(nx)
+                        mbarrier.expect(bar, NBYTES_KV)
+                        tma.async_copy_global_to_shared(KV_DESC, [row_kv, 0], bar,
+                                                        kv_lat.index(nx).slice(0, HALF, dim=1))
+                        tma.async_copy_global_to_shared(KV_DESC, [row_kv, HALF], bar,
+                                                        kv_lat.index(nx).slice(HALF, HALF, dim=1))
+                        tma.async_copy_global_to_shared(KV_PE_DESC, [row_kv, DV], bar, kv_pe.index(nx))
+                    mbarrier.wait(kv_bar.index(st), (it // 2) & 1)
+                    n0 = start_n + j * BLOCK_N
+                    v = kv_lat.index(st)
+                    if n0 + BLOCK_N > L:  # the page's rows past L were never written: zero them (values)
+                        x = v.load(ZERO_L)
+                        zrows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ZERO_L))
+                        x = gl.where(gl.expand_dims(zrows < L, 1), x, gl.zeros_like(x))
+                        v.store(x)
+                        fence_async_shared()
+                        gl.thread_barrier()
+                    s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=S_L)
+                    zero = it >> 30
+                    s = warpgroup_mma(q_lat_ring.index(zero), v.permute((1, 0)), s, use_acc=False, is_async=True)
+                    s = warpgroup_mma(q_pe_ring.index(zero), kv_pe.index(st).permute((1, 0)), s, is_async=True)
+                    s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
+                    toks = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+                    ok = (gl.expand_dims(toks, 0) < end_n) & (gl.expand_dims(toks, 0) <= gl.expand_dims(pos, 1))
+                    s = gl.where(ok, s * scale_log2, gl.full_like(s, float("-inf")))
+                    m_new = gl.maximum(m_i, gl.max(s, 1))
+                    alpha = gl.exp2(m_i - m_new)
+                    pr = gl.exp2(s - gl.expand_dims(m_new, 1))
+                    l_i = l_i * alpha + gl.sum(pr, 1)
+                    m_i = m_new
+                    p_smem.store(pr.to(gl.bfloat16))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, ROW_O), 1)
+                    acc = warpgroup_mma(p_smem, v, acc)
+                    gl.thread_barrier()  # both warpgroups are done with this stage and with P
+                    it += 1
+
+                l_o = gl.convert_layout(l_i, ROW_O)
+                has = l_o > 0.0
+                out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
+                rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
+                cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, O_L))
+                row_ok = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o < DV, 0)
+                tok = rows_o // H
+                head = rows_o % H
+                if gl.load(NUM_SPLITS + b) == 1:
+                    o_ptr = O + (q_start + tok) * stride_ot + head * stride_oh
+                    gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols_o, 0), out.to(gl.bfloat16), mask=row_ok)
+                else:
+                    n_split = gl.load(NUM_SPLITS + b)
+                    slot0 = gl.load(SPLIT_INDPTR + b)
+                    slot = slot0 + p - gl.load(FIRST_PART + b)
+                    po = O_PART + slot.to(gl.int64) * stride_ps + rows_o * stride_pr
+                    gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=row_ok)
+                    m_o = gl.convert_layout(m_i, ROW_O)
+                    lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
+                    gl.store(LSE_PART + slot.to(gl.int64) * stride_ls + rows_o, lse, mask=rows_o < n_rows)
+                    if (MERGE_UPTO > 0) and (n_split <= MERGE_UPTO):  # the part finishing (request, tile) last merges
+                        gl.thread_barrier()  # every thread's partial stores precede the release below
+                        counter = COUNTERS + b * n_tiles + tile
+                        done = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                        if done == n_split - 1:  # merged after the loop (inside it, the code spills the loop)
+                            gl.store(counter, 0)
+                            if merge_a < 0:
+                                merge_a = b
+                            else:
+                                merge_b = b
+        if MERGE_UPTO > 0:
+            if merge_a >= 0:
+                _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_a, tile, H,
+                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
+            if merge_b >= 0:
+                _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_b, tile, H,
+                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
+        mbarrier.invalidate(kv_bar.index(0))
+        mbarrier.invalidate(kv_bar.index(1))
+        mbarrier.invalidate(q_bar)
+
+
+def descriptor_layouts():
+    """Shared-memory layouts of the TMA boxes: [64, 256] latent halves and [64, 64] rope parts."""
+    return (gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], gl.bfloat16),
+            gl.NVMMASharedLayout.get_default_for([BLOCK_N, DPE], gl.bfloat16))
+
+
+def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: float, out: torch.Tensor,
+                    log2e: float) -> int:
+    """Launch the decode kernel on inputs ``supported`` accepted. Returns ``merged_upto``: requests cut into
+    at most that many parts were merged by the kernel; ``kernels.mla_merge`` merges the others."""
+    T, H, D = q.shape
+    lat_l, pe_l = descriptor_layouts()
+    q2, kv2 = q.view(T * H, D), kv_cache.view(-1, D)
+    q_desc = GluonDescriptor.from_tensor(q2, [BLOCK_H, HALF], lat_l)
+    q_pe_desc = GluonDescriptor.from_tensor(q2, [BLOCK_H, DPE], pe_l)
+    kv_desc = GluonDescriptor.from_tensor(kv2, [BLOCK_N, HALF], lat_l)
+    kv_pe_desc = GluonDescriptor.from_tensor(kv2, [BLOCK_N, DPE], pe_l)
+    n_tiles = -(-meta.max_q_len * H // BLOCK_H)
+    o_part, lse_part = meta.o_partial, meta.lse_partial
+    _mla_decode_sm90_kernel[(meta.num_parts, n_tiles)](
+        q_desc, q_pe_desc, kv_desc, kv_pe_desc, out, o_part, lse_part, meta.block_table,
+        meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
+        meta.num_splits, meta.split_indptr,
+        out.stride(0), out.stride(1), meta.block_table.stride(0), o_part.stride(0), o_part.stride(1),
+        lse_part.stride(0), meta.merge_counters, sm_scale * log2e, H, meta.overhead, n_tiles,
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, MERGE_UPTO=MERGE_UPTO, num_warps=8,
+    )
+    return MERGE_UPTO
