@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import mla_decode_sm90 as sm90
+from kernels.plan_kernels import request_span
 
 LOG2E = 1.4426950408889634
 
@@ -113,16 +114,9 @@ def _mla_decode_kernel(
     dpe_ok = offs_dpe < DPE
 
     for b in range(b_lo, b_hi):
-        cs = tl.load(CU_COST + b)
-        ce = tl.load(CU_COST + b + 1)
-        kv0 = cs + overhead  # the request's KV blocks occupy plan units [kv0, ce)
-        lo = tl.maximum(begin, kv0) - kv0
-        hi = tl.minimum(end, ce) - kv0
-        q_start = tl.load(QO_INDPTR + b)
-        q_len = tl.load(QO_INDPTR + b + 1) - q_start
-        n_rows = q_len * H
-        if (lo < hi) & (tile * BLOCK_H < n_rows):
-            L = tl.load(SEQ_LENS + b)
+        active, q_start, q_len, n_rows, L, start_n, end_n = request_span(
+            b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead, BLOCK_H, PLAN_BLOCK)
+        if active:
             row_ok = offs_r < n_rows
             pos = L - q_len + tok  # KV position of each row's query token
             q_row = Q + (q_start + tok) * stride_qt + head * stride_qh
@@ -134,10 +128,6 @@ def _mla_decode_kernel(
                 q_a = q_a.to(tl.float32)
                 q_b = q_b.to(tl.float32)
                 q_pe = q_pe.to(tl.float32)
-            start_n = lo * PLAN_BLOCK
-            # the last KV position any row of this tile may see (causal within the new tokens)
-            last_tok = tl.minimum((tile * BLOCK_H + BLOCK_H - 1) // H, q_len - 1)
-            end_n = tl.minimum(tl.minimum(hi * PLAN_BLOCK, L), L - q_len + last_tok + 1)
             # tokens before L - q_len + 1 exist and are seen by every row: whole blocks there need no mask
             n_full = tl.maximum(tl.minimum(end_n, L - q_len + 1) - start_n, 0) // BLOCK_N
             bt_row = b * stride_bt

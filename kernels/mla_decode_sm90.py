@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from kernels.plan_kernels import request_span
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -154,19 +156,9 @@ if _GLUON_ERROR is None:
         it = 0  # KV blocks loaded by this program so far: block `it` goes to stage it % 2, phase (it // 2) & 1
         q_phase = 0
         for b in range(b_lo, b_hi):
-            cs = gl.load(CU_COST + b)
-            ce = gl.load(CU_COST + b + 1)
-            kv0 = cs + overhead  # the request's KV blocks occupy plan units [kv0, ce)
-            lo = gl.maximum(begin, kv0) - kv0
-            hi = gl.minimum(end, ce) - kv0
-            q_start = gl.load(QO_INDPTR + b)
-            q_len = gl.load(QO_INDPTR + b + 1) - q_start
-            n_rows = q_len * H
-            if (lo < hi) & (tile * BLOCK_H < n_rows):
-                L = gl.load(SEQ_LENS + b)
-                start_n = lo * BLOCK_N
-                last_tok = gl.minimum((tile * BLOCK_H + BLOCK_H - 1) // H, q_len - 1)
-                end_n = gl.minimum(gl.minimum(hi * BLOCK_N, L), L - q_len + last_tok + 1)
+            active, q_start, q_len, n_rows, L, start_n, end_n = request_span(
+                b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead, BLOCK_H, BLOCK_N)
+            if active:
                 n_blocks = gl.maximum(end_n - start_n + BLOCK_N - 1, 0) // BLOCK_N
                 bt_row = BLOCK_TABLE + b * stride_bt
 

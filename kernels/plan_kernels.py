@@ -145,3 +145,24 @@ def build_kv_indices(seq_lens: torch.Tensor, kv_indptr: torch.Tensor, block_tabl
         _kv_indices_kernel[(B,)](seq_lens, kv_indptr, block_table, out, block_table.stride(0),
                                  PAGE_SIZE=page_size, BLOCK=1024, num_warps=4)
     return out
+
+
+@triton.jit
+def request_span(b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead,
+                 BLOCK_H: tl.constexpr, PLAN_BLOCK: tl.constexpr):
+    """The share of request ``b`` that part [begin, end) of the plan runs for row tile ``tile``, for both
+    decode kernels: (active, q_start, q_len, n_rows, L, start_n, end_n). KV positions [start_n, end_n);
+    end_n stops at the last position any row of the tile may see (causal within the new tokens)."""
+    cs = tl.load(CU_COST + b)
+    ce = tl.load(CU_COST + b + 1)
+    kv0 = cs + overhead  # the request's KV blocks occupy plan units [kv0, ce)
+    lo = tl.maximum(begin, kv0) - kv0
+    hi = tl.minimum(end, ce) - kv0
+    q_start = tl.load(QO_INDPTR + b)
+    q_len = tl.load(QO_INDPTR + b + 1) - q_start
+    n_rows = q_len * H
+    L = tl.load(SEQ_LENS + b)
+    last_tok = tl.minimum((tile * BLOCK_H + BLOCK_H - 1) // H, q_len - 1)
+    end_n = tl.minimum(tl.minimum(hi * PLAN_BLOCK, L), L - q_len + last_tok + 1)
+    active = (lo < hi) & (tile * BLOCK_H < n_rows)
+    return active, q_start, q_len, n_rows, L, lo * PLAN_BLOCK, end_n
