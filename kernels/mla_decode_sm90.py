@@ -9,12 +9,24 @@ the largest matmul of the block runs twice, in 64 x 32 instructions. Gluon lets 
 - P (bf16) goes to shared memory once and both warpgroups read it as the A operand of P V;
 - the output O [64, 512] fp32: warpgroup g owns value columns 256g .. 256g + 255 (128 registers a thread).
 
-Q (64 x 576) stays in shared memory for a request; KV blocks (64 tokens = one page) arrive by TMA into a
-two-stage ring, block j + 1 in flight while block j is computed. Rows of a request's last page past its
-length may hold anything (NaN included): they are zeroed in shared memory before they are used as values.
-A request cut into at most ``MERGE_UPTO`` parts is merged by the part that finishes it last (a counter per
-(request, row tile) in the metadata, reset by the merger); longer cuts go to ``kernels.mla_merge``.
-Measurements and the version history: kernels/NOTES.md (session 3).
+Two schedules share the work plan and the outputs:
+
+- **lockstep** (``_mla_decode_sm90_kernel``, 64-row requests: memory-bound): both warpgroups work on the
+  same block, tokens of S split between them as above. Q (64 x 576) stays in shared memory for a request;
+  KV blocks (64 tokens = one page) arrive by TMA into a two-stage ring, block j + 1 in flight while block j
+  is computed. A request cut into at most ``MERGE_UPTO`` parts is merged by the part that finishes it last
+  (a counter per (request, row tile) in the metadata, reset by the merger); longer cuts go to
+  ``kernels.mla_merge``.
+- **seesaw** (``_mla_decode_sm90_seesaw``, >= 128 rows per request, H = 128 or q_len > 1: compute-bound):
+  FlashMLA's schedule (its deep-dive write-up, 2025-04) in two warp-specialized partitions. Warpgroup 0
+  computes the full S of even blocks, warpgroup 1 of odd blocks, so one warpgroup's softmax runs while the
+  other's matmuls do; the running max, the rescale factors and P pass through shared memory (P over the
+  block's rope part, which S no longer needs). Each block arrives in three TMA parts with their own
+  barriers, and S starts on the first to land. 1.2-1.25x over lockstep at H = 128 with many requests.
+
+Rows of a request's last page past its length may hold anything (NaN included): they are zeroed in shared
+memory before they are used as values. Measurements and the version history: kernels/NOTES.md (sessions
+3 and 4).
 
 Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, at least 64 rows per request
 (q_len * H), contiguous q and cache. ``supported`` says why not otherwise; ``kernels.mla_decode`` falls
@@ -42,6 +54,8 @@ BLOCK_H, BLOCK_N, DV, DPE, HALF = 64, 64, 512, 64, 256
 # A request cut into at most this many parts is merged by the part that finishes it last (its partials are
 # still in L2, and no merge launch waits for it); longer splits (small batches) keep the parallel merge kernel.
 MERGE_UPTO = 4
+# registers of the seesaw's second warpgroup: 256 leaves both warpgroups without spills (232: 48 B of stack)
+WORKER_REGS = 256
 
 
 def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int) -> Optional[str]:
@@ -69,24 +83,26 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, b, tile, H,
-                       stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H: gl.constexpr, DV: gl.constexpr):
-        """Merge the partials of rows [tile * BLOCK_H, + BLOCK_H) of request ``b`` into ``O``, 16 rows at a time.
-        Partials are read through L2 only (.cg): other SMs wrote them during this launch."""
+                       stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H: gl.constexpr,
+                       COL0: gl.constexpr, NCOLS: gl.constexpr, WARPS: gl.constexpr):
+        """Merge the partials of rows [tile * BLOCK_H, + BLOCK_H), value columns [COL0, COL0 + NCOLS) of request
+        ``b`` into ``O``, 16 rows at a time, with WARPS warps. Partials are read through L2 only (.cg): other SMs
+        wrote them during this launch."""
         q_start = gl.load(QO_INDPTR + b)
         n_rows = (gl.load(QO_INDPTR + b + 1) - q_start) * H
         n_split = gl.load(NUM_SPLITS + b)
         slot0 = gl.load(SPLIT_INDPTR + b)
         row0 = tile * BLOCK_H
         R: gl.constexpr = 16
-        M_L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])
-        cols = gl.arange(0, DV, layout=gl.SliceLayout(0, M_L))
+        M_L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
+        cols = COL0 + gl.arange(0, NCOLS, layout=gl.SliceLayout(0, M_L))
         for r0 in gl.static_range(0, BLOCK_H, R):
             rows = row0 + r0 + gl.arange(0, R, layout=gl.SliceLayout(1, M_L))
             ok = rows < n_rows
-            ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < DV, 0)
+            ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < COL0 + NCOLS, 0)
             mx = gl.full([R], float("-inf"), gl.float32, layout=gl.SliceLayout(1, M_L))
             w_sum = gl.zeros([R], gl.float32, layout=gl.SliceLayout(1, M_L))
-            acc = gl.zeros([R, DV], gl.float32, layout=M_L)
+            acc = gl.zeros([R, NCOLS], gl.float32, layout=M_L)
             for i in range(n_split):
                 sl = (slot0 + i).to(gl.int64)
                 lse = gl.load(LSE_PART + sl * stride_ls + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
@@ -260,13 +276,308 @@ if _GLUON_ERROR is None:
         if MERGE_UPTO > 0:
             if merge_a >= 0:
                 _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_a, tile, H,
-                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
+                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, 0, DV, 8)
             if merge_b >= 0:
                 _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_b, tile, H,
-                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
+                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, 0, DV, 8)
         mbarrier.invalidate(kv_bar.index(0))
         mbarrier.invalidate(kv_bar.index(1))
         mbarrier.invalidate(q_bar)
+
+
+    # ---- the seesaw schedule: two warp-specialized warpgroups, each computing the full S of alternate blocks ----
+
+    @gluon.jit
+    def _load_part(KV_DESC, KV_PE_DESC, bars, stage, lat, pe, row_kv, part: gl.constexpr, HALF: gl.constexpr):
+        """TMA of one part of a block into its stage: 0 = latent columns [0, 256), 1 = [256, 512), 2 = rope.
+        Each part completes its own barrier (bars[3 * stage + part]), so scores start on the first to land."""
+        bar = bars.index(3 * stage + part)
+        if part == 2:
+            mbarrier.expect(bar, pe.type.shape[0] * pe.type.shape[1] * 2)
+            tma.async_copy_global_to_shared(KV_PE_DESC, [row_kv, 2 * HALF], bar, pe)
+        else:
+            mbarrier.expect(bar, lat.type.shape[0] * HALF * 2)
+            tma.async_copy_global_to_shared(KV_DESC, [row_kv, part * HALF], bar, lat.slice(part * HALF, HALF, dim=1))
+
+    @gluon.jit
+    def _block_scores(q_lat_ring, q_pe_ring, zero, bars, stage, phase, k_lat, k_pe, n0, L, end_n, pos, scale_log2,
+                      FIRST: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
+                      HALF: gl.constexpr, S_L: gl.constexpr):
+        """Scaled, masked S = Q K^T [BLOCK_H, BLOCK_N] of one block (fp32, base 2), latent half FIRST first, each
+        part consumed as its TMA lands. Rows of the block past L (a last page's unwritten rows) are zeroed
+        first: both warpgroups use them as values."""
+        SECOND: gl.constexpr = 1 - FIRST
+        if n0 + BLOCK_N > L:
+            mbarrier.wait(bars.index(3 * stage + 0), phase)
+            mbarrier.wait(bars.index(3 * stage + 1), phase)
+            Z_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            zrows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, Z_L))
+            for c in gl.static_range(0, DV, 128):
+                part = k_lat.slice(c, 128, dim=1)
+                x = part.load(Z_L)
+                part.store(gl.where(gl.expand_dims(zrows < L, 1), x, gl.zeros_like(x)))
+            fence_async_shared()
+            gl.thread_barrier()
+        s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=S_L)
+        q_lat = q_lat_ring.index(zero)
+        mbarrier.wait(bars.index(3 * stage + FIRST), phase)
+        s = warpgroup_mma(q_lat.slice(FIRST * HALF, HALF, dim=1),
+                          k_lat.slice(FIRST * HALF, HALF, dim=1).permute((1, 0)), s, use_acc=False, is_async=True)
+        mbarrier.wait(bars.index(3 * stage + SECOND), phase)
+        s = warpgroup_mma(q_lat.slice(SECOND * HALF, HALF, dim=1),
+                          k_lat.slice(SECOND * HALF, HALF, dim=1).permute((1, 0)), s, is_async=True)
+        mbarrier.wait(bars.index(3 * stage + 2), phase)
+        s = warpgroup_mma(q_pe_ring.index(zero), k_pe.permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
+        toks = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+        ok = (gl.expand_dims(toks, 0) < end_n) & (gl.expand_dims(toks, 0) <= gl.expand_dims(pos, 1))
+        return gl.where(ok, s * scale_log2, gl.full_like(s, float("-inf")))
+
+    @gluon.jit
+    def _seesaw_partition(
+        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+        QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
+        stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
+        scale_log2, H, overhead,
+        q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars,
+        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
+        ROLE: gl.constexpr,
+    ):
+        """One warpgroup of the seesaw (FlashMLA's schedule, see the module doc). Blocks 2i ("A", stage 0) are
+        scored by warpgroup 0, blocks 2i + 1 ("B", stage 1) by warpgroup 1; warpgroup g owns value columns
+        [256g, 256g + 256) of O and its share of the row sum. Per pair of blocks, with m the running max:
+          wg0: S_A; m0 = max(m, rowmax S_A); P_A = exp2(S_A - m0) -> smem (over A's rope part), m0, sc0 -> wg1;
+               O_L = O_L sc0 + P_A V_A,L; then (P_B, sc1 from wg1) O_L = O_L sc1 + P_B V_B,L
+          wg1: S_B; (P_A, m0, sc0 from wg0) O_R = O_R sc0 + P_A V_A,R, overlapped with its softmax:
+               m1 = max(m0, rowmax S_B), sc1 = exp2(m0 - m1), P_B -> smem, sc1 -> wg0; O_R = O_R sc1 + P_B V_B,R
+        The owner refills its stage in parts: the latent half only it reads as soon as its own P V is done, the
+        other half and the rope part once the other warpgroup says it is done with them (bars free0 / free1).
+        Warp-specialized partitions hold their arguments in registers, so this kernel has no in-kernel merge:
+        its code spilled the loop (336 B of stack, 1.3x slower); split requests go to the merge kernel."""
+        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 16])
+        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, HALF, 16])
+        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        NBYTES_Q: gl.constexpr = BLOCK_H * (DV + DPE) * 2
+        OTHER: gl.constexpr = 1 - ROLE
+        # bars 0..5: TMA landed, [3 * stage + part] (parts: latent [0, 256), [256, 512), rope)
+        free0 = bars.index(6)  # wg1 is done with stage 0's part 1 and P_A (arrives once per A block)
+        free1 = bars.index(7)  # wg0 is done with stage 1's part 0 and P_B (once per B block)
+        q_full = bars.index(8)
+        q_empty = bars.index(9)  # count 2: both warpgroups are done with Q (once per request)
+        p0_bar = bars.index(10)  # P_A, m0, sc0 written (once per A block)
+        p1_bar = bars.index(11)  # P_B, sc1, m1 written (once per B block)
+        # bars 12..15: row-sum exchange, [12 + 2 * role + (request parity)]
+        v_col = ROLE * HALF
+
+        p = gl.program_id(0)
+        tile = gl.program_id(1)
+        begin = gl.load(PART_BOUNDS + p)
+        end = gl.load(PART_BOUNDS + p + 1)
+        b_lo = gl.load(PART_REQS + 2 * p)
+        b_hi = gl.load(PART_REQS + 2 * p + 1)
+        na = 0  # A blocks (stage 0 fills) before this request, B blocks (stage 1), requests with KV work
+        nb = 0
+        nq = 0
+        for b in range(b_lo, b_hi):
+            active, q_start, q_len, n_rows, L, start_n, end_n = request_span(
+                b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead, BLOCK_H, BLOCK_N)
+            if active:
+                n_blocks = gl.maximum(end_n - start_n + BLOCK_N - 1, 0) // BLOCK_N
+                n_pairs = (n_blocks + 1) // 2
+                bt_row = BLOCK_TABLE + b * stride_bt + start_n // BLOCK_N
+                rows_s = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_S)
+                pos = L - q_len + rows_s // H
+                m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=ROW_S)
+                l_i = gl.zeros([BLOCK_H], gl.float32, layout=ROW_S)
+                acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=O_L)
+                if n_blocks > 0:
+                    if ROLE == 0:
+                        if nq > 0:
+                            mbarrier.wait(q_empty, (nq - 1) & 1)
+                        row_q = q_start * H + tile * BLOCK_H
+                        mbarrier.expect(q_full, NBYTES_Q)
+                        q_lat = q_lat_ring.index(0)
+                        tma.async_copy_global_to_shared(Q_DESC, [row_q, 0], q_full, q_lat.slice(0, HALF, dim=1))
+                        tma.async_copy_global_to_shared(Q_DESC, [row_q, HALF], q_full,
+                                                        q_lat.slice(HALF, HALF, dim=1))
+                        tma.async_copy_global_to_shared(Q_PE_DESC, [row_q, DV], q_full, q_pe_ring.index(0))
+                        if na > 0:
+                            mbarrier.wait(free0, (na - 1) & 1)
+                        row_kv = gl.load(bt_row) * BLOCK_N
+                        for part in gl.static_range(3):
+                            _load_part(KV_DESC, KV_PE_DESC, bars, 0, kv_lat.index(0), kv_pe.index(0), row_kv, part,
+                                       HALF)
+                    else:
+                        if n_blocks > 1:
+                            if nb > 0:
+                                mbarrier.wait(free1, (nb - 1) & 1)
+                            row_kv = gl.load(bt_row + 1) * BLOCK_N
+                            for part in gl.static_range(3):
+                                _load_part(KV_DESC, KV_PE_DESC, bars, 1, kv_lat.index(1), kv_pe.index(1), row_kv,
+                                           (1 - part) if part < 2 else 2, HALF)  # wg1 scores part 1 first
+                    mbarrier.wait(q_full, nq & 1)
+                    for i in range(n_pairs):
+                        ga = na + i
+                        gb = nb + i
+                        has_b = 2 * i + 1 < n_blocks
+                        zero = i >> 30  # a loop-variant 0: keeps Q's wgmma descriptors from being hoisted
+                        if ROLE == 0:
+                            n0 = start_n + 2 * i * BLOCK_N
+                            s = _block_scores(q_lat_ring, q_pe_ring, zero, bars, 0, ga & 1, kv_lat.index(0),
+                                              kv_pe.index(0), n0, L, end_n, pos, scale_log2, 0, BLOCK_H, BLOCK_N, DV,
+                                              HALF, S_L)
+                            if i == n_pairs - 1:
+                                mbarrier.arrive(q_empty, count=1)
+                            m0 = gl.maximum(m_i, gl.max(s, 1))
+                            sc0 = gl.exp2(m_i - m0)
+                            pr = gl.exp2(s - gl.expand_dims(m0, 1))
+                            l_i = l_i * sc0 + gl.sum(pr, 1)
+                            kv_pe.index(0).store(pr.to(gl.bfloat16))  # P_A over A's rope part (scores are done)
+                            xch.index(0).store(m0)
+                            xch.index(1).store(sc0)
+                            fence_async_shared()
+                            gl.thread_barrier()
+                            mbarrier.arrive(p0_bar, count=1)
+                            acc = acc * gl.expand_dims(gl.convert_layout(sc0, ROW_O), 1)
+                            acc = warpgroup_mma(kv_pe.index(0), kv_lat.index(0).slice(0, HALF, dim=1), acc)
+                            if 2 * i + 2 < n_blocks:  # refill stage 0: part 0 now (only wg0 reads it), the rest
+                                row_kv = gl.load(bt_row + 2 * i + 2) * BLOCK_N  # once wg1 is done with it
+                                _load_part(KV_DESC, KV_PE_DESC, bars, 0, kv_lat.index(0), kv_pe.index(0), row_kv, 0,
+                                           HALF)
+                                mbarrier.wait(free0, ga & 1)
+                                _load_part(KV_DESC, KV_PE_DESC, bars, 0, kv_lat.index(0), kv_pe.index(0), row_kv, 1,
+                                           HALF)
+                                _load_part(KV_DESC, KV_PE_DESC, bars, 0, kv_lat.index(0), kv_pe.index(0), row_kv, 2,
+                                           HALF)
+                            if has_b:
+                                mbarrier.wait(p1_bar, gb & 1)
+                                m_i = xch.index(2).load(ROW_S)
+                                sc1 = xch.index(3).load(ROW_S)
+                                mbarrier.wait(bars.index(3), gb & 1)  # stage 1, part 0
+                                l_i = l_i * sc1
+                                acc = acc * gl.expand_dims(gl.convert_layout(sc1, ROW_O), 1)
+                                acc = warpgroup_mma(kv_pe.index(1), kv_lat.index(1).slice(0, HALF, dim=1), acc)
+                                gl.thread_barrier()
+                                mbarrier.arrive(free1, count=1)
+                            else:
+                                m_i = m0
+                        else:
+                            n1 = start_n + (2 * i + 1) * BLOCK_N
+                            s = gl.full([BLOCK_H, BLOCK_N], float("-inf"), gl.float32, layout=S_L)
+                            sc1 = gl.full([BLOCK_H], 1.0, gl.float32, layout=ROW_S)
+                            if has_b:
+                                s = _block_scores(q_lat_ring, q_pe_ring, zero, bars, 1, gb & 1, kv_lat.index(1),
+                                                  kv_pe.index(1), n1, L, end_n, pos, scale_log2, 1, BLOCK_H, BLOCK_N,
+                                                  DV, HALF, S_L)
+                            if i == n_pairs - 1:
+                                mbarrier.arrive(q_empty, count=1)
+                            mbarrier.wait(p0_bar, ga & 1)
+                            m0 = xch.index(0).load(ROW_S)
+                            sc0 = xch.index(1).load(ROW_S)
+                            mbarrier.wait(bars.index(1), ga & 1)  # stage 0, part 1
+                            l_i = l_i * sc0
+                            acc = acc * gl.expand_dims(gl.convert_layout(sc0, ROW_O), 1)
+                            acc = warpgroup_mma(kv_pe.index(0), kv_lat.index(0).slice(HALF, HALF, dim=1), acc,
+                                                is_async=True)
+                            m_i = m0
+                            if has_b:  # softmax of B while P_A V_A,R runs
+                                m1 = gl.maximum(m0, gl.max(s, 1))
+                                sc1 = gl.exp2(m0 - m1)
+                                pr = gl.exp2(s - gl.expand_dims(m1, 1))
+                                kv_pe.index(1).store(pr.to(gl.bfloat16))
+                                xch.index(2).store(m1)
+                                xch.index(3).store(sc1)
+                                fence_async_shared()
+                                gl.thread_barrier()
+                                mbarrier.arrive(p1_bar, count=1)
+                                l_i = l_i * sc1 + gl.sum(pr, 1)
+                                m_i = m1
+                            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+                            gl.thread_barrier()
+                            mbarrier.arrive(free0, count=1)
+                            if has_b:
+                                acc = acc * gl.expand_dims(gl.convert_layout(sc1, ROW_O), 1)
+                                acc = warpgroup_mma(kv_pe.index(1), kv_lat.index(1).slice(HALF, HALF, dim=1), acc)
+                                if 2 * i + 3 < n_blocks:  # refill stage 1: part 1 now, the rest once wg0 is done
+                                    row_kv = gl.load(bt_row + 2 * i + 3) * BLOCK_N
+                                    _load_part(KV_DESC, KV_PE_DESC, bars, 1, kv_lat.index(1), kv_pe.index(1), row_kv,
+                                               1, HALF)
+                                    mbarrier.wait(free1, gb & 1)
+                                    _load_part(KV_DESC, KV_PE_DESC, bars, 1, kv_lat.index(1), kv_pe.index(1), row_kv,
+                                               0, HALF)
+                                    _load_part(KV_DESC, KV_PE_DESC, bars, 1, kv_lat.index(1), kv_pe.index(1), row_kv,
+                                               2, HALF)
+                    # the row sum is split over the warpgroups: exchange (double-buffered by request parity)
+                    xch.index(4 + 2 * ROLE + (nq & 1)).store(l_i)
+                    gl.thread_barrier()
+                    mbarrier.arrive(bars.index(12 + 2 * ROLE + (nq & 1)), count=1)
+                    mbarrier.wait(bars.index(12 + 2 * OTHER + (nq & 1)), (nq >> 1) & 1)
+                    l_other = xch.index(4 + 2 * OTHER + (nq & 1)).load(ROW_S)
+                    if ROLE == 0:
+                        l_i = l_i + l_other
+                    else:
+                        l_i = l_other + l_i
+                    na += n_pairs
+                    nb += n_blocks // 2
+                    nq += 1
+
+                l_o = gl.convert_layout(l_i, ROW_O)
+                has = l_o > 0.0
+                out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
+                rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
+                cols_o = v_col + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L))
+                row_ok = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o < DV, 0)
+                n_split = gl.load(NUM_SPLITS + b)
+                if n_split == 1:
+                    o_ptr = O + (q_start + rows_o // H) * stride_ot + (rows_o % H) * stride_oh
+                    gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols_o, 0), out.to(gl.bfloat16), mask=row_ok)
+                else:
+                    slot = (gl.load(SPLIT_INDPTR + b) + p - gl.load(FIRST_PART + b)).to(gl.int64)
+                    po = O_PART + slot * stride_ps + rows_o * stride_pr
+                    gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=row_ok)
+                    m_o = gl.convert_layout(m_i, ROW_O)
+                    # both warpgroups write the (identical) log-sum-exp
+                    lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
+                    gl.store(LSE_PART + slot * stride_ls + rows_o, lse, mask=rows_o < n_rows)
+
+    @gluon.jit
+    def _mla_decode_sm90_seesaw(
+        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+        QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
+        stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
+        scale_log2, H, overhead,
+        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
+        WORKER_REGS: gl.constexpr,
+    ):
+        gl.static_assert(BLOCK_H == 64 and BLOCK_N == 64 and DV == 2 * HALF and DPE == BLOCK_N)
+        LAT_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DV], gl.bfloat16)
+        PE_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DPE], gl.bfloat16)
+        X_SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        q_lat_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, DV], LAT_SL)
+        q_pe_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, DPE], PE_SL)
+        kv_lat = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DV], LAT_SL)
+        kv_pe = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DPE], PE_SL)  # rope part, then P
+        # m0, sc0 (from wg0), m1, sc1 (from wg1), row sums [4 + 2 * role + parity]
+        xch = gl.allocate_shared_memory(gl.float32, [8, BLOCK_H], X_SL)
+        bars = gl.allocate_shared_memory(gl.int64, [16, 1], mbarrier.MBarrierLayout())
+        for k in gl.static_range(16):
+            mbarrier.init(bars.index(k), count=2 if k == 9 else 1)
+        fence_async_shared()
+        gl.warp_specialize([
+            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+                                 QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
+                                 SPLIT_INDPTR, stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
+                                 scale_log2, H, overhead, q_lat_ring, q_pe_ring, kv_lat, kv_pe,
+                                 xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 0)),
+            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+                                 QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
+                                 SPLIT_INDPTR, stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
+                                 scale_log2, H, overhead, q_lat_ring, q_pe_ring, kv_lat, kv_pe,
+                                 xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 1)),
+        ], [4], [WORKER_REGS])
 
 
 def descriptor_layouts():
@@ -276,9 +587,10 @@ def descriptor_layouts():
 
 
 def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: float, out: torch.Tensor,
-                    log2e: float) -> int:
-    """Launch the decode kernel on inputs ``supported`` accepted. Returns ``merged_upto``: requests cut into
-    at most that many parts were merged by the kernel; ``kernels.mla_merge`` merges the others."""
+                    log2e: float, seesaw: Optional[bool] = None) -> int:
+    """Launch the decode kernel on inputs ``supported`` accepted: the seesaw schedule when a request has more
+    than one row tile (``seesaw=None``), else lockstep. Returns ``merged_upto``: requests cut into at most that
+    many parts were merged by the kernel; ``kernels.mla_merge`` merges the others."""
     T, H, D = q.shape
     lat_l, pe_l = descriptor_layouts()
     q2, kv2 = q.view(T * H, D), kv_cache.view(-1, D)
@@ -288,12 +600,19 @@ def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: flo
     kv_pe_desc = GluonDescriptor.from_tensor(kv2, [BLOCK_N, DPE], pe_l)
     n_tiles = -(-meta.max_q_len * H // BLOCK_H)
     o_part, lse_part = meta.o_partial, meta.lse_partial
+    args = (q_desc, q_pe_desc, kv_desc, kv_pe_desc, out, o_part, lse_part, meta.block_table,
+            meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
+            meta.num_splits, meta.split_indptr,
+            out.stride(0), out.stride(1), meta.block_table.stride(0), o_part.stride(0), o_part.stride(1),
+            lse_part.stride(0))
+    if seesaw is None:
+        seesaw = n_tiles > 1
+    if seesaw:
+        _mla_decode_sm90_seesaw[(meta.num_parts, n_tiles)](
+            *args, sm_scale * log2e, H, meta.overhead, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF,
+            WORKER_REGS=WORKER_REGS, num_warps=4)
+        return 0
     _mla_decode_sm90_kernel[(meta.num_parts, n_tiles)](
-        q_desc, q_pe_desc, kv_desc, kv_pe_desc, out, o_part, lse_part, meta.block_table,
-        meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
-        meta.num_splits, meta.split_indptr,
-        out.stride(0), out.stride(1), meta.block_table.stride(0), o_part.stride(0), o_part.stride(1),
-        lse_part.stride(0), meta.merge_counters, sm_scale * log2e, H, meta.overhead, n_tiles,
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, MERGE_UPTO=MERGE_UPTO, num_warps=8,
-    )
+        *args, meta.merge_counters, sm_scale * log2e, H, meta.overhead, n_tiles,
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, MERGE_UPTO=MERGE_UPTO, num_warps=8)
     return MERGE_UPTO

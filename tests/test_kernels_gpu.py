@@ -178,9 +178,10 @@ def _sm90_or_skip():
 
 @pytest.mark.parametrize("H", [64, 128])
 def test_sm90_kernel_merges_in_kernel(H):
-    """Page-64 bf16 calls run the Gluon kernel; requests cut into <= MERGE_UPTO parts are merged by the
-    kernel (the last part to finish), longer cuts by the merge kernel; counters return to 0; a second call
-    gives the same bits; the Triton kernel agrees."""
+    """Page-64 bf16 calls run the Gluon kernel. At H = 64 (lockstep schedule) requests cut into <= MERGE_UPTO
+    parts are merged by the kernel (the last part to finish), longer cuts by the merge kernel; at H = 128 (the
+    seesaw) the merge kernel takes them all. Counters return to 0; a second call gives the same bits; the
+    Triton kernel agrees."""
     _sm90_or_skip()
     from kernels import mla_decode as md
     from kernels.mla_decode_sm90 import MERGE_UPTO
@@ -222,3 +223,35 @@ def test_sm90_kernel_mixed_q_len_and_unwritten_rows(H):
     ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("H,qls", [(64, [1, 3, 2, 1, 0, 2, 1]), (128, [1, 1, 1, 1, 0, 1, 1]), (128, [2, 1, 3, 2, 0, 1, 2])])
+def test_sm90_seesaw_and_lockstep_schedules(H, qls):
+    """Both Gluon schedules, forced on the same call (the seesaw at 64 rows too), against the reference:
+    odd and even block counts per part (1 to many blocks), one-block requests, a padding slot (q_len 0), causal rows,
+    NaN in every last page's unwritten rows; the plan at 8 parts cuts the long requests."""
+    _sm90_or_skip()
+    from kernels import mla_decode_sm90 as sm90
+    from kernels.mla_decode import LOG2E
+    from kernels.mla_merge import mla_merge
+
+    lens = [300, 5000, 17, 64, 0, 2049, 128]
+    q, kv, sl, qo, bt = gpu_problem(lens, qls, H, 64)
+    for b, L in enumerate(lens):
+        if L % 64:
+            kv[bt[b, L // 64], L % 64:] = float("nan")
+    ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+    for parts in (None, 8):
+        meta = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=max(qls), num_parts=parts,
+                                         max_pages_per_seq=bt.shape[1], page_size=64, device=DEV).build(sl, qo, bt)
+        assert sm90.supported(q, kv, meta, DV) is None
+        outs = []
+        for seesaw in (True, False):
+            out = torch.full((q.shape[0], H, DV), float("nan"), dtype=q.dtype, device=DEV)
+            merged = sm90.mla_decode_sm90(q, kv, meta, (DV + DPE) ** -0.5, out, LOG2E, seesaw=seesaw)
+            mla_merge(out, meta, merged_upto=merged)
+            assert torch.isfinite(out).all()
+            assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (parts, seesaw)
+            outs.append(out)
+        assert rel_err(outs[0], outs[1]) < REL_TOL[torch.bfloat16]
+        assert int(meta.merge_counters.abs().sum()) == 0
