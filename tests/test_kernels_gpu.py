@@ -225,7 +225,8 @@ def test_sm90_kernel_mixed_q_len_and_unwritten_rows(H):
     assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("H,qls", [(64, [1, 3, 2, 1, 0, 2, 1]), (128, [1, 1, 1, 1, 0, 1, 1]), (128, [2, 1, 3, 2, 0, 1, 2])])
+@pytest.mark.parametrize("H,qls", [(64, [1, 3, 2, 1, 0, 2, 1]), (128, [1, 1, 1, 1, 0, 1, 1]),
+                                   (128, [2, 1, 3, 2, 0, 1, 2])])
 def test_sm90_seesaw_and_lockstep_schedules(H, qls):
     """Both Gluon schedules, forced on the same call (the seesaw at 64 rows too), against the reference:
     odd and even block counts per part (1 to many blocks), one-block requests, a padding slot (q_len 0), causal rows,
