@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import mla_decode_sm90 as sm90
-from kernels.plan_kernels import request_span
+from kernels.plan_kernels import part_range, request_span
 
 LOG2E = 1.4426950408889634
 
@@ -99,10 +99,7 @@ def _mla_decode_kernel(
 ):
     p = tl.program_id(0)
     tile = tl.program_id(1)
-    begin = tl.load(PART_BOUNDS + p)
-    end = tl.load(PART_BOUNDS + p + 1)
-    b_lo = tl.load(PART_REQS + 2 * p)
-    b_hi = tl.load(PART_REQS + 2 * p + 1)
+    begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
 
     offs_r = tile * BLOCK_H + tl.arange(0, BLOCK_H)
     tok = offs_r // H

@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from kernels.plan_kernels import request_span
+from kernels.plan_kernels import part_range, request_span
 
 try:
     from triton.experimental import gluon
@@ -83,26 +83,24 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, b, tile, H,
-                       stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H: gl.constexpr,
-                       COL0: gl.constexpr, NCOLS: gl.constexpr, WARPS: gl.constexpr):
-        """Merge the partials of rows [tile * BLOCK_H, + BLOCK_H), value columns [COL0, COL0 + NCOLS) of request
-        ``b`` into ``O``, 16 rows at a time, with WARPS warps. Partials are read through L2 only (.cg): other SMs
-        wrote them during this launch."""
+                       stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H: gl.constexpr, DV: gl.constexpr):
+        """Merge the partials of rows [tile * BLOCK_H, + BLOCK_H) of request ``b`` into ``O``, 16 rows at a time.
+        Partials are read through L2 only (.cg): other SMs wrote them during this launch."""
         q_start = gl.load(QO_INDPTR + b)
         n_rows = (gl.load(QO_INDPTR + b + 1) - q_start) * H
         n_split = gl.load(NUM_SPLITS + b)
         slot0 = gl.load(SPLIT_INDPTR + b)
         row0 = tile * BLOCK_H
         R: gl.constexpr = 16
-        M_L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])
-        cols = COL0 + gl.arange(0, NCOLS, layout=gl.SliceLayout(0, M_L))
+        M_L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])
+        cols = gl.arange(0, DV, layout=gl.SliceLayout(0, M_L))
         for r0 in gl.static_range(0, BLOCK_H, R):
             rows = row0 + r0 + gl.arange(0, R, layout=gl.SliceLayout(1, M_L))
             ok = rows < n_rows
-            ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < COL0 + NCOLS, 0)
+            ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < DV, 0)
             mx = gl.full([R], float("-inf"), gl.float32, layout=gl.SliceLayout(1, M_L))
             w_sum = gl.zeros([R], gl.float32, layout=gl.SliceLayout(1, M_L))
-            acc = gl.zeros([R, NCOLS], gl.float32, layout=M_L)
+            acc = gl.zeros([R, DV], gl.float32, layout=M_L)
             for i in range(n_split):
                 sl = (slot0 + i).to(gl.int64)
                 lse = gl.load(LSE_PART + sl * stride_ls + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
@@ -118,6 +116,30 @@ if _GLUON_ERROR is None:
             res = acc / gl.expand_dims(gl.where(w_sum > 0.0, w_sum, gl.full_like(w_sum, 1.0)), 1)
             o_ptr = O + (q_start + rows // H) * stride_ot + (rows % H) * stride_oh
             gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols, 0), res.to(gl.bfloat16), mask=ok2)
+
+    @gluon.jit
+    def _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p, tile, q_start,
+                      n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, COL0: gl.constexpr,
+                      BLOCK_H: gl.constexpr, O_L: gl.constexpr):
+        """Normalize the tile's output columns [COL0, COL0 + acc's width) and write them: to ``O`` when the
+        request is not split, else to the part's partial slot with the rows' log2-sum-exp."""
+        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        l_o = gl.convert_layout(l_i, ROW_O)
+        has = l_o > 0.0
+        out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
+        rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
+        cols_o = COL0 + gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, O_L))
+        row_ok = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o >= 0, 0)
+        if n_split == 1:
+            o_ptr = O + (q_start + rows_o // H) * stride_ot + (rows_o % H) * stride_oh
+            gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols_o, 0), out.to(gl.bfloat16), mask=row_ok)
+        else:
+            slot = (gl.load(SPLIT_INDPTR + b) + p - gl.load(FIRST_PART + b)).to(gl.int64)
+            po = O_PART + slot * stride_ps + rows_o * stride_pr
+            gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=row_ok)
+            m_o = gl.convert_layout(m_i, ROW_O)
+            lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
+            gl.store(LSE_PART + slot * stride_ls + rows_o, lse, mask=rows_o < n_rows)
 
     @gluon.jit
     def _mla_decode_sm90_kernel(
@@ -161,10 +183,7 @@ if _GLUON_ERROR is None:
 
         p = gl.program_id(0)
         tile = gl.program_id(1)
-        begin = gl.load(PART_BOUNDS + p)
-        end = gl.load(PART_BOUNDS + p + 1)
-        b_lo = gl.load(PART_REQS + 2 * p)
-        b_hi = gl.load(PART_REQS + 2 * p + 1)
+        begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
 
         # requests this program finished last (only a part's first and last requests can be cut): merged at the end
         merge_a = -1
@@ -243,43 +262,28 @@ if _GLUON_ERROR is None:
                     gl.thread_barrier()  # both warpgroups are done with this stage and with P
                     it += 1
 
-                l_o = gl.convert_layout(l_i, ROW_O)
-                has = l_o > 0.0
-                out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
-                rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
-                cols_o = gl.arange(0, DV, layout=gl.SliceLayout(0, O_L))
-                row_ok = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o < DV, 0)
-                tok = rows_o // H
-                head = rows_o % H
-                if gl.load(NUM_SPLITS + b) == 1:
-                    o_ptr = O + (q_start + tok) * stride_ot + head * stride_oh
-                    gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols_o, 0), out.to(gl.bfloat16), mask=row_ok)
-                else:
-                    n_split = gl.load(NUM_SPLITS + b)
-                    slot0 = gl.load(SPLIT_INDPTR + b)
-                    slot = slot0 + p - gl.load(FIRST_PART + b)
-                    po = O_PART + slot.to(gl.int64) * stride_ps + rows_o * stride_pr
-                    gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=row_ok)
-                    m_o = gl.convert_layout(m_i, ROW_O)
-                    lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
-                    gl.store(LSE_PART + slot.to(gl.int64) * stride_ls + rows_o, lse, mask=rows_o < n_rows)
-                    if (MERGE_UPTO > 0) and (n_split <= MERGE_UPTO):  # the part finishing (request, tile) last merges
-                        gl.thread_barrier()  # every thread's partial stores precede the release below
-                        counter = COUNTERS + b * n_tiles + tile
-                        done = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                        if done == n_split - 1:  # merged after the loop (inside it, the code spills the loop)
-                            gl.store(counter, 0)
-                            if merge_a < 0:
-                                merge_a = b
-                            else:
-                                merge_b = b
+                n_split = gl.load(NUM_SPLITS + b)
+                _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p, tile,
+                              q_start, n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, 0, BLOCK_H,
+                              O_L)
+                # a split request: the part finishing (request, tile) last merges it
+                if (MERGE_UPTO > 0) and (n_split > 1) and (n_split <= MERGE_UPTO):
+                    gl.thread_barrier()  # every thread's partial stores precede the release below
+                    counter = COUNTERS + b * n_tiles + tile
+                    done = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                    if done == n_split - 1:  # merged after the loop (inside it, the code spills the loop)
+                        gl.store(counter, 0)
+                        if merge_a < 0:
+                            merge_a = b
+                        else:
+                            merge_b = b
         if MERGE_UPTO > 0:
             if merge_a >= 0:
                 _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_a, tile, H,
-                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, 0, DV, 8)
+                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
             if merge_b >= 0:
                 _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_b, tile, H,
-                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, 0, DV, 8)
+                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
         mbarrier.invalidate(kv_bar.index(0))
         mbarrier.invalidate(kv_bar.index(1))
         mbarrier.invalidate(q_bar)
@@ -374,10 +378,7 @@ if _GLUON_ERROR is None:
 
         p = gl.program_id(0)
         tile = gl.program_id(1)
-        begin = gl.load(PART_BOUNDS + p)
-        end = gl.load(PART_BOUNDS + p + 1)
-        b_lo = gl.load(PART_REQS + 2 * p)
-        b_hi = gl.load(PART_REQS + 2 * p + 1)
+        begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
         na = 0  # A blocks (stage 0 fills) before this request, B blocks (stage 1), requests with KV work
         nb = 0
         nq = 0
@@ -524,24 +525,10 @@ if _GLUON_ERROR is None:
                     nb += n_blocks // 2
                     nq += 1
 
-                l_o = gl.convert_layout(l_i, ROW_O)
-                has = l_o > 0.0
-                out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
-                rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
-                cols_o = v_col + gl.arange(0, HALF, layout=gl.SliceLayout(0, O_L))
-                row_ok = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o < DV, 0)
-                n_split = gl.load(NUM_SPLITS + b)
-                if n_split == 1:
-                    o_ptr = O + (q_start + rows_o // H) * stride_ot + (rows_o % H) * stride_oh
-                    gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols_o, 0), out.to(gl.bfloat16), mask=row_ok)
-                else:
-                    slot = (gl.load(SPLIT_INDPTR + b) + p - gl.load(FIRST_PART + b)).to(gl.int64)
-                    po = O_PART + slot * stride_ps + rows_o * stride_pr
-                    gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=row_ok)
-                    m_o = gl.convert_layout(m_i, ROW_O)
-                    # both warpgroups write the (identical) log-sum-exp
-                    lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
-                    gl.store(LSE_PART + slot * stride_ls + rows_o, lse, mask=rows_o < n_rows)
+                # both warpgroups write the (identical) log-sum-exp of a split request
+                _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, gl.load(NUM_SPLITS + b), b,
+                              p, tile, q_start, n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, v_col,
+                              BLOCK_H, O_L)
 
     @gluon.jit
     def _mla_decode_sm90_seesaw(

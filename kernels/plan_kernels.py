@@ -148,6 +148,16 @@ def build_kv_indices(seq_lens: torch.Tensor, kv_indptr: torch.Tensor, block_tabl
 
 
 @triton.jit
+def part_range(p, PART_BOUNDS, PART_REQS):
+    """Plan units [begin, end) and requests [b_lo, b_hi) of part ``p``, for both decode kernels."""
+    begin = tl.load(PART_BOUNDS + p)
+    end = tl.load(PART_BOUNDS + p + 1)
+    b_lo = tl.load(PART_REQS + 2 * p)
+    b_hi = tl.load(PART_REQS + 2 * p + 1)
+    return begin, end, b_lo, b_hi
+
+
+@triton.jit
 def request_span(b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead,
                  BLOCK_H: tl.constexpr, PLAN_BLOCK: tl.constexpr):
     """The share of request ``b`` that part [begin, end) of the plan runs for row tile ``tile``, for both
