@@ -271,28 +271,28 @@ def run_parts_sweep(ceilings: dict) -> list[dict]:
 
 
 def run_merge_sweep() -> list[dict]:
-    """Merge kernel variants (block_s, block_d, groups) on shapes with one long split request and many."""
+    """Merge kernel tiles (BLOCK_R, BLOCK_D, BLOCK_S) on shapes with one long split request and with many short ones."""
     import functools
 
     import kernels.mla_decode as md
     from kernels.metadata import PersistentMetadataBuilder
-    from kernels.mla_merge import mla_merge
+    from kernels.mla_merge import merge_tiles, mla_merge
 
     rows = []
-    for H, lens in ((128, [16384]), (64, [16384]), (128, [1024] * 128), (64, [1024] * 128)):
+    for H, lens in ((128, [16384]), (64, [16384]), (128, [4096] * 128), (128, [1024] * 128),
+                    (64, [32768] + [512] * 63)):
         q, kv, sl, qo, bt = _problem(lens, 1, H, 64, torch.bfloat16)
         m = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=1, max_pages_per_seq=bt.shape[1],
                                       page_size=64, device="cuda").build(sl, qo, bt)
         out = torch.empty(len(lens), H, DV, device="cuda", dtype=torch.bfloat16)
         md.mla_decode(q, kv, m, 0.04, DV, out=out)
-        for bs, bd, g in ((32, 128, 8), (16, 128, 32), (32, 64, 16), (16, 256, 16), (64, 128, 8), (32, 128, 64),
-                          (8, 512, 64), (16, 64, 64)):
-            fn = functools.partial(mla_merge, out, m, block_s=bs, block_d=bd, groups=g)
-            t = graph_time(fn)
-            rows.append(dict(H=H, B=len(lens), L=max(lens), block_s=bs, block_d=bd, groups=g, us=t,
-                             num_merge=m.num_merge.item()))
-            print(f"merge H={H} B={len(lens)} L={max(lens)} merges={m.num_merge.item()} bs={bs} bd={bd} g={g}: "
-                  f"{t:.1f} us", flush=True)
+        default = merge_tiles(m.batch_size, m.num_parts, DV)
+        for tiles in ((8, 512, 2), (1, 256, 16), (1, 512, 8), (4, 512, 2), (16, 512, 2), (1, 256, 8)):
+            t = graph_time(functools.partial(mla_merge, out, m, tiles=tiles))
+            rows.append(dict(H=H, B=len(lens), L=max(lens), block_r=tiles[0], block_d=tiles[1], block_s=tiles[2], us=t,
+                             default=tiles == default, num_merge=m.num_merge.item()))
+            print(f"merge H={H} B={len(lens)} L={max(lens)} merges={m.num_merge.item()} tiles={tiles}"
+                  f"{' (default)' if tiles == default else ''}: {t:.1f} us", flush=True)
     return rows
 
 

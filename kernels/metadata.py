@@ -10,10 +10,16 @@ partial slots split_indptr[b] + (p - first_part[b]) that the merge kernel combin
 Strategies:
 - ``persistent``: every buffer allocated once at construction for the largest batch / q_len; ``build``
   refills them on the GPU with one Triton kernel (no host sync, no allocation, graph-capturable);
-  parts = the SM count over the row tiles, each an equal slice of the total cost (balanced by KV cost),
-  except that a boundary falling inside a request no longer than a slice moves to that request's nearer
-  edge when within min(chunk // snap_div, snap_max) units: a cut costs a merge and about 4 units of
-  partial traffic, so moving a boundary by fewer units than that is a win (fewer merges, little imbalance).
+  parts = the SM count over the row tiles. Of two plans it takes the one with the smaller largest part
+  (balanced by KV cost; a cut request charged ``split_cost`` units for its partial traffic and merge):
+  - per request (no more active requests than parts): request b cut into k_b = ceil(kv_b / w) equal parts
+    of its own, w the smallest width >= min_chunk with sum k_b <= parts, so equal requests that fit one a
+    part are not cut at all, and B requests over 2B parts are cut in two, not three;
+  - slices: each part an equal slice of the total cost, except that a boundary falling inside a request
+    no longer than a slice moves to that request's nearer edge when within min(chunk // snap_div,
+    snap_max) units: a cut costs a merge and about 4 units of partial traffic, so moving a boundary by
+    fewer units than that is a win (fewer merges, little imbalance). Many short requests, or one long
+    request among short ones, take this plan.
   ``max_kv_splits`` caps the parts any one request is cut into (the slices grow to fit), not the grid.
 - ``per_step``: the baseline: the plan computed on the host from host lists with a fixed split count per
   request, fresh tensors copied to the device every step. Eager only.
@@ -29,6 +35,7 @@ from kernels import reference as ref
 PLAN_BLOCK = 64  # KV tokens per plan unit
 OVERHEAD = 2  # plan units charged per request on top of its KV blocks (q load, output write)
 ROWS_PER_TILE = 64  # rows (q_len * H) per program the plan assumes when sizing the grid
+SPLIT_COST = 4  # plan units a cut request costs a part (partial write, merge read), when choosing the plan
 
 
 @dataclass
@@ -141,7 +148,7 @@ class PersistentMetadataBuilder:
                  device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
                  num_parts: int | None = None, min_chunk: int = 4, with_kv_indices: bool = False,
                  plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, num_kv_splits: int | None = None,
-                 snap_div: int = 2, snap_max: int = 4):
+                 snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST):
         # num_kv_splits belongs to per_step (accepted so both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
@@ -152,6 +159,7 @@ class PersistentMetadataBuilder:
         # a boundary inside a request shorter than a slice moves to an edge closer than
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
         self.snap_div, self.snap_max = snap_div, snap_max
+        self.split_cost = split_cost
         if num_parts is None:
             tiles = -(-(max_q_len * num_heads) // ROWS_PER_TILE)
             num_parts = max(_sm_count(self.device) // tiles, 1)
@@ -190,7 +198,7 @@ class PersistentMetadataBuilder:
         b = self.bufs
         build_persistent_plan(seq_lens, qo_indptr, b, self.num_parts, self.plan_block, self.overhead,
                               self.min_chunk, self.max_batch, self.snap_div, self.snap_max,
-                              self.max_kv_splits)
+                              self.max_kv_splits, self.split_cost)
         if self.kv_indices is not None:
             build_kv_indices(seq_lens, b["kv_indptr"], block_table, self.page_size, self.kv_indices)
         return MLAMetadata(
@@ -213,9 +221,9 @@ class PerStepMetadataBuilder:
                  device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
                  num_kv_splits: int = 4, with_kv_indices: bool = False, plan_block: int = PLAN_BLOCK,
                  overhead: int = OVERHEAD, num_parts: int | None = None, min_chunk: int | None = None,
-                 snap_div: int | None = None, snap_max: int | None = None):
-        # num_parts / min_chunk / snap_div / snap_max belong to persistent (accepted so that both strategies
-        # take one set of kwargs)
+                 snap_div: int | None = None, snap_max: int | None = None, split_cost: int | None = None):
+        # num_parts / min_chunk / snap_div / snap_max / split_cost belong to persistent (accepted so that both
+        # strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
         self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len

@@ -52,7 +52,8 @@ except ImportError as e:  # an older Triton: the generic kernel serves
 
 BLOCK_H, BLOCK_N, DV, DPE, HALF = 64, 64, 512, 64, 256
 # A request cut into at most this many parts is merged by the part that finishes it last (its partials are
-# still in L2, and no merge launch waits for it); longer splits (small batches) keep the parallel merge kernel.
+# still in L2, and no merge launch waits for it) when the plan cuts many requests; longer splits and small
+# batches keep the parallel merge kernel.
 MERGE_UPTO = 4
 # registers of the seesaw's second warpgroup: 256 leaves both warpgroups without spills (232: 48 B of stack)
 WORKER_REGS = 256
@@ -574,10 +575,14 @@ def descriptor_layouts():
 
 
 def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: float, out: torch.Tensor,
-                    log2e: float, seesaw: Optional[bool] = None) -> int:
+                    log2e: float, seesaw: Optional[bool] = None, merge_upto: Optional[int] = None) -> int:
     """Launch the decode kernel on inputs ``supported`` accepted: the seesaw schedule when a request has more
-    than one row tile (``seesaw=None``), else lockstep. Returns ``merged_upto``: requests cut into at most that
-    many parts were merged by the kernel; ``kernels.mla_merge`` merges the others."""
+    than one row tile (``seesaw=None``), else lockstep. Lockstep merges requests cut into at most ``merge_upto``
+    parts itself (default: ``MERGE_UPTO`` when the plan cuts many requests into few parts, else 0: one part
+    merging a request cut 4 ways is slower than the merge kernel's spread over SMs). Returns that bound;
+    ``kernels.mla_merge`` merges the other cut requests."""
+    from kernels.mla_merge import many_short_merges
+
     T, H, D = q.shape
     lat_l, pe_l = descriptor_layouts()
     q2, kv2 = q.view(T * H, D), kv_cache.view(-1, D)
@@ -599,7 +604,9 @@ def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: flo
             *args, sm_scale * log2e, H, meta.overhead, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF,
             WORKER_REGS=WORKER_REGS, num_warps=4)
         return 0
+    if merge_upto is None:
+        merge_upto = MERGE_UPTO if many_short_merges(meta.batch_size, meta.num_parts) else 0
     _mla_decode_sm90_kernel[(meta.num_parts, n_tiles)](
         *args, meta.merge_counters, sm_scale * log2e, H, meta.overhead, n_tiles,
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, MERGE_UPTO=MERGE_UPTO, num_warps=8)
-    return MERGE_UPTO
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, MERGE_UPTO=merge_upto, num_warps=8)
+    return merge_upto

@@ -3,9 +3,11 @@
 A request cut over ``n`` parts has ``n`` partial outputs ``o_s`` (each normalized by its own softmax sum)
 and their log2-sum-exp ``lse_s`` in the plan's partial buffers, slots ``split_indptr[b] ..
 split_indptr[b] + n``. The result is sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse).
-Program (row, value chunk, g) merges that slice of jobs ``merge_reqs[g], merge_reqs[g + G], ...`` below
-``num_merge`` (a device scalar written by the plan), BLOCK_S splits per load with an online max, so the
-grid is fixed (graph-capturable) and small.
+
+Program (j, row block, value chunk) merges BLOCK_R rows x BLOCK_D value columns of job j = ``merge_reqs[j]``
+(jobs at or past ``num_merge``, a device scalar written by the plan, exit at once), BLOCK_S splits per load
+with an online max: the grid is fixed (graph-capturable) and no program loops over jobs, so the loads of all
+jobs are in flight together (``merge_tiles`` picks the tile).
 """
 from __future__ import annotations
 
@@ -18,46 +20,69 @@ import triton.language as tl
 def _mla_merge_kernel(
     O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, MERGE_REQS, NUM_MERGE,
     stride_ot, stride_oh, stride_ps, stride_pr, stride_ls,
-    H, G, merged_upto,
-    DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    H, merged_upto,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = offs_d < DV
-    offs_s = tl.arange(0, BLOCK_S)
-    for m in range(tl.program_id(2), tl.load(NUM_MERGE), G):
-        b = tl.load(MERGE_REQS + m)
+    j = tl.program_id(0)
+    if j < tl.load(NUM_MERGE):
+        b = tl.load(MERGE_REQS + j)
         q_start = tl.load(QO_INDPTR + b)
         n_rows = (tl.load(QO_INDPTR + b + 1) - q_start) * H
         n_split = tl.load(NUM_SPLITS + b)
-        if (r < n_rows) & (n_split > merged_upto):
+        r0 = tl.program_id(1) * BLOCK_R
+        if (r0 < n_rows) & (n_split > merged_upto):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+            r_ok = rows < n_rows
+            ok = r_ok[:, None] & (cols < DV)[None, :]
+            offs_s = tl.arange(0, BLOCK_S)
             slot0 = tl.load(SPLIT_INDPTR + b).to(tl.int64)
-            mx = float("-inf")
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            w_sum = 0.0
+            mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            w_sum = tl.zeros([BLOCK_R], tl.float32)
+            acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
             for s0 in range(0, n_split, BLOCK_S):
                 s_ok = s0 + offs_s < n_split
                 slot = slot0 + s0 + offs_s
-                lse = tl.load(LSE_PART + slot * stride_ls + r, mask=s_ok, other=float("-inf"))
-                o = tl.load(O_PART + slot[:, None] * stride_ps + r * stride_pr + offs_d[None, :],
-                            mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+                lse = tl.load(LSE_PART + slot[:, None] * stride_ls + rows[None, :],
+                              mask=s_ok[:, None] & r_ok[None, :], other=float("-inf"))  # [S, R]
+                o = tl.load(O_PART + slot[:, None, None] * stride_ps + rows[None, :, None] * stride_pr
+                            + cols[None, None, :], mask=s_ok[:, None, None] & ok[None, :, :], other=0.0)  # [S, R, D]
                 mx_new = tl.maximum(mx, tl.max(lse, 0))
                 base = tl.where(mx_new == float("-inf"), 0.0, mx_new)
                 scale = tl.exp2(mx - base)
-                w = tl.exp2(lse - base)
-                acc = acc * scale + tl.sum(w[:, None] * o, 0)
+                w = tl.exp2(lse - base[None, :])
+                acc = acc * scale[:, None] + tl.sum(w[:, :, None] * o, 0)
                 w_sum = w_sum * scale + tl.sum(w, 0)
                 mx = mx_new
-            out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)
-            o_ptr = O + (q_start + r // H) * stride_ot + (r % H) * stride_oh
-            tl.store(o_ptr + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+            out = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+            o_ptr = O + (q_start + rows // H) * stride_ot + (rows % H) * stride_oh
+            tl.store(o_ptr[:, None] + cols[None, :], out.to(O.dtype.element_ty), mask=ok)
 
 
-def mla_merge(out: torch.Tensor, meta, block_s: int = 16, block_d: int = 256, groups: int = 16,
-              merged_upto: int = 0) -> torch.Tensor:
+def many_short_merges(batch_size: int, num_parts: int) -> bool:
+    """Whether the plan's cut requests are many, each in a few parts (batch >= parts / 8), rather than few,
+    each in many parts (small batches): it picks the merge tile, and whether the decode kernel merges."""
+    return 8 * batch_size >= num_parts
+
+
+def merge_tiles(batch_size: int, num_parts: int, dv: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, BLOCK_S) of a merge program. Many short merges: 4 whole rows, 4 splits a load (one
+    round of loads for most jobs, and 4x fewer programs to launch than one row each, which costs ~4 us even
+    when nothing is cut; 8 rows would cost a long request cut 30 ways among them 1.5-2x in its merge). Few
+    long merges: one half row, 16 splits a load (many programs for the few jobs). Measured on H100
+    (kernels/NOTES.md, session 5)."""
+    d = max(16, triton.next_power_of_2(dv))
+    if many_short_merges(batch_size, num_parts):
+        return 4, d, 4
+    return 1, min(d, 256), 16
+
+
+def mla_merge(out: torch.Tensor, meta, merged_upto: int = 0,
+              tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Merge the partials of ``meta``'s split requests into ``out`` [T, H, kv_lora_rank] in place.
 
-    Requests cut into at most ``merged_upto`` parts are skipped (the decode kernel merged them itself)."""
+    Requests cut into at most ``merged_upto`` parts are skipped (the decode kernel merged them itself).
+    ``tiles`` = (BLOCK_R, BLOCK_D, BLOCK_S) overrides ``merge_tiles``."""
     if out.dim() != 3 or out.shape[1] != meta.num_heads or out.shape[2] != meta.kv_lora_rank:
         raise ValueError(f"out must be [T, {meta.num_heads}, {meta.kv_lora_rank}], got {tuple(out.shape)}")
     if out.stride(-1) != 1:
@@ -65,13 +90,14 @@ def mla_merge(out: torch.Tensor, meta, block_s: int = 16, block_d: int = 256, gr
     if meta.max_merges == 0:
         return out
     H, dv = meta.num_heads, meta.kv_lora_rank
-    block_d = min(block_d, max(16, triton.next_power_of_2(dv)))
-    G = min(groups, meta.max_merges)
-    _mla_merge_kernel[(meta.max_q_len * H, triton.cdiv(dv, block_d), G)](
+    block_r, block_d, block_s = tiles or merge_tiles(meta.batch_size, meta.num_parts, dv)
+    jobs = min(meta.max_merges, meta.batch_size)  # a job is a split request
+    grid = (jobs, triton.cdiv(meta.max_q_len * H, block_r), triton.cdiv(dv, block_d))
+    _mla_merge_kernel[grid](
         out, meta.o_partial, meta.lse_partial, meta.qo_indptr, meta.num_splits, meta.split_indptr,
         meta.merge_reqs, meta.num_merge,
         out.stride(0), out.stride(1), meta.o_partial.stride(0), meta.o_partial.stride(1),
-        meta.lse_partial.stride(0), H, G, merged_upto,
-        DV=dv, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
+        meta.lse_partial.stride(0), H, merged_upto,
+        DV=dv, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
     )
     return out

@@ -24,11 +24,25 @@ def _part_bound(pp, chunk, total, snap, ce_m):
 
 
 @triton.jit
+def _request_part_bound(pp, k_m, k_req, cs, kv, overhead, total):
+    """Start unit of parts ``pp`` in the per-request plan: part j of request b (parts k_incl[b] - k_b ..
+    k_incl[b] - 1) starts at its block (j * kv_b) // k_b, part 0 at the request's first unit; parts past the
+    last request's start at ``total``."""
+    b = tl.sum((k_m[None, :] <= pp[:, None]).to(tl.int32), 1)  # the request of each part
+    sel = tl.arange(0, k_m.shape[0])[None, :] == b[:, None]
+    k = tl.sum(tl.where(sel, k_req[None, :], 0), 1)
+    j = pp - (tl.sum(tl.where(sel, k_m[None, :], 0), 1) - k)
+    start = tl.sum(tl.where(sel, cs[None, :], 0), 1)
+    inner = start + overhead + (j * tl.sum(tl.where(sel, kv[None, :], 0), 1)) // tl.maximum(k, 1)
+    return tl.where(k == 0, total, tl.where(j == 0, start, inner))
+
+
+@triton.jit
 def _persistent_plan_kernel(
     SEQ_LENS, QO_INDPTR, B,
     KV_INDPTR, MAX_QO_LEN, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
     MERGE_REQS, NUM_MERGE,
-    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits,
+    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost,
     PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_B)
@@ -43,10 +57,29 @@ def _persistent_plan_kernel(
     cs = ce - cost
     total = tl.sum(cost, 0)
     chunk = tl.maximum(tl.maximum((total + num_parts - 1) // num_parts, min_chunk), 1)
+    kv = tl.where(active, cost - overhead, 0)  # KV blocks of each request
+    kv_top = tl.max(kv, 0)
     if max_splits > 0:  # cap the parts of any one request: a slice of at least its KV units / (cap - 1)
-        kv_max = tl.max(tl.where(active, cost - overhead, 0), 0)
-        cap = tl.where(max_splits > 1, (kv_max + max_splits - 2) // tl.maximum(max_splits - 1, 1), total)
+        cap = tl.where(max_splits > 1, (kv_top + max_splits - 2) // tl.maximum(max_splits - 1, 1), total)
         chunk = tl.maximum(chunk, cap)
+
+    # the per-request plan: request b cut into k_b = ceil(kv_b / width) parts of its own, width the smallest
+    # >= min_chunk with sum k_b <= parts (binary search); taken when its largest part is within split_cost
+    # units of a slice (which pays for cut requests with partial traffic and merges)
+    n_active = tl.sum(active.to(tl.int32), 0)
+    lo = tl.maximum(min_chunk, 1)
+    if max_splits > 0:
+        lo = tl.maximum(lo, (kv_top + max_splits - 1) // max_splits)
+    hi = tl.where(n_active <= num_parts, tl.maximum(kv_top, lo), lo)  # (no search when it cannot apply)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        fits = tl.sum(tl.where(active, (kv + mid - 1) // mid, 0), 0) <= num_parts
+        hi = tl.where(fits, mid, hi)
+        lo = tl.where(fits, lo, mid + 1)
+    k_req = tl.where(active, (kv + lo - 1) // lo, 0)
+    span = tl.max(tl.where(active, (kv + k_req - 1) // tl.maximum(k_req, 1), 0), 0) + overhead
+    per_req = (n_active > 0) & (n_active <= num_parts) & (span <= chunk + overhead + split_cost)
+    k_incl = tl.cumsum(k_req, 0)
 
     kv0 = cs + overhead
     snap = tl.where(snap_div > 0, tl.minimum(chunk // tl.maximum(snap_div, 1), snap_max), 0)
@@ -70,6 +103,8 @@ def _persistent_plan_kernel(
         first = tl.where(to_lo, r_idx, tl.where(to_hi, r_idx - 1, kv0 // chunk))
         last = tl.where(to_lo, r_idx, tl.where(to_hi, r_idx - 1, (ce - 1) // chunk))
         n_split = tl.where(active, last - first + 1, 0)
+        first = tl.where(per_req, k_incl - k_req, first)
+        n_split = tl.where(per_req, k_req, n_split)
         tl.store(FIRST_PART + offs, tl.where(active, first, 0), mask=ok)
         tl.store(NUM_SPLITS + offs, n_split, mask=ok)
         is_split = (n_split > 1).to(tl.int32)
@@ -84,8 +119,13 @@ def _persistent_plan_kernel(
     # [#(ce <= begin), #(kv0 < end)) (ce and kv0 are non-decreasing in b)
     pp = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = pp < num_parts
-    beg = _part_bound(pp, chunk, total, snap, ce_m)
-    fin = _part_bound(pp + 1, chunk, total, snap, ce_m)
+    if per_req:
+        k_m = tl.where(ok, k_incl, 2147483647)
+        beg = _request_part_bound(pp, k_m, k_req, cs, kv, overhead, total)
+        fin = _request_part_bound(pp + 1, k_m, k_req, cs, kv, overhead, total)
+    else:
+        beg = _part_bound(pp, chunk, total, snap, ce_m)
+        fin = _part_bound(pp + 1, chunk, total, snap, ce_m)
     start = tl.sum((ce_m[None, :] <= beg[:, None]).to(tl.int32), 1)
     stop = tl.sum((kv0_m[None, :] < fin[:, None]).to(tl.int32), 1)
     tl.store(PART_BOUNDS + pp, beg, mask=pm)
@@ -95,7 +135,7 @@ def _persistent_plan_kernel(
 
 def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs: dict[str, torch.Tensor],
                           num_parts: int, plan_block: int, overhead: int, min_chunk: int, max_batch: int,
-                          snap_div: int = 2, snap_max: int = 4, max_splits: int = 0) -> None:
+                          snap_div: int = 2, snap_max: int = 4, max_splits: int = 0, split_cost: int = 4) -> None:
     """Fill the plan buffers ``bufs`` in place for the B = len(seq_lens) requests.
 
     Every program recomputes the per-request prefix sums (cheap) and fills BLOCK_P parts; program 0 also
@@ -115,7 +155,7 @@ def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs:
         seq_lens, qo_indptr, B,
         bufs["kv_indptr"], bufs["max_qo_len"], bufs["cu_cost"], bufs["part_bounds"], bufs["part_reqs"],
         bufs["first_part"], bufs["num_splits"], bufs["split_indptr"], bufs["merge_reqs"], bufs["num_merge"],
-        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits,
+        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost,
         PLAN_BLOCK=plan_block, BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4 if block_b <= 128 else 8,
     )
 

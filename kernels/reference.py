@@ -120,16 +120,32 @@ def request_costs(seq_lens: list[int], q_lens: list[int], plan_block: int, overh
 
 def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts: int, plan_block: int,
                               overhead: int, min_chunk: int, snap_div: int = 2,
-                              snap_max: int = 4, max_splits: int = 0) -> dict[str, list]:
-    """What the persistent plan kernel must write: slices of ``chunk`` = ceil(total / parts) units per
-    part; a boundary inside a request of at most ``chunk`` units moves to its edge when that is closer
-    than min(chunk // snap_div, snap_max) units. ``max_splits`` > 0 caps the parts of any one request."""
+                              snap_max: int = 4, max_splits: int = 0, split_cost: int = 4) -> dict[str, list]:
+    """What the persistent plan kernel must write: one of two plans.
+
+    - **per request** (at most ``num_parts`` active requests): request b is cut into
+      k_b = ceil(kv_b / c) equal parts of its own, c the smallest width >= ``min_chunk`` with
+      sum k_b <= parts; no part runs two requests, and equal requests are not cut when they fit one a part.
+      Taken when its largest part (KV units + ``overhead``) is at most a slice + ``overhead`` + ``split_cost``
+      (what a part of a cut request pays in partial traffic and merging).
+    - **slices** otherwise: ``chunk`` = ceil(total / parts) units per part; a boundary inside a request of at
+      most ``chunk`` units moves to its edge when that is closer than min(chunk // snap_div, snap_max) units.
+
+    ``max_splits`` > 0 caps the parts of any one request in both."""
     costs = request_costs(seq_lens, q_lens, plan_block, overhead)
     total = sum(costs)
     chunk = max(-(-total // num_parts), min_chunk, 1)
+    kv = [c - overhead for c in costs if c > 0]
     if max_splits > 0:  # a slice of at least kv_max / (max_splits - 1) units cuts no request more than that
-        kv_max = max([c - overhead for c in costs if c > 0], default=0)
-        chunk = max(chunk, -(-kv_max // (max_splits - 1)) if max_splits > 1 else total)
+        chunk = max(chunk, -(-max(kv, default=0) // (max_splits - 1)) if max_splits > 1 else total)
+    if 0 < len(kv) <= num_parts:
+        width = max(min_chunk, 1, -(-max(kv) // max_splits) if max_splits > 0 else 1)
+        while sum(-(-n // width) for n in kv) > num_parts:
+            width += 1
+        span = max(-(-n // -(-n // width)) for n in kv) + overhead
+        if span <= chunk + overhead + split_cost:
+            ks = [-(-(c - overhead) // width) if c > 0 else 0 for c in costs]
+            return _with_request_facts(per_request_plan(costs, overhead, ks, num_parts), seq_lens, q_lens)
     snap = min(chunk // snap_div, snap_max) if snap_div > 0 else 0
     edges = [0]
     for c in costs:
@@ -143,8 +159,24 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
             return raw
         return lo if raw - lo < snap else (hi if hi - raw < snap else raw)
 
-    bounds = [bound(p) for p in range(num_parts + 1)]
-    plan = plan_from_bounds(costs, overhead, bounds)
+    return _with_request_facts(plan_from_bounds(costs, overhead, [bound(p) for p in range(num_parts + 1)]),
+                               seq_lens, q_lens)
+
+
+def _with_request_facts(plan: dict, seq_lens: list[int], q_lens: list[int]) -> dict:
     plan["kv_indptr"] = kv_indptr_reference(seq_lens)
     plan["max_qo_len"] = max(q_lens) if q_lens else 0
     return plan
+
+
+def per_request_plan(costs: list[int], overhead: int, ks: list[int], num_parts: int) -> dict[str, list]:
+    """The plan that cuts request b's KV blocks into ks[b] near-equal consecutive parts of its own (block
+    (j * kv) // k starts part j), parts in request order, then empty parts up to ``num_parts``."""
+    total = sum(costs)
+    bounds, acc = [0], 0
+    for c, k in zip(costs, ks):
+        if c > 0:
+            bounds += [acc + overhead + (j * (c - overhead)) // k for j in range(1, k)] + [acc + c]
+        acc += c
+    bounds += [total] * (num_parts + 1 - len(bounds))
+    return plan_from_bounds(costs, overhead, bounds)

@@ -85,6 +85,25 @@ def test_decode_one_long_among_short():
     assert meta.num_splits.tolist()[0] > 32
 
 
+@pytest.mark.parametrize("tiles", [(8, 512, 2), (1, 256, 16), (4, 128, 4)])
+def test_merge_tiles_agree(tiles):
+    # every merge tile shape gives the reference, for a request cut in many parts (more than a load's splits)
+    # and short requests cut in two beside it; rows of requests not cut are left alone
+    from kernels.mla_merge import mla_merge
+
+    out, meta = run_case([2000, 130, 70, 5], [1, 2, 1, 1], 3, 16, num_parts=24, min_chunk=1, plan_block=16,
+                         split_cost=0)
+    splits = meta.num_splits.tolist()
+    assert splits[0] > 16 and max(splits[1:]) > 1 and min(splits) == 1, splits
+    again = out.clone()
+    unsplit = [i for i, n in enumerate(meta.qo_indptr.tolist()[:-1]) if splits[i] == 1]
+    again[:, :, :] = float("nan")
+    for i in unsplit:
+        again[meta.qo_indptr[i]:meta.qo_indptr[i + 1]] = out[meta.qo_indptr[i]:meta.qo_indptr[i + 1]]
+    mla_merge(again, meta, tiles=tiles)
+    torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["persistent", "per_step"])
 def test_decode_mixed_q_len(strategy):
     # the longest q is not the last request; causal within the new tokens

@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _check_plan(meta, seq_lens, q_lens, builder):
     ref = persistent_plan_reference(seq_lens, q_lens, builder.num_parts, builder.plan_block, builder.overhead,
                                     builder.min_chunk, builder.snap_div,
-                                    builder.snap_max, builder.max_kv_splits)
+                                    builder.snap_max, builder.max_kv_splits, builder.split_cost)
     B = len(seq_lens)
     assert meta.kv_indptr.tolist() == ref["kv_indptr"]
     assert meta.max_qo_len.item() == ref["max_qo_len"] == max(q_lens)
@@ -52,7 +52,8 @@ def test_persistent_plan_matches_reference(seed):
                                         page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0,
                                         num_parts=rng.choice([1, 3, 16, 132]), min_chunk=rng.choice([1, 4]),
                                         snap_div=rng.choice([0, 2, 4]), snap_max=rng.choice([1, 4, 1000]),
-                                        max_kv_splits=rng.choice([None, 1, 2, 5]))
+                                        max_kv_splits=rng.choice([None, 1, 2, 5]),
+                                        split_cost=rng.choice([0, 4, 100]))
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
     _check_plan(meta, seq_lens, q_lens, builder)
     if builder.max_kv_splits:
@@ -88,6 +89,39 @@ def test_snapping_avoids_cutting_short_requests():
         bounds = meta.part_bounds.tolist()
         assert max(bounds[p + 1] - bounds[p] for p in range(66)) <= 35 + 35 // 2
     assert n_merge[0] > 50 and n_merge[2] == 0, n_merge
+
+
+@pytest.mark.parametrize("lens, parts, want", [
+    ([4096] * 64, 66, [1] * 64),  # equal requests that fit one a part: none cut (slices of 64 units cut 62)
+    ([4096] * 64, 132, [2] * 64),  # twice the parts: each cut in two (slices of 32 units cut most in three)
+    ([4096] * 8, 132, [16] * 8),
+    ([16384], 132, [64]),  # min_chunk 4: 64 parts of 4 blocks
+])
+def test_per_request_plan_cuts_equal_requests_evenly(lens, parts, want):
+    pb = make_problem(lens, [1] * len(lens), 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=64, max_batch=len(lens), max_q_len=1,
+                                        max_pages_per_seq=pb.max_pages, page_size=64, device=DEVICE,
+                                        kv_lora_rank=16, rope_dim=0, num_parts=parts)
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    _check_plan(meta, lens, [1] * len(lens), builder)
+    assert meta.num_splits.tolist() == want
+    bounds = meta.part_bounds.tolist()
+    sizes = sorted(bounds[p + 1] - bounds[p] for p in range(parts))
+    assert sizes[-1] - min(s for s in sizes if s > 0) <= builder.overhead  # balanced (part 0 of each has the overhead)
+
+
+def test_slices_when_one_request_is_long():
+    # one 32k request among 63 of 512 over 66 parts: one part per short request leaves the long one 3 parts
+    # (171 blocks each), so the plan slices the total instead
+    lens = [32768] + [512] * 63
+    pb = make_problem(lens, [1] * 64, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=128, max_batch=64, max_q_len=1, max_pages_per_seq=pb.max_pages,
+                                        page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=66)
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    _check_plan(meta, lens, [1] * 64, builder)
+    bounds = meta.part_bounds.tolist()
+    assert max(bounds[p + 1] - bounds[p] for p in range(66)) <= -(-(514 + 63 * 10) // 66) + 4
+    assert meta.num_splits.tolist()[0] > 20
 
 
 def test_max_qo_len_is_max_over_all_requests():
@@ -160,17 +194,21 @@ def test_builder_errors():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_per_step_plan_matches_reference(seed):
-    """The O(B + parts) host plan of per_step equals the enumerating reference on its part bounds."""
+    """The O(B + parts) host plan of per_step equals the enumerating reference: min(splits, blocks) equal
+    pieces per request."""
     from kernels.metadata import per_step_plan
-    from kernels.reference import plan_from_bounds, request_costs
+    from kernels.reference import per_request_plan, request_costs
 
     rng = random.Random(seed)
     B = rng.randint(1, 30)
     seq_lens = [rng.choice([0, 1, 64, 65, rng.randint(1, 5000)]) for _ in range(B)]
     q_lens = [rng.choice([0, 1, 2]) for _ in range(B)]
-    plan = per_step_plan(seq_lens, q_lens, num_kv_splits=rng.choice([1, 3, 4]))
-    ref = plan_from_bounds(request_costs(seq_lens, q_lens, 64, 2), 2, plan["part_bounds"])
-    for k in ("cu_cost", "part_reqs", "num_splits", "split_indptr", "merge_reqs", "num_merge", "num_slots"):
+    splits = rng.choice([1, 3, 4])
+    plan = per_step_plan(seq_lens, q_lens, num_kv_splits=splits)
+    costs = request_costs(seq_lens, q_lens, 64, 2)
+    ref = per_request_plan(costs, 2, [min(splits, c - 2) if c else 0 for c in costs], len(plan["part_bounds"]) - 1)
+    for k in ("part_bounds", "cu_cost", "part_reqs", "num_splits", "split_indptr", "merge_reqs", "num_merge",
+              "num_slots"):
         assert plan[k] == ref[k], k
     active = [b for b in range(B) if ref["num_splits"][b]]
     assert [plan["first_part"][b] for b in active] == [ref["first_part"][b] for b in active]
