@@ -64,10 +64,6 @@ class MLAMetadata:
     plan_block: int = PLAN_BLOCK
     overhead: int = OVERHEAD
     kv_indices: torch.Tensor | None = None  # [sum L] int32 flat slots, when asked for
-    # [max_batch * row tiles] int32, zero between calls: parts done per (request, row tile), for kernels that
-    # merge a split request in the part that finishes it last (kernels.mla_decode_sm90); the merging part
-    # resets its counter to 0
-    merge_counters: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -184,7 +180,6 @@ class PersistentMetadataBuilder:
         self.lse_partial = torch.empty(slots, rows, dtype=torch.float32, device=self.device)
         self.kv_indices = (torch.zeros(max_batch * max_pages_per_seq * page_size, **i32)
                            if with_kv_indices else None)
-        self.merge_counters = torch.zeros(max_batch * -(-rows // ROWS_PER_TILE), **i32)
 
     def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor,
               seq_lens_host: list[int] | None = None, q_lens_host: list[int] | None = None) -> MLAMetadata:
@@ -210,7 +205,6 @@ class PersistentMetadataBuilder:
             num_parts=self.num_parts, max_merges=self.num_parts, max_q_len=self.max_q_len,
             num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank, page_size=self.page_size,
             plan_block=self.plan_block, overhead=self.overhead, kv_indices=self.kv_indices,
-            merge_counters=self.merge_counters,
         )
 
 
@@ -267,7 +261,6 @@ class PerStepMetadataBuilder:
             num_parts=P, max_merges=plan["num_merge"], max_q_len=max_q, num_heads=self.num_heads,
             kv_lora_rank=self.kv_lora_rank, page_size=self.page_size, plan_block=self.plan_block,
             overhead=self.overhead, kv_indices=kv_indices,
-            merge_counters=torch.zeros(B * -(-rows // ROWS_PER_TILE), dtype=torch.int32, device=dev),
         )
 
 

@@ -251,15 +251,14 @@ def mla_decode(
     if meta.num_parts == 0 or T == 0:
         return out
     cfg = config or default_config(meta.max_q_len * H, q.element_size(), kv_lora_rank, q.is_cuda)
-    merged_upto = 0  # requests cut into at most this many parts are merged by the decode kernel itself
     if cfg.gluon and q.is_cuda and sm90.supported(q, kv_cache, meta, kv_lora_rank) is None:
-        merged_upto = sm90.mla_decode_sm90(q, kv_cache, meta, sm_scale, out, LOG2E)
+        sm90.mla_decode_sm90(q, kv_cache, meta, sm_scale, out, LOG2E)
         mla_decode.last_impl = "gluon"
     else:
         _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg)
         mla_decode.last_impl = "triton"
     if meta.max_merges > 0:
-        mla_merge(out, meta, merged_upto=merged_upto)
+        mla_merge(out, meta)
     return out
 
 

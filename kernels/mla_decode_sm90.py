@@ -14,9 +14,7 @@ Two schedules share the work plan and the outputs:
 - **lockstep** (``_mla_decode_sm90_kernel``, 64-row requests: memory-bound): both warpgroups work on the
   same block, tokens of S split between them as above. Q (64 x 576) stays in shared memory for a request;
   KV blocks (64 tokens = one page) arrive by TMA into a two-stage ring, block j + 1 in flight while block j
-  is computed. A request cut into at most ``MERGE_UPTO`` parts is merged by the part that finishes it last
-  (a counter per (request, row tile) in the metadata, reset by the merger); longer cuts go to
-  ``kernels.mla_merge``.
+  is computed.
 - **seesaw** (``_mla_decode_sm90_seesaw``, >= 128 rows per request, H = 128 or q_len > 1: compute-bound):
   FlashMLA's schedule (its deep-dive write-up, 2025-04) in two warp-specialized partitions. Warpgroup 0
   computes the full S of even blocks, warpgroup 1 of odd blocks, so one warpgroup's softmax runs while the
@@ -24,9 +22,13 @@ Two schedules share the work plan and the outputs:
   block's rope part, which S no longer needs). Each block arrives in three TMA parts with their own
   barriers, and S starts on the first to land. 1.2-1.25x over lockstep at H = 128 with many requests.
 
+Both write a request cut over several parts as fp32 partials + log2-sum-exp, which ``kernels.mla_merge``
+combines (an in-kernel merge by the part finishing a request last was dropped in session 5: against the
+per-row-block merge kernel it was 1-20% slower, kernels/NOTES.md).
+
 Rows of a request's last page past its length may hold anything (NaN included): they are zeroed in shared
 memory before they are used as values. Measurements and the version history: kernels/NOTES.md (sessions
-3 and 4).
+3 to 5).
 
 Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, at least 64 rows per request
 (q_len * H), contiguous q and cache. ``supported`` says why not otherwise; ``kernels.mla_decode`` falls
@@ -51,10 +53,6 @@ except ImportError as e:  # an older Triton: the generic kernel serves
     _GLUON_ERROR = f"this Triton has no Gluon for Hopper ({e})"
 
 BLOCK_H, BLOCK_N, DV, DPE, HALF = 64, 64, 512, 64, 256
-# A request cut into at most this many parts is merged by the part that finishes it last (its partials are
-# still in L2, and no merge launch waits for it) when the plan cuts many requests; longer splits and small
-# batches keep the parallel merge kernel.
-MERGE_UPTO = 4
 # registers of the seesaw's second warpgroup: 256 leaves both warpgroups without spills (232: 48 B of stack)
 WORKER_REGS = 256
 
@@ -75,48 +73,10 @@ def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int) 
         return f"the Gluon kernel needs at least {BLOCK_H} rows (q_len * H) per request"
     if not (q.is_contiguous() and kv_cache.is_contiguous()):
         return "the Gluon kernel needs contiguous q and cache"
-    if meta.merge_counters is None:
-        return "the Gluon kernel needs metadata with merge counters"
     return None
 
 
 if _GLUON_ERROR is None:
-
-    @gluon.jit
-    def _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, b, tile, H,
-                       stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H: gl.constexpr, DV: gl.constexpr):
-        """Merge the partials of rows [tile * BLOCK_H, + BLOCK_H) of request ``b`` into ``O``, 16 rows at a time.
-        Partials are read through L2 only (.cg): other SMs wrote them during this launch."""
-        q_start = gl.load(QO_INDPTR + b)
-        n_rows = (gl.load(QO_INDPTR + b + 1) - q_start) * H
-        n_split = gl.load(NUM_SPLITS + b)
-        slot0 = gl.load(SPLIT_INDPTR + b)
-        row0 = tile * BLOCK_H
-        R: gl.constexpr = 16
-        M_L: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])
-        cols = gl.arange(0, DV, layout=gl.SliceLayout(0, M_L))
-        for r0 in gl.static_range(0, BLOCK_H, R):
-            rows = row0 + r0 + gl.arange(0, R, layout=gl.SliceLayout(1, M_L))
-            ok = rows < n_rows
-            ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < DV, 0)
-            mx = gl.full([R], float("-inf"), gl.float32, layout=gl.SliceLayout(1, M_L))
-            w_sum = gl.zeros([R], gl.float32, layout=gl.SliceLayout(1, M_L))
-            acc = gl.zeros([R, DV], gl.float32, layout=M_L)
-            for i in range(n_split):
-                sl = (slot0 + i).to(gl.int64)
-                lse = gl.load(LSE_PART + sl * stride_ls + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                o = gl.load(O_PART + sl * stride_ps + gl.expand_dims(rows * stride_pr, 1) + gl.expand_dims(cols, 0),
-                            mask=ok2, other=0.0, cache_modifier=".cg")
-                mx_new = gl.maximum(mx, lse)
-                base = gl.where(mx_new == float("-inf"), gl.zeros_like(mx_new), mx_new)
-                scale = gl.exp2(mx - base)
-                w = gl.exp2(lse - base)
-                acc = acc * gl.expand_dims(scale, 1) + gl.expand_dims(w, 1) * o
-                w_sum = w_sum * scale + w
-                mx = mx_new
-            res = acc / gl.expand_dims(gl.where(w_sum > 0.0, w_sum, gl.full_like(w_sum, 1.0)), 1)
-            o_ptr = O + (q_start + rows // H) * stride_ot + (rows % H) * stride_oh
-            gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols, 0), res.to(gl.bfloat16), mask=ok2)
 
     @gluon.jit
     def _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p, tile, q_start,
@@ -147,9 +107,8 @@ if _GLUON_ERROR is None:
         Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
         QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
         stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
-        COUNTERS, scale_log2, H, overhead, n_tiles,
+        scale_log2, H, overhead,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-        MERGE_UPTO: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64 and BLOCK_N == 64 and DV == 2 * HALF)
         # scores: warpgroup g owns tokens [32g, 32g + 32) of the block; output: value columns [256g, 256g + 256)
@@ -186,9 +145,6 @@ if _GLUON_ERROR is None:
         tile = gl.program_id(1)
         begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
 
-        # requests this program finished last (only a part's first and last requests can be cut): merged at the end
-        merge_a = -1
-        merge_b = -1
         it = 0  # KV blocks loaded by this program so far: block `it` goes to stage it % 2, phase (it // 2) & 1
         q_phase = 0
         for b in range(b_lo, b_hi):
@@ -263,28 +219,9 @@ if _GLUON_ERROR is None:
                     gl.thread_barrier()  # both warpgroups are done with this stage and with P
                     it += 1
 
-                n_split = gl.load(NUM_SPLITS + b)
-                _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p, tile,
-                              q_start, n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, 0, BLOCK_H,
-                              O_L)
-                # a split request: the part finishing (request, tile) last merges it
-                if (MERGE_UPTO > 0) and (n_split > 1) and (n_split <= MERGE_UPTO):
-                    gl.thread_barrier()  # every thread's partial stores precede the release below
-                    counter = COUNTERS + b * n_tiles + tile
-                    done = gl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                    if done == n_split - 1:  # merged after the loop (inside it, the code spills the loop)
-                        gl.store(counter, 0)
-                        if merge_a < 0:
-                            merge_a = b
-                        else:
-                            merge_b = b
-        if MERGE_UPTO > 0:
-            if merge_a >= 0:
-                _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_a, tile, H,
-                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
-            if merge_b >= 0:
-                _merge_request(O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, merge_b, tile, H,
-                               stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, BLOCK_H, DV)
+                _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, gl.load(NUM_SPLITS + b), b,
+                              p, tile, q_start, n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, 0,
+                              BLOCK_H, O_L)
         mbarrier.invalidate(kv_bar.index(0))
         mbarrier.invalidate(kv_bar.index(1))
         mbarrier.invalidate(q_bar)
@@ -357,8 +294,8 @@ if _GLUON_ERROR is None:
                m1 = max(m0, rowmax S_B), sc1 = exp2(m0 - m1), P_B -> smem, sc1 -> wg0; O_R = O_R sc1 + P_B V_B,R
         The owner refills its stage in parts: the latent half only it reads as soon as its own P V is done, the
         other half and the rope part once the other warpgroup says it is done with them (bars free0 / free1).
-        Warp-specialized partitions hold their arguments in registers, so this kernel has no in-kernel merge:
-        its code spilled the loop (336 B of stack, 1.3x slower); split requests go to the merge kernel."""
+        Warp-specialized partitions hold their arguments in registers: every register counts (an in-kernel merge
+        spilled the loop here, 336 B of stack, 1.3x slower)."""
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 16])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -575,14 +512,10 @@ def descriptor_layouts():
 
 
 def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: float, out: torch.Tensor,
-                    log2e: float, seesaw: Optional[bool] = None, merge_upto: Optional[int] = None) -> int:
+                    log2e: float, seesaw: Optional[bool] = None) -> None:
     """Launch the decode kernel on inputs ``supported`` accepted: the seesaw schedule when a request has more
-    than one row tile (``seesaw=None``), else lockstep. Lockstep merges requests cut into at most ``merge_upto``
-    parts itself (default: ``MERGE_UPTO`` when the plan cuts many requests into few parts, else 0: one part
-    merging a request cut 4 ways is slower than the merge kernel's spread over SMs). Returns that bound;
-    ``kernels.mla_merge`` merges the other cut requests."""
-    from kernels.mla_merge import many_short_merges
-
+    than one row tile (``seesaw=None``), else lockstep. Cut requests are left as partials for
+    ``kernels.mla_merge``."""
     T, H, D = q.shape
     lat_l, pe_l = descriptor_layouts()
     q2, kv2 = q.view(T * H, D), kv_cache.view(-1, D)
@@ -596,17 +529,11 @@ def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: flo
             meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
             meta.num_splits, meta.split_indptr,
             out.stride(0), out.stride(1), meta.block_table.stride(0), o_part.stride(0), o_part.stride(1),
-            lse_part.stride(0))
+            lse_part.stride(0), sm_scale * log2e, H, meta.overhead)
+    const = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF)
     if seesaw is None:
         seesaw = n_tiles > 1
     if seesaw:
-        _mla_decode_sm90_seesaw[(meta.num_parts, n_tiles)](
-            *args, sm_scale * log2e, H, meta.overhead, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF,
-            WORKER_REGS=WORKER_REGS, num_warps=4)
-        return 0
-    if merge_upto is None:
-        merge_upto = MERGE_UPTO if many_short_merges(meta.batch_size, meta.num_parts) else 0
-    _mla_decode_sm90_kernel[(meta.num_parts, n_tiles)](
-        *args, meta.merge_counters, sm_scale * log2e, H, meta.overhead, n_tiles,
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, MERGE_UPTO=merge_upto, num_warps=8)
-    return merge_upto
+        _mla_decode_sm90_seesaw[(meta.num_parts, n_tiles)](*args, **const, WORKER_REGS=WORKER_REGS, num_warps=4)
+    else:
+        _mla_decode_sm90_kernel[(meta.num_parts, n_tiles)](*args, **const, num_warps=8)

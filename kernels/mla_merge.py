@@ -20,7 +20,7 @@ import triton.language as tl
 def _mla_merge_kernel(
     O, O_PART, LSE_PART, QO_INDPTR, NUM_SPLITS, SPLIT_INDPTR, MERGE_REQS, NUM_MERGE,
     stride_ot, stride_oh, stride_ps, stride_pr, stride_ls,
-    H, merged_upto,
+    H,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     j = tl.program_id(0)
@@ -30,7 +30,7 @@ def _mla_merge_kernel(
         n_rows = (tl.load(QO_INDPTR + b + 1) - q_start) * H
         n_split = tl.load(NUM_SPLITS + b)
         r0 = tl.program_id(1) * BLOCK_R
-        if (r0 < n_rows) & (n_split > merged_upto):
+        if r0 < n_rows:
             rows = r0 + tl.arange(0, BLOCK_R)
             cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
             r_ok = rows < n_rows
@@ -61,27 +61,25 @@ def _mla_merge_kernel(
 
 def many_short_merges(batch_size: int, num_parts: int) -> bool:
     """Whether the plan's cut requests are many, each in a few parts (batch >= parts / 8), rather than few,
-    each in many parts (small batches): it picks the merge tile, and whether the decode kernel merges."""
+    each in many parts (small batches, or one long request among few)."""
     return 8 * batch_size >= num_parts
 
 
 def merge_tiles(batch_size: int, num_parts: int, dv: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, BLOCK_S) of a merge program. Many short merges: 4 whole rows, 4 splits a load (one
     round of loads for most jobs, and 4x fewer programs to launch than one row each, which costs ~4 us even
-    when nothing is cut; 8 rows would cost a long request cut 30 ways among them 1.5-2x in its merge). Few
-    long merges: one half row, 16 splits a load (many programs for the few jobs). Measured on H100
-    (kernels/NOTES.md, session 5)."""
+    when nothing is cut; 8 rows would cost a long request cut 30 ways among short ones 1.5-2x in its merge).
+    Small batches: one half row, 16 splits a load, so a job cut dozens of ways spreads over many programs
+    (4 rows cost one 16k request among 7 short ones 10-14 us). Measured on H100 (kernels/NOTES.md, session 5)."""
     d = max(16, triton.next_power_of_2(dv))
     if many_short_merges(batch_size, num_parts):
         return 4, d, 4
     return 1, min(d, 256), 16
 
 
-def mla_merge(out: torch.Tensor, meta, merged_upto: int = 0,
-              tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+def mla_merge(out: torch.Tensor, meta, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Merge the partials of ``meta``'s split requests into ``out`` [T, H, kv_lora_rank] in place.
 
-    Requests cut into at most ``merged_upto`` parts are skipped (the decode kernel merged them itself).
     ``tiles`` = (BLOCK_R, BLOCK_D, BLOCK_S) overrides ``merge_tiles``."""
     if out.dim() != 3 or out.shape[1] != meta.num_heads or out.shape[2] != meta.kv_lora_rank:
         raise ValueError(f"out must be [T, {meta.num_heads}, {meta.kv_lora_rank}], got {tuple(out.shape)}")
@@ -97,7 +95,7 @@ def mla_merge(out: torch.Tensor, meta, merged_upto: int = 0,
         out, meta.o_partial, meta.lse_partial, meta.qo_indptr, meta.num_splits, meta.split_indptr,
         meta.merge_reqs, meta.num_merge,
         out.stride(0), out.stride(1), meta.o_partial.stride(0), meta.o_partial.stride(1),
-        meta.lse_partial.stride(0), H, merged_upto,
+        meta.lse_partial.stride(0), H,
         DV=dv, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
     )
     return out
