@@ -79,6 +79,15 @@ def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int) 
 if _GLUON_ERROR is None:
 
     @gluon.jit
+    def _load_rows(LAT_DESC, PE_DESC, bar, lat, pe, row, HALF: gl.constexpr):
+        """TMA of 64 rows of a [*, 576] tensor (Q's rows of a tile, or a KV block) into shared memory on one
+        barrier: latent columns [0, 512) as two [64, 256] boxes into ``lat``, the rope part into ``pe``."""
+        mbarrier.expect(bar, (lat.type.shape[0] * lat.type.shape[1] + pe.type.shape[0] * pe.type.shape[1]) * 2)
+        tma.async_copy_global_to_shared(LAT_DESC, [row, 0], bar, lat.slice(0, HALF, dim=1))
+        tma.async_copy_global_to_shared(LAT_DESC, [row, HALF], bar, lat.slice(HALF, HALF, dim=1))
+        tma.async_copy_global_to_shared(PE_DESC, [row, 2 * HALF], bar, pe)
+
+    @gluon.jit
     def _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p, tile, q_start,
                       n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, COL0: gl.constexpr,
                       BLOCK_H: gl.constexpr, O_L: gl.constexpr):
@@ -121,8 +130,6 @@ if _GLUON_ERROR is None:
         P_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
-        NBYTES_Q: gl.constexpr = BLOCK_H * (DV + DPE) * 2
-        NBYTES_KV: gl.constexpr = BLOCK_N * (DV + DPE) * 2
 
         # (one-slot rings indexed by a loop-variant 0 below: otherwise the 36 wgmma descriptors of Q are hoisted
         # out of the loop and held in registers, which spills the loop)
@@ -154,20 +161,12 @@ if _GLUON_ERROR is None:
                 n_blocks = gl.maximum(end_n - start_n + BLOCK_N - 1, 0) // BLOCK_N
                 bt_row = BLOCK_TABLE + b * stride_bt
 
-                row_q = q_start * H + tile * BLOCK_H  # q is [T * H, 576]: the tile's rows are contiguous
-                mbarrier.expect(q_bar, NBYTES_Q)
-                tma.async_copy_global_to_shared(Q_DESC, [row_q, 0], q_bar, q_lat.slice(0, HALF, dim=1))
-                tma.async_copy_global_to_shared(Q_DESC, [row_q, HALF], q_bar, q_lat.slice(HALF, HALF, dim=1))
-                tma.async_copy_global_to_shared(Q_PE_DESC, [row_q, DV], q_bar, q_pe)
+                # q is [T * H, 576]: the tile's rows are contiguous
+                _load_rows(Q_DESC, Q_PE_DESC, q_bar, q_lat, q_pe, q_start * H + tile * BLOCK_H, HALF)
                 if n_blocks > 0:
                     st = it % 2
-                    row_kv = gl.load(bt_row + start_n // BLOCK_N) * BLOCK_N
-                    bar = kv_bar.index(st)
-                    mbarrier.expect(bar, NBYTES_KV)
-                    tma.async_copy_global_to_shared(KV_DESC, [row_kv, 0], bar, kv_lat.index(st).slice(0, HALF, dim=1))
-                    tma.async_copy_global_to_shared(KV_DESC, [row_kv, HALF], bar,
-                                                    kv_lat.index(st).slice(HALF, HALF, dim=1))
-                    tma.async_copy_global_to_shared(KV_PE_DESC, [row_kv, DV], bar, kv_pe.index(st))
+                    _load_rows(KV_DESC, KV_PE_DESC, kv_bar.index(st), kv_lat.index(st), kv_pe.index(st),
+                               gl.load(bt_row + start_n // BLOCK_N) * BLOCK_N, HALF)
                 mbarrier.wait(q_bar, q_phase)
                 q_phase ^= 1
 
@@ -180,14 +179,8 @@ if _GLUON_ERROR is None:
                     st = it % 2
                     if j + 1 < n_blocks:  # prefetch block j + 1 into the other stage (free since block j - 1)
                         nx = 1 - st
-                        row_kv = gl.load(bt_row + start_n // BLOCK_N + j + 1) * BLOCK_N
-                        bar = kv_bar.index(nx)
-                        mbarrier.expect(bar, NBYTES_KV)
-                        tma.async_copy_global_to_shared(KV_DESC, [row_kv, 0], bar,
-                                                        kv_lat.index(nx).slice(0, HALF, dim=1))
-                        tma.async_copy_global_to_shared(KV_DESC, [row_kv, HALF], bar,
-                                                        kv_lat.index(nx).slice(HALF, HALF, dim=1))
-                        tma.async_copy_global_to_shared(KV_PE_DESC, [row_kv, DV], bar, kv_pe.index(nx))
+                        _load_rows(KV_DESC, KV_PE_DESC, kv_bar.index(nx), kv_lat.index(nx), kv_pe.index(nx),
+                                   gl.load(bt_row + start_n // BLOCK_N + j + 1) * BLOCK_N, HALF)
                     mbarrier.wait(kv_bar.index(st), (it // 2) & 1)
                     n0 = start_n + j * BLOCK_N
                     v = kv_lat.index(st)
@@ -302,7 +295,6 @@ if _GLUON_ERROR is None:
                                                       instr_shape=[16, HALF, 16])
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
-        NBYTES_Q: gl.constexpr = BLOCK_H * (DV + DPE) * 2
         OTHER: gl.constexpr = 1 - ROLE
         # bars 0..5: TMA landed, [3 * stage + part] (parts: latent [0, 256), [256, 512), rope)
         free0 = bars.index(6)  # wg1 is done with stage 0's part 1 and P_A (arrives once per A block)
@@ -336,13 +328,8 @@ if _GLUON_ERROR is None:
                     if ROLE == 0:
                         if nq > 0:
                             mbarrier.wait(q_empty, (nq - 1) & 1)
-                        row_q = q_start * H + tile * BLOCK_H
-                        mbarrier.expect(q_full, NBYTES_Q)
-                        q_lat = q_lat_ring.index(0)
-                        tma.async_copy_global_to_shared(Q_DESC, [row_q, 0], q_full, q_lat.slice(0, HALF, dim=1))
-                        tma.async_copy_global_to_shared(Q_DESC, [row_q, HALF], q_full,
-                                                        q_lat.slice(HALF, HALF, dim=1))
-                        tma.async_copy_global_to_shared(Q_PE_DESC, [row_q, DV], q_full, q_pe_ring.index(0))
+                        _load_rows(Q_DESC, Q_PE_DESC, q_full, q_lat_ring.index(0), q_pe_ring.index(0),
+                                   q_start * H + tile * BLOCK_H, HALF)
                         if na > 0:
                             mbarrier.wait(free0, (na - 1) & 1)
                         row_kv = gl.load(bt_row) * BLOCK_N

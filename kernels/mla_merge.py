@@ -59,20 +59,15 @@ def _mla_merge_kernel(
             tl.store(o_ptr[:, None] + cols[None, :], out.to(O.dtype.element_ty), mask=ok)
 
 
-def many_short_merges(batch_size: int, num_parts: int) -> bool:
-    """Whether the plan's cut requests are many, each in a few parts (batch >= parts / 8), rather than few,
-    each in many parts (small batches, or one long request among few)."""
-    return 8 * batch_size >= num_parts
-
-
 def merge_tiles(batch_size: int, num_parts: int, dv: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, BLOCK_S) of a merge program. Many short merges: 4 whole rows, 4 splits a load (one
-    round of loads for most jobs, and 4x fewer programs to launch than one row each, which costs ~4 us even
-    when nothing is cut; 8 rows would cost a long request cut 30 ways among short ones 1.5-2x in its merge).
-    Small batches: one half row, 16 splits a load, so a job cut dozens of ways spreads over many programs
-    (4 rows cost one 16k request among 7 short ones 10-14 us). Measured on H100 (kernels/NOTES.md, session 5)."""
+    """(BLOCK_R, BLOCK_D, BLOCK_S) of a merge program. Many short merges (batch >= parts / 8): 4 whole rows,
+    4 splits a load (one round of loads for most jobs, and 4x fewer programs to launch than one row each, which
+    costs ~4 us even when nothing is cut; 8 rows would cost a long request cut 30 ways among short ones 1.5-2x
+    in its merge). Small batches: one half row, 16 splits a load, so a job cut dozens of ways spreads over many
+    programs (4 rows cost one 16k request among 7 short ones 10-14 us). Measured on H100 (kernels/NOTES.md,
+    session 5)."""
     d = max(16, triton.next_power_of_2(dv))
-    if many_short_merges(batch_size, num_parts):
+    if 8 * batch_size >= num_parts:
         return 4, d, 4
     return 1, min(d, 256), 16
 
