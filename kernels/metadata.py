@@ -10,16 +10,19 @@ partial slots split_indptr[b] + (p - first_part[b]) that the merge kernel combin
 Strategies:
 - ``persistent``: every buffer allocated once at construction for the largest batch / q_len; ``build``
   refills them on the GPU with one Triton kernel (no host sync, no allocation, graph-capturable);
-  parts = the SM count over the row tiles. Of two plans it takes the one with the smaller largest part
-  (balanced by KV cost; a cut request charged ``split_cost`` units for its partial traffic and merge):
+  parts = the SM count over the row tiles. Of three plans it takes the first two's when their largest part
+  is within ``split_cost`` units (what a cut request pays for its partial traffic and merge) of an equal
+  slice, tried in order, else the third:
   - per request (no more active requests than parts): request b cut into k_b = ceil(kv_b / w) equal parts
     of its own, w the smallest width >= min_chunk with sum k_b <= parts, so equal requests that fit one a
     part are not cut at all, and B requests over 2B parts are cut in two, not three;
+  - packed (many short requests of similar length): no request cut, each whole in the part whose equal
+    slice of the total holds its middle unit (128 requests of 1k over 66 parts: two a part, no merge);
   - slices: each part an equal slice of the total cost, except that a boundary falling inside a request
     no longer than a slice moves to that request's nearer edge when within min(chunk // snap_div,
     snap_max) units: a cut costs a merge and about 4 units of partial traffic, so moving a boundary by
-    fewer units than that is a win (fewer merges, little imbalance). Many short requests, or one long
-    request among short ones, take this plan.
+    fewer units than that is a win (fewer merges, little imbalance). One long request among short ones,
+    or lengths too uneven to pack, take this plan.
   ``max_kv_splits`` caps the parts any one request is cut into (the slices grow to fit), not the grid.
 - ``per_step``: the baseline: the plan computed on the host from host lists with a fixed split count per
   request, fresh tensors copied to the device every step. Eager only.

@@ -251,7 +251,7 @@ def mla_decode(
     if meta.num_parts == 0 or T == 0:
         return out
     cfg = config or default_config(meta.max_q_len * H, q.element_size(), kv_lora_rank, q.is_cuda)
-    if cfg.gluon and q.is_cuda and sm90.supported(q, kv_cache, meta, kv_lora_rank) is None:
+    if cfg.gluon and q.is_cuda and sm90.supported(q, kv_cache, meta, kv_lora_rank, out) is None:
         sm90.mla_decode_sm90(q, kv_cache, meta, sm_scale, out, LOG2E)
         mla_decode.last_impl = "gluon"
     else:

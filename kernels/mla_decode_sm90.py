@@ -2,37 +2,30 @@
 
 Why a second kernel: Triton (3.6) lays the 64 x 64 score tile of the generic kernel over both warpgroups
 with warps stacked along rows, so each warpgroup computes the whole QK^T (576-deep) for the same 64 rows:
-the largest matmul of the block runs twice, in 64 x 32 instructions. Gluon lets us pick the layouts:
+the largest matmul of the block runs twice, in 64 x 32 instructions. Gluon lets us pick the layouts and
+the schedule: FlashMLA's "seesaw" (its deep-dive write-up, 2025-04) in two warp-specialized partitions of
+one warpgroup each, over tiles of 64 rows (row = (query token, head)):
 
-- scores S = Q K^T [64 rows, 64 tokens]: warpgroup g computes tokens 32g .. 32g + 31 (no duplicate work);
-  the row max and sum cross the two warpgroups once per block;
-- P (bf16) goes to shared memory once and both warpgroups read it as the A operand of P V;
-- the output O [64, 512] fp32: warpgroup g owns value columns 256g .. 256g + 255 (128 registers a thread).
+- warpgroup 0 computes the full S = Q K^T [64 rows, 64 tokens] of even KV blocks, warpgroup 1 of odd blocks,
+  so one warpgroup's softmax runs while the other's matmuls do;
+- the running max, the rescale factors and P (bf16) pass through shared memory (P over the block's rope
+  part, which S no longer needs); warpgroup g owns value columns 256g .. 256g + 255 of O (fp32, 128
+  registers a thread) and its share of the row sum;
+- Q (64 x 576) stays in shared memory for a request; KV blocks (64 tokens = one page) arrive by TMA in three
+  parts with their own barriers into two stages (one a warpgroup), and S starts on the first part to land;
+- a request that is not cut leaves through shared memory by TMA; a cut one as fp32 partials +
+  log2-sum-exp, which ``kernels.mla_merge`` combines.
 
-Two schedules share the work plan and the outputs:
+Session 6 retired the lockstep schedule (both warpgroups on the same block, tokens of S split between them):
+with the merge kernel and the TMA store it was nowhere faster than the seesaw at 64 rows, and up to 1.14x
+slower at small batches (kernels/NOTES.md). Rows of a request's last page past its length may hold anything
+(NaN included): they are zeroed in shared memory before they are used as values. Measurements and the
+version history: kernels/NOTES.md (sessions 3 to 6).
 
-- **lockstep** (``_mla_decode_sm90_kernel``, 64-row requests: memory-bound): both warpgroups work on the
-  same block, tokens of S split between them as above. Q (64 x 576) stays in shared memory for a request;
-  KV blocks (64 tokens = one page) arrive by TMA into a two-stage ring, block j + 1 in flight while block j
-  is computed.
-- **seesaw** (``_mla_decode_sm90_seesaw``, >= 128 rows per request, H = 128 or q_len > 1: compute-bound):
-  FlashMLA's schedule (its deep-dive write-up, 2025-04) in two warp-specialized partitions. Warpgroup 0
-  computes the full S of even blocks, warpgroup 1 of odd blocks, so one warpgroup's softmax runs while the
-  other's matmuls do; the running max, the rescale factors and P pass through shared memory (P over the
-  block's rope part, which S no longer needs). Each block arrives in three TMA parts with their own
-  barriers, and S starts on the first to land. 1.2-1.25x over lockstep at H = 128 with many requests.
-
-Both write a request cut over several parts as fp32 partials + log2-sum-exp, which ``kernels.mla_merge``
-combines (an in-kernel merge by the part finishing a request last was dropped in session 5: against the
-per-row-block merge kernel it was 1-20% slower, kernels/NOTES.md).
-
-Rows of a request's last page past its length may hold anything (NaN included): they are zeroed in shared
-memory before they are used as values. Measurements and the version history: kernels/NOTES.md (sessions
-3 to 5).
-
-Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, at least 64 rows per request
-(q_len * H), contiguous q and cache. ``supported`` says why not otherwise; ``kernels.mla_decode`` falls
-back to the generic kernel then. Gluon kernels do not run under the interpreter: tested on the GPU.
+Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, a multiple of 64 heads (whole row
+tiles), contiguous q, cache and output. ``supported`` says why not otherwise; ``kernels.mla_decode`` falls
+back to the generic kernel then. Gluon kernels do not run under the interpreter: tested on the GPU. Written
+for Triton 3.6's Gluon; the few names newer Gluon renamed are looked up once below.
 """
 from __future__ import annotations
 
@@ -49,7 +42,11 @@ try:
                                                                   warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     _GLUON_ERROR = None
-except ImportError as e:  # an older Triton: the generic kernel serves
+    # Triton 3.6 names (the GPU image) and their newer spellings
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+except (ImportError, AttributeError) as e:  # an older Triton: the generic kernel serves
     _GLUON_ERROR = f"this Triton has no Gluon for Hopper ({e})"
 
 BLOCK_H, BLOCK_N, DV, DPE, HALF = 64, 64, 512, 64, 256
@@ -57,7 +54,8 @@ BLOCK_H, BLOCK_N, DV, DPE, HALF = 64, 64, 512, 64, 256
 WORKER_REGS = 256
 
 
-def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int) -> Optional[str]:
+def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int,
+              out: Optional[torch.Tensor] = None) -> Optional[str]:
     """None when the Gluon kernel can run this call, else the reason (one line)."""
     if _GLUON_ERROR is not None:
         return _GLUON_ERROR
@@ -69,10 +67,10 @@ def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int) 
         return f"the Gluon kernel needs 576 = 512 + 64 wide vectors, got {q.shape[-1]} with rank {kv_lora_rank}"
     if meta.page_size != BLOCK_N or meta.plan_block != BLOCK_N:
         return f"the Gluon kernel needs page size and plan block {BLOCK_N}"
-    if meta.max_q_len * meta.num_heads < BLOCK_H:
-        return f"the Gluon kernel needs at least {BLOCK_H} rows (q_len * H) per request"
-    if not (q.is_contiguous() and kv_cache.is_contiguous()):
-        return "the Gluon kernel needs contiguous q and cache"
+    if meta.num_heads % BLOCK_H:
+        return f"the Gluon kernel needs a multiple of {BLOCK_H} heads (whole row tiles), got {meta.num_heads}"
+    if not (q.is_contiguous() and kv_cache.is_contiguous() and (out is None or out.is_contiguous())):
+        return "the Gluon kernel needs contiguous q, cache and output"
     return None
 
 
@@ -80,147 +78,42 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _load_rows(LAT_DESC, PE_DESC, bar, lat, pe, row, HALF: gl.constexpr):
-        """TMA of 64 rows of a [*, 576] tensor (Q's rows of a tile, or a KV block) into shared memory on one
-        barrier: latent columns [0, 512) as two [64, 256] boxes into ``lat``, the rope part into ``pe``."""
+        """TMA of a Q tile's 64 rows of [*, 576] into shared memory on one barrier: latent columns [0, 512) as
+        two [64, 256] boxes into ``lat``, the rope part into ``pe``."""
         mbarrier.expect(bar, (lat.type.shape[0] * lat.type.shape[1] + pe.type.shape[0] * pe.type.shape[1]) * 2)
-        tma.async_copy_global_to_shared(LAT_DESC, [row, 0], bar, lat.slice(0, HALF, dim=1))
-        tma.async_copy_global_to_shared(LAT_DESC, [row, HALF], bar, lat.slice(HALF, HALF, dim=1))
-        tma.async_copy_global_to_shared(PE_DESC, [row, 2 * HALF], bar, pe)
+        _tma_load(LAT_DESC, [row, 0], bar, lat.slice(0, HALF, dim=1))
+        _tma_load(LAT_DESC, [row, HALF], bar, lat.slice(HALF, HALF, dim=1))
+        _tma_load(PE_DESC, [row, 2 * HALF], bar, pe)
 
     @gluon.jit
-    def _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p, tile, q_start,
-                      n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, COL0: gl.constexpr,
-                      BLOCK_H: gl.constexpr, O_L: gl.constexpr):
-        """Normalize the tile's output columns [COL0, COL0 + acc's width) and write them: to ``O`` when the
-        request is not split, else to the part's partial slot with the rows' log2-sum-exp."""
+    def _store_result(acc, l_i, m_i, o_smem, O_DESC, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p,
+                      tile, q_start, H, rows_max, stride_ls, COL0: gl.constexpr, BLOCK_H: gl.constexpr,
+                      HALF: gl.constexpr, DV: gl.constexpr, O_L: gl.constexpr):
+        """Normalize the tile's output columns [COL0, COL0 + acc's width) and write them. A request that is not
+        split goes to the output by TMA from shared memory ``o_smem`` (a KV stage, free once the request's blocks
+        are done; the caller waits for the store before refilling it); a split one to the part's fp32 partial
+        slot with the rows' log2-sum-exp, by plain stores (through TMA they cost 3-4% at batches 1-8, where every
+        part writes a partial: kernels/NOTES.md, session 6). Tiles are whole (H is a multiple of 64)."""
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
+        W: gl.constexpr = acc.type.shape[1]
         l_o = gl.convert_layout(l_i, ROW_O)
         has = l_o > 0.0
         out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
-        rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
-        cols_o = COL0 + gl.arange(0, acc.type.shape[1], layout=gl.SliceLayout(0, O_L))
-        row_ok = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o >= 0, 0)
         if n_split == 1:
-            o_ptr = O + (q_start + rows_o // H) * stride_ot + (rows_o % H) * stride_oh
-            gl.store(gl.expand_dims(o_ptr, 1) + gl.expand_dims(cols_o, 0), out.to(gl.bfloat16), mask=row_ok)
+            o_smem.store(out.to(gl.bfloat16))
+            fence_async_shared()
+            _cta_barrier()
+            for c in gl.static_range(0, W, HALF):
+                _tma_store(O_DESC, [q_start * H + tile * BLOCK_H, COL0 + c], o_smem.slice(c, HALF, dim=1))
         else:
             slot = (gl.load(SPLIT_INDPTR + b) + p - gl.load(FIRST_PART + b)).to(gl.int64)
-            po = O_PART + slot * stride_ps + rows_o * stride_pr
-            gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=row_ok)
+            rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
+            cols_o = COL0 + gl.arange(0, W, layout=gl.SliceLayout(0, O_L))
+            po = O_PART + (slot * rows_max + rows_o) * DV
+            gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out)
             m_o = gl.convert_layout(m_i, ROW_O)
             lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
-            gl.store(LSE_PART + slot * stride_ls + rows_o, lse, mask=rows_o < n_rows)
-
-    @gluon.jit
-    def _mla_decode_sm90_kernel(
-        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
-        QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
-        stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
-        scale_log2, H, overhead,
-        BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-    ):
-        gl.static_assert(BLOCK_H == 64 and BLOCK_N == 64 and DV == 2 * HALF)
-        # scores: warpgroup g owns tokens [32g, 32g + 32) of the block; output: value columns [256g, 256g + 256)
-        S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
-        O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                      instr_shape=[16, HALF, 16])
-        ZERO_L: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
-        LAT_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DV], gl.bfloat16)
-        PE_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DPE], gl.bfloat16)
-        P_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N], gl.bfloat16)
-        ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
-        ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
-
-        # (one-slot rings indexed by a loop-variant 0 below: otherwise the 36 wgmma descriptors of Q are hoisted
-        # out of the loop and held in registers, which spills the loop)
-        q_lat_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, DV], LAT_SL)
-        q_pe_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, DPE], PE_SL)
-        q_lat = q_lat_ring.index(0)
-        q_pe = q_pe_ring.index(0)
-        kv_lat = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DV], LAT_SL)
-        kv_pe = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, DPE], PE_SL)
-        p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, BLOCK_N], P_SL)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar.index(0), count=1)
-        mbarrier.init(kv_bar.index(1), count=1)
-        mbarrier.init(q_bar, count=1)
-        fence_async_shared()
-        gl.thread_barrier()
-
-        p = gl.program_id(0)
-        tile = gl.program_id(1)
-        begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
-
-        it = 0  # KV blocks loaded by this program so far: block `it` goes to stage it % 2, phase (it // 2) & 1
-        q_phase = 0
-        for b in range(b_lo, b_hi):
-            active, q_start, q_len, n_rows, L, start_n, end_n = request_span(
-                b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead, BLOCK_H, BLOCK_N)
-            if active:
-                n_blocks = gl.maximum(end_n - start_n + BLOCK_N - 1, 0) // BLOCK_N
-                bt_row = BLOCK_TABLE + b * stride_bt
-
-                # q is [T * H, 576]: the tile's rows are contiguous
-                _load_rows(Q_DESC, Q_PE_DESC, q_bar, q_lat, q_pe, q_start * H + tile * BLOCK_H, HALF)
-                if n_blocks > 0:
-                    st = it % 2
-                    _load_rows(KV_DESC, KV_PE_DESC, kv_bar.index(st), kv_lat.index(st), kv_pe.index(st),
-                               gl.load(bt_row + start_n // BLOCK_N) * BLOCK_N, HALF)
-                mbarrier.wait(q_bar, q_phase)
-                q_phase ^= 1
-
-                rows_s = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_S)
-                pos = L - q_len + rows_s // H  # KV position of each row's query token
-                m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=ROW_S)
-                l_i = gl.zeros([BLOCK_H], gl.float32, layout=ROW_S)
-                acc = gl.zeros([BLOCK_H, DV], gl.float32, layout=O_L)
-                for j in range(n_blocks):
-                    st = it % 2
-                    if j + 1 < n_blocks:  # prefetch block j + 1 into the other stage (free since block j - 1)
-                        nx = 1 - st
-                        _load_rows(KV_DESC, KV_PE_DESC, kv_bar.index(nx), kv_lat.index(nx), kv_pe.index(nx),
-                                   gl.load(bt_row + start_n // BLOCK_N + j + 1) * BLOCK_N, HALF)
-                    mbarrier.wait(kv_bar.index(st), (it // 2) & 1)
-                    n0 = start_n + j * BLOCK_N
-                    v = kv_lat.index(st)
-                    if n0 + BLOCK_N > L:  # the page's rows past L were never written: zero them (values)
-                        x = v.load(ZERO_L)
-                        zrows = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ZERO_L))
-                        x = gl.where(gl.expand_dims(zrows < L, 1), x, gl.zeros_like(x))
-                        v.store(x)
-                        fence_async_shared()
-                        gl.thread_barrier()
-                    s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=S_L)
-                    zero = it >> 30
-                    s = warpgroup_mma(q_lat_ring.index(zero), v.permute((1, 0)), s, use_acc=False, is_async=True)
-                    s = warpgroup_mma(q_pe_ring.index(zero), kv_pe.index(st).permute((1, 0)), s, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
-                    toks = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
-                    ok = (gl.expand_dims(toks, 0) < end_n) & (gl.expand_dims(toks, 0) <= gl.expand_dims(pos, 1))
-                    s = gl.where(ok, s * scale_log2, gl.full_like(s, float("-inf")))
-                    m_new = gl.maximum(m_i, gl.max(s, 1))
-                    alpha = gl.exp2(m_i - m_new)
-                    pr = gl.exp2(s - gl.expand_dims(m_new, 1))
-                    l_i = l_i * alpha + gl.sum(pr, 1)
-                    m_i = m_new
-                    p_smem.store(pr.to(gl.bfloat16))
-                    fence_async_shared()
-                    gl.thread_barrier()
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, ROW_O), 1)
-                    acc = warpgroup_mma(p_smem, v, acc)
-                    gl.thread_barrier()  # both warpgroups are done with this stage and with P
-                    it += 1
-
-                _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, gl.load(NUM_SPLITS + b), b,
-                              p, tile, q_start, n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, 0,
-                              BLOCK_H, O_L)
-        mbarrier.invalidate(kv_bar.index(0))
-        mbarrier.invalidate(kv_bar.index(1))
-        mbarrier.invalidate(q_bar)
-
-
-    # ---- the seesaw schedule: two warp-specialized warpgroups, each computing the full S of alternate blocks ----
+            gl.store(LSE_PART + slot * stride_ls + rows_o, lse)
 
     @gluon.jit
     def _load_part(KV_DESC, KV_PE_DESC, bars, stage, lat, pe, row_kv, part: gl.constexpr, HALF: gl.constexpr):
@@ -229,10 +122,10 @@ if _GLUON_ERROR is None:
         bar = bars.index(3 * stage + part)
         if part == 2:
             mbarrier.expect(bar, pe.type.shape[0] * pe.type.shape[1] * 2)
-            tma.async_copy_global_to_shared(KV_PE_DESC, [row_kv, 2 * HALF], bar, pe)
+            _tma_load(KV_PE_DESC, [row_kv, 2 * HALF], bar, pe)
         else:
             mbarrier.expect(bar, lat.type.shape[0] * HALF * 2)
-            tma.async_copy_global_to_shared(KV_DESC, [row_kv, part * HALF], bar, lat.slice(part * HALF, HALF, dim=1))
+            _tma_load(KV_DESC, [row_kv, part * HALF], bar, lat.slice(part * HALF, HALF, dim=1))
 
     @gluon.jit
     def _block_scores(q_lat_ring, q_pe_ring, zero, bars, stage, phase, k_lat, k_pe, n0, L, end_n, pos, scale_log2,
@@ -252,7 +145,7 @@ if _GLUON_ERROR is None:
                 x = part.load(Z_L)
                 part.store(gl.where(gl.expand_dims(zrows < L, 1), x, gl.zeros_like(x)))
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
         s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, layout=S_L)
         q_lat = q_lat_ring.index(zero)
         mbarrier.wait(bars.index(3 * stage + FIRST), phase)
@@ -270,10 +163,9 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _seesaw_partition(
-        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
         QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
-        stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
-        scale_log2, H, overhead,
+        stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
         ROLE: gl.constexpr,
@@ -330,6 +222,7 @@ if _GLUON_ERROR is None:
                             mbarrier.wait(q_empty, (nq - 1) & 1)
                         _load_rows(Q_DESC, Q_PE_DESC, q_full, q_lat_ring.index(0), q_pe_ring.index(0),
                                    q_start * H + tile * BLOCK_H, HALF)
+                        tma.store_wait(0)  # this warpgroup's previous output left through its stage
                         if na > 0:
                             mbarrier.wait(free0, (na - 1) & 1)
                         row_kv = gl.load(bt_row) * BLOCK_N
@@ -337,6 +230,7 @@ if _GLUON_ERROR is None:
                             _load_part(KV_DESC, KV_PE_DESC, bars, 0, kv_lat.index(0), kv_pe.index(0), row_kv, part,
                                        HALF)
                     else:
+                        tma.store_wait(0)
                         if n_blocks > 1:
                             if nb > 0:
                                 mbarrier.wait(free1, (nb - 1) & 1)
@@ -365,7 +259,7 @@ if _GLUON_ERROR is None:
                             xch.index(0).store(m0)
                             xch.index(1).store(sc0)
                             fence_async_shared()
-                            gl.thread_barrier()
+                            _cta_barrier()
                             mbarrier.arrive(p0_bar, count=1)
                             acc = acc * gl.expand_dims(gl.convert_layout(sc0, ROW_O), 1)
                             acc = warpgroup_mma(kv_pe.index(0), kv_lat.index(0).slice(0, HALF, dim=1), acc)
@@ -386,7 +280,7 @@ if _GLUON_ERROR is None:
                                 l_i = l_i * sc1
                                 acc = acc * gl.expand_dims(gl.convert_layout(sc1, ROW_O), 1)
                                 acc = warpgroup_mma(kv_pe.index(1), kv_lat.index(1).slice(0, HALF, dim=1), acc)
-                                gl.thread_barrier()
+                                _cta_barrier()
                                 mbarrier.arrive(free1, count=1)
                             else:
                                 m_i = m0
@@ -417,12 +311,12 @@ if _GLUON_ERROR is None:
                                 xch.index(2).store(m1)
                                 xch.index(3).store(sc1)
                                 fence_async_shared()
-                                gl.thread_barrier()
+                                _cta_barrier()
                                 mbarrier.arrive(p1_bar, count=1)
                                 l_i = l_i * sc1 + gl.sum(pr, 1)
                                 m_i = m1
                             acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-                            gl.thread_barrier()
+                            _cta_barrier()
                             mbarrier.arrive(free0, count=1)
                             if has_b:
                                 acc = acc * gl.expand_dims(gl.convert_layout(sc1, ROW_O), 1)
@@ -438,7 +332,7 @@ if _GLUON_ERROR is None:
                                                2, HALF)
                     # the row sum is split over the warpgroups: exchange (double-buffered by request parity)
                     xch.index(4 + 2 * ROLE + (nq & 1)).store(l_i)
-                    gl.thread_barrier()
+                    _cta_barrier()
                     mbarrier.arrive(bars.index(12 + 2 * ROLE + (nq & 1)), count=1)
                     mbarrier.wait(bars.index(12 + 2 * OTHER + (nq & 1)), (nq >> 1) & 1)
                     l_other = xch.index(4 + 2 * OTHER + (nq & 1)).load(ROW_S)
@@ -450,17 +344,18 @@ if _GLUON_ERROR is None:
                     nb += n_blocks // 2
                     nq += 1
 
-                # both warpgroups write the (identical) log-sum-exp of a split request
-                _store_result(acc, l_i, m_i, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, gl.load(NUM_SPLITS + b), b,
-                              p, tile, q_start, n_rows, H, stride_ot, stride_oh, stride_ps, stride_pr, stride_ls, v_col,
-                              BLOCK_H, O_L)
+                # each warpgroup writes its columns through its own stage (both are past their last block: the
+                # row-sum exchange above); both write the (identical) log-sum-exp of a split request
+                _store_result(acc, l_i, m_i, kv_lat.index(ROLE).slice(0, HALF, dim=1), O_DESC, O_PART, LSE_PART,
+                              FIRST_PART, SPLIT_INDPTR, gl.load(NUM_SPLITS + b), b, p, tile, q_start, H, rows_max,
+                              stride_ls, v_col, BLOCK_H, HALF, DV, O_L)
+        tma.store_wait(0)
 
     @gluon.jit
     def _mla_decode_sm90_seesaw(
-        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
         QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
-        stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
-        scale_log2, H, overhead,
+        stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
         WORKER_REGS: gl.constexpr,
     ):
@@ -479,48 +374,40 @@ if _GLUON_ERROR is None:
             mbarrier.init(bars.index(k), count=2 if k == 9 else 1)
         fence_async_shared()
         gl.warp_specialize([
-            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
                                  QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
-                                 SPLIT_INDPTR, stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
-                                 scale_log2, H, overhead, q_lat_ring, q_pe_ring, kv_lat, kv_pe,
-                                 xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 0)),
-            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
+                                 SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
+                                 q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 0)),
+            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
                                  QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
-                                 SPLIT_INDPTR, stride_ot, stride_oh, stride_bt, stride_ps, stride_pr, stride_ls,
-                                 scale_log2, H, overhead, q_lat_ring, q_pe_ring, kv_lat, kv_pe,
-                                 xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 1)),
+                                 SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
+                                 q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 1)),
         ], [4], [WORKER_REGS])
 
 
 def descriptor_layouts():
-    """Shared-memory layouts of the TMA boxes: [64, 256] latent halves and [64, 64] rope parts."""
+    """Shared-memory layouts of the TMA boxes: [64, 256] latent halves (Q, KV, output) and [64, 64] rope parts."""
     return (gl.NVMMASharedLayout.get_default_for([BLOCK_N, HALF], gl.bfloat16),
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, DPE], gl.bfloat16))
 
 
 def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: float, out: torch.Tensor,
-                    log2e: float, seesaw: Optional[bool] = None) -> None:
-    """Launch the decode kernel on inputs ``supported`` accepted: the seesaw schedule when a request has more
-    than one row tile (``seesaw=None``), else lockstep. Cut requests are left as partials for
-    ``kernels.mla_merge``."""
+                    log2e: float) -> None:
+    """Launch the decode kernel on inputs ``supported`` accepted. Requests that are not cut are written to
+    ``out``; cut ones are left as partials for ``kernels.mla_merge``."""
     T, H, D = q.shape
     lat_l, pe_l = descriptor_layouts()
     q2, kv2 = q.view(T * H, D), kv_cache.view(-1, D)
-    q_desc = GluonDescriptor.from_tensor(q2, [BLOCK_H, HALF], lat_l)
-    q_pe_desc = GluonDescriptor.from_tensor(q2, [BLOCK_H, DPE], pe_l)
-    kv_desc = GluonDescriptor.from_tensor(kv2, [BLOCK_N, HALF], lat_l)
-    kv_pe_desc = GluonDescriptor.from_tensor(kv2, [BLOCK_N, DPE], pe_l)
-    n_tiles = -(-meta.max_q_len * H // BLOCK_H)
     o_part, lse_part = meta.o_partial, meta.lse_partial
-    args = (q_desc, q_pe_desc, kv_desc, kv_pe_desc, out, o_part, lse_part, meta.block_table,
-            meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
-            meta.num_splits, meta.split_indptr,
-            out.stride(0), out.stride(1), meta.block_table.stride(0), o_part.stride(0), o_part.stride(1),
-            lse_part.stride(0), sm_scale * log2e, H, meta.overhead)
-    const = dict(BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF)
-    if seesaw is None:
-        seesaw = n_tiles > 1
-    if seesaw:
-        _mla_decode_sm90_seesaw[(meta.num_parts, n_tiles)](*args, **const, WORKER_REGS=WORKER_REGS, num_warps=4)
-    else:
-        _mla_decode_sm90_kernel[(meta.num_parts, n_tiles)](*args, **const, num_warps=8)
+    descs = (GluonDescriptor.from_tensor(q2, [BLOCK_H, HALF], lat_l),
+             GluonDescriptor.from_tensor(q2, [BLOCK_H, DPE], pe_l),
+             GluonDescriptor.from_tensor(kv2, [BLOCK_N, HALF], lat_l),
+             GluonDescriptor.from_tensor(kv2, [BLOCK_N, DPE], pe_l),
+             GluonDescriptor.from_tensor(out.view(T * H, DV), [BLOCK_H, HALF], lat_l))
+    n_tiles = -(-meta.max_q_len * H // BLOCK_H)
+    _mla_decode_sm90_seesaw[(meta.num_parts, n_tiles)](
+        *descs, o_part, lse_part, meta.block_table,
+        meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
+        meta.num_splits, meta.split_indptr,
+        meta.block_table.stride(0), lse_part.stride(0), o_part.shape[1], sm_scale * log2e, H, meta.overhead,
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, WORKER_REGS=WORKER_REGS, num_warps=4)

@@ -24,6 +24,19 @@ def _part_bound(pp, chunk, total, snap, ce_m):
 
 
 @triton.jit
+def _packed_part_bound(pp, chunk, total, mid2_m, cs):
+    """Start unit of parts ``pp`` in the packed plan: the first unit of the first request whose middle
+    (mid2_m = 2 x middle unit, -1 for inactive requests) lies at or past p * chunk, else ``total``."""
+    return tl.min(tl.where(mid2_m[None, :] >= 2 * pp[:, None] * chunk, cs[None, :], total), 1)
+
+
+@triton.jit
+def _segment_min(k1, v1, k2, v2):
+    """Scan operator: running minimum of v within runs of equal keys k (associative on sorted keys)."""
+    return k2, tl.where(k1 == k2, tl.minimum(v1, v2), v2)
+
+
+@triton.jit
 def _request_part_bound(pp, k_m, k_req, cs, kv, overhead, total):
     """Start unit of parts ``pp`` in the per-request plan: part j of request b (parts k_incl[b] - k_b ..
     k_incl[b] - 1) starts at its block (j * kv_b) // k_b, part 0 at the request's first unit; parts past the
@@ -81,6 +94,16 @@ def _persistent_plan_kernel(
     per_req = (n_active > 0) & (n_active <= num_parts) & (span <= chunk + overhead + split_cost)
     k_incl = tl.cumsum(k_req, 0)
 
+    # the packed plan: no request cut, request b whole in the part (cs + ce) // (2 chunk) whose slice holds
+    # its middle unit; taken (when the per-request plan is not) if its largest part is within split_cost
+    # units of a slice. A part runs from its first request's start to its last request's end: a running
+    # minimum of the starts within runs of equal parts gives every request its part's start.
+    packed_part = (cs + ce) // (2 * chunk)  # non-decreasing in b (inactive requests: where they sit)
+    _, part_start = tl.associative_scan((packed_part, tl.where(active, cs, total)), 0, _segment_min)
+    widest = tl.max(tl.where(active, ce - part_start, 0), 0)
+    packed = (per_req == 0) & (n_active > 0) & (widest <= chunk + split_cost)
+    mid2_m = tl.where(active, cs + ce, -1)
+
     kv0 = cs + overhead
     snap = tl.where(snap_div > 0, tl.minimum(chunk // tl.maximum(snap_div, 1), snap_max), 0)
     ce_m = tl.where(ok, ce, 2147483647)
@@ -103,8 +126,8 @@ def _persistent_plan_kernel(
         first = tl.where(to_lo, r_idx, tl.where(to_hi, r_idx - 1, kv0 // chunk))
         last = tl.where(to_lo, r_idx, tl.where(to_hi, r_idx - 1, (ce - 1) // chunk))
         n_split = tl.where(active, last - first + 1, 0)
-        first = tl.where(per_req, k_incl - k_req, first)
-        n_split = tl.where(per_req, k_req, n_split)
+        first = tl.where(per_req, k_incl - k_req, tl.where(packed, packed_part, first))
+        n_split = tl.where(per_req, k_req, tl.where(packed & active, 1, n_split))
         tl.store(FIRST_PART + offs, tl.where(active, first, 0), mask=ok)
         tl.store(NUM_SPLITS + offs, n_split, mask=ok)
         is_split = (n_split > 1).to(tl.int32)
@@ -123,6 +146,9 @@ def _persistent_plan_kernel(
         k_m = tl.where(ok, k_incl, 2147483647)
         beg = _request_part_bound(pp, k_m, k_req, cs, kv, overhead, total)
         fin = _request_part_bound(pp + 1, k_m, k_req, cs, kv, overhead, total)
+    elif packed:
+        beg = _packed_part_bound(pp, chunk, total, mid2_m, cs)
+        fin = _packed_part_bound(pp + 1, chunk, total, mid2_m, cs)
     else:
         beg = _part_bound(pp, chunk, total, snap, ce_m)
         fin = _part_bound(pp + 1, chunk, total, snap, ce_m)

@@ -121,17 +121,20 @@ def request_costs(seq_lens: list[int], q_lens: list[int], plan_block: int, overh
 def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts: int, plan_block: int,
                               overhead: int, min_chunk: int, snap_div: int = 2,
                               snap_max: int = 4, max_splits: int = 0, split_cost: int = 4) -> dict[str, list]:
-    """What the persistent plan kernel must write: one of two plans.
+    """What the persistent plan kernel must write: the first of three plans that applies.
 
     - **per request** (at most ``num_parts`` active requests): request b is cut into
       k_b = ceil(kv_b / c) equal parts of its own, c the smallest width >= ``min_chunk`` with
       sum k_b <= parts; no part runs two requests, and equal requests are not cut when they fit one a part.
       Taken when its largest part (KV units + ``overhead``) is at most a slice + ``overhead`` + ``split_cost``
       (what a part of a cut request pays in partial traffic and merging).
-    - **slices** otherwise: ``chunk`` = ceil(total / parts) units per part; a boundary inside a request of at
+    - **packed**: no request is cut; request b goes whole to the part p whose slice [p * chunk, (p + 1) *
+      chunk) holds its middle unit (``chunk`` = ceil(total / parts)). Taken when its largest part is at most
+      ``chunk`` + ``split_cost`` units: many short requests of similar length.
+    - **slices** otherwise: each part a slice of ``chunk`` units; a boundary inside a request of at
       most ``chunk`` units moves to its edge when that is closer than min(chunk // snap_div, snap_max) units.
 
-    ``max_splits`` > 0 caps the parts of any one request in both."""
+    ``max_splits`` > 0 caps the parts of any one request (the packed plan cuts none)."""
     costs = request_costs(seq_lens, q_lens, plan_block, overhead)
     total = sum(costs)
     chunk = max(-(-total // num_parts), min_chunk, 1)
@@ -146,10 +149,14 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
         if span <= chunk + overhead + split_cost:
             ks = [-(-(c - overhead) // width) if c > 0 else 0 for c in costs]
             return _with_request_facts(per_request_plan(costs, overhead, ks, num_parts), seq_lens, q_lens)
-    snap = min(chunk // snap_div, snap_max) if snap_div > 0 else 0
     edges = [0]
     for c in costs:
         edges.append(edges[-1] + c)
+    packed = [min([edges[b] for b, c in enumerate(costs) if c > 0 and edges[b] + edges[b + 1] >= 2 * p * chunk]
+                  + [total]) for p in range(num_parts + 1)]
+    if kv and max(hi - lo for lo, hi in zip(packed, packed[1:])) <= chunk + split_cost:
+        return _with_request_facts(plan_from_bounds(costs, overhead, packed), seq_lens, q_lens)
+    snap = min(chunk // snap_div, snap_max) if snap_div > 0 else 0
 
     def bound(p):  # p * chunk; inside a request of at most a chunk, moved to an edge closer than ``snap``
         raw = min(p * chunk, total)

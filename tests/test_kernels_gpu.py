@@ -178,7 +178,7 @@ def _sm90_or_skip():
 
 @pytest.mark.parametrize("H", [64, 128])
 def test_sm90_kernel_with_cut_requests(H):
-    """Page-64 bf16 calls run the Gluon kernel (lockstep at H = 64, the seesaw at 128); requests cut into a few
+    """Page-64 bf16 calls run the Gluon kernel at H = 64 and 128; requests cut into a few
     parts and into many are merged by the merge kernel; a second call gives the same bits; the Triton kernel
     agrees."""
     _sm90_or_skip()
@@ -224,13 +224,13 @@ def test_sm90_kernel_mixed_q_len_and_unwritten_rows(H):
 
 @pytest.mark.parametrize("H,qls", [(64, [1, 3, 2, 1, 0, 2, 1]), (128, [1, 1, 1, 1, 0, 1, 1]),
                                    (128, [2, 1, 3, 2, 0, 1, 2])])
-def test_sm90_seesaw_and_lockstep_schedules(H, qls):
-    """Both Gluon schedules, forced on the same call (the seesaw at 64 rows too), against the reference:
-    odd and even block counts per part (1 to many blocks), one-block requests, a padding slot (q_len 0), causal rows,
-    NaN in every last page's unwritten rows; the plan at 8 parts cuts the long requests."""
+def test_sm90_kernel_block_counts_and_plans(H, qls):
+    """The Gluon kernel against the reference and the Triton kernel on odd and even block counts per part (1 to
+    many blocks), one-block requests, a padding slot (q_len 0), causal rows, NaN in every last page's unwritten
+    rows; the default plan and one at 8 parts that cuts the long requests."""
     _sm90_or_skip()
+    from kernels import mla_decode as md
     from kernels import mla_decode_sm90 as sm90
-    from kernels.mla_decode import LOG2E
     from kernels.mla_merge import mla_merge
 
     lens = [300, 5000, 17, 64, 0, 2049, 128]
@@ -243,12 +243,44 @@ def test_sm90_seesaw_and_lockstep_schedules(H, qls):
         meta = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=max(qls), num_parts=parts,
                                          max_pages_per_seq=bt.shape[1], page_size=64, device=DEV).build(sl, qo, bt)
         assert sm90.supported(q, kv, meta, DV) is None
-        outs = []
-        for seesaw in (True, False):
-            out = torch.full((q.shape[0], H, DV), float("nan"), dtype=q.dtype, device=DEV)
-            sm90.mla_decode_sm90(q, kv, meta, (DV + DPE) ** -0.5, out, LOG2E, seesaw=seesaw)
-            mla_merge(out, meta)
-            assert torch.isfinite(out).all()
-            assert rel_err(out, ref) < REL_TOL[torch.bfloat16], (parts, seesaw)
-            outs.append(out)
-        assert rel_err(outs[0], outs[1]) < REL_TOL[torch.bfloat16]
+        out = torch.full((q.shape[0], H, DV), float("nan"), dtype=q.dtype, device=DEV)
+        sm90.mla_decode_sm90(q, kv, meta, (DV + DPE) ** -0.5, out, md.LOG2E)
+        mla_merge(out, meta)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < REL_TOL[torch.bfloat16], parts
+        tri = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, config=md.DecodeConfig(64, 64, 8, 2, gluon=False))
+        assert rel_err(out, tri) < REL_TOL[torch.bfloat16], parts
+
+
+def test_sm90_kernel_packed_plan_and_fallbacks():
+    """128 requests of about 1k at H = 128: the packed plan (no request cut, two or so a part) and outputs that
+    leave by TMA; a non-contiguous output or a head count that is not a multiple of 64 falls back to the Triton
+    kernel with the same result."""
+    _sm90_or_skip()
+    from kernels import mla_decode as md
+    from kernels import mla_decode_sm90 as sm90
+
+    g = torch.Generator().manual_seed(5)
+    lens = torch.randint(960, 1100, (128,), generator=g).tolist()
+    q, kv, sl, qo, bt = gpu_problem(lens, [1] * 128, 128, 64)
+    meta = PersistentMetadataBuilder(num_heads=128, max_batch=128, max_q_len=1, max_pages_per_seq=bt.shape[1],
+                                     page_size=64, device=DEV).build(sl, qo, bt)
+    assert meta.num_merge.item() == 0 and (meta.num_splits == 1).all()
+    ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+    out = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV)
+    assert md.mla_decode.last_impl == "gluon"
+    assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+    wide = torch.empty(q.shape[0], 128, 2 * DV, dtype=q.dtype, device=DEV)
+    assert sm90.supported(q, kv, meta, DV, out=wide[..., :DV]) is not None
+    mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, out=wide[..., :DV])
+    assert md.mla_decode.last_impl == "triton"
+    assert rel_err(wide[..., :DV], ref) < REL_TOL[torch.bfloat16]
+
+    lens, qls = [700, 64, 1500], [2, 1, 2]  # 32 heads, q_len 2: 64 rows, but not whole head tiles
+    q, kv, sl, qo, bt = gpu_problem(lens, qls, 32, 64)
+    meta = PersistentMetadataBuilder(num_heads=32, max_batch=3, max_q_len=2, max_pages_per_seq=bt.shape[1],
+                                     page_size=64, device=DEV).build(sl, qo, bt)
+    assert "multiple of 64 heads" in sm90.supported(q, kv, meta, DV)
+    out = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV)
+    assert md.mla_decode.last_impl == "triton"
+    assert rel_err(out, mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)) < REL_TOL[torch.bfloat16]

@@ -60,6 +60,22 @@ def test_persistent_plan_matches_reference(seed):
         assert max(meta.num_splits.tolist()) <= max(builder.max_kv_splits, 2)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_packed_plan_matches_reference(seed):
+    # many requests of similar length (the packed plan's domain) with padding slots among them
+    rng = random.Random(100 + seed)
+    B = rng.randint(20, 64)
+    base = rng.choice([64, 300, 1024, 2048])
+    seq_lens = [0 if rng.random() < 0.15 else rng.randint(base, base + base // 3) for _ in range(B)]
+    q_lens = [rng.choice([0, 1, 1, 1, 2]) if L else 1 for L in seq_lens]
+    pb = make_problem(seq_lens, q_lens, 2, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=2, max_batch=64, max_q_len=2, max_pages_per_seq=pb.max_pages,
+                                        page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0,
+                                        num_parts=rng.choice([3, 7, 16]), split_cost=rng.choice([2, 4, 8]))
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    _check_plan(meta, seq_lens, q_lens, builder)
+
+
 def test_persistent_plan_balances_long_request():
     seq_lens, q_lens = [16384] + [256] * 31, [1] * 32
     pb = make_problem(seq_lens, q_lens, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
@@ -74,15 +90,32 @@ def test_persistent_plan_balances_long_request():
     assert meta.num_splits.tolist()[0] >= 8  # the long request spreads over most parts
 
 
+def test_packed_plan_keeps_short_requests_whole():
+    # 128 equal requests of 18 units over 66 parts (slices of 35 units would cut ~every other one): whole
+    # requests, one or two a part; a mix of two lengths too
+    for seq_lens in ([1024] * 128, [2048, 1024] * 64):
+        q_lens = [1] * len(seq_lens)
+        pb = make_problem(seq_lens, q_lens, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+        builder = PersistentMetadataBuilder(num_heads=128, max_batch=128, max_q_len=1, max_pages_per_seq=pb.max_pages,
+                                            page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=66)
+        meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+        _check_plan(meta, seq_lens, q_lens, builder)
+        assert meta.num_merge.item() == 0 and meta.num_splits.tolist() == [1] * len(seq_lens)
+        bounds = meta.part_bounds.tolist()
+        chunk = -(-bounds[-1] // 66)
+        assert max(bounds[p + 1] - bounds[p] for p in range(66)) <= chunk + builder.split_cost
+
+
 def test_snapping_avoids_cutting_short_requests():
-    # 128 equal requests of 18 units over 66 parts: plain slices of 35 units cut ~every other request
+    # the same 128 requests with split_cost 0 (no packing: a part of 36 units is over the slice of 35):
+    # plain slices cut ~every other request, snapped ones none
     seq_lens, q_lens = [1024] * 128, [1] * 128
     pb = make_problem(seq_lens, q_lens, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
     n_merge = {}
     for snap_div in (0, 2):
         builder = PersistentMetadataBuilder(num_heads=1, max_batch=128, max_q_len=1, max_pages_per_seq=pb.max_pages,
                                             page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=66,
-                                            snap_div=snap_div, snap_max=1000)
+                                            snap_div=snap_div, snap_max=1000, split_cost=0)
         meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
         _check_plan(meta, seq_lens, q_lens, builder)
         n_merge[snap_div] = meta.num_merge.item()
