@@ -100,6 +100,7 @@ if _GLUON_ERROR is None:
         has = l_o > 0.0
         out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
         if n_split == 1:
+            tma.store_wait(0)  # (a no-op after the stage's refill, which waited already)
             o_smem.store(out.to(gl.bfloat16))
             fence_async_shared()
             _cta_barrier()
