@@ -14,8 +14,13 @@ Strategies:
   is within ``split_cost`` units (what a cut request pays for its partial traffic and merge) of an equal
   slice, tried in order, else the third:
   - per request (no more active requests than parts): request b cut into k_b = ceil(kv_b / w) equal parts
-    of its own, w the smallest width >= min_chunk with sum k_b <= parts, so equal requests that fit one a
-    part are not cut at all, and B requests over 2B parts are cut in two, not three;
+    of its own, w the smallest width >= w_lo with sum k_b <= parts, so equal requests that fit one a
+    part are not cut at all, and B requests over 2B parts are cut in two, not three. w_lo is min_chunk (4),
+    or less for a step with little KV: a part's time grows by a block per block of width and every cut row
+    tile adds about 1 / cut_ratio of a block (its fp32 partial written and merged), so of the widths
+    1..min_chunk that fit, w_lo is the one with the least cut_ratio * (longest piece) + tiles * (pieces of cut
+    requests): one 1k request runs over 16 parts of one block, a 4k one over 32 of two, a 16k one over 64 of
+    four (H = 64);
   - packed (many short requests of similar length): no request cut, each whole in the part whose equal
     slice of the total holds its middle unit (128 requests of 1k over 66 parts: two a part, no merge);
   - slices: each part an equal slice of the total cost, except that a boundary falling inside a request
@@ -39,6 +44,7 @@ PLAN_BLOCK = 64  # KV tokens per plan unit
 OVERHEAD = 2  # plan units charged per request on top of its KV blocks (q load, output write)
 ROWS_PER_TILE = 64  # rows (q_len * H) per program the plan assumes when sizing the grid
 SPLIT_COST = 4  # plan units a cut request costs a part (partial write, merge read), when choosing the plan
+CUT_RATIO = 16  # a KV block in a part costs about 16 times what one cut row tile adds (H100, kernels/NOTES.md)
 
 
 @dataclass
@@ -147,7 +153,7 @@ class PersistentMetadataBuilder:
                  device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
                  num_parts: int | None = None, min_chunk: int = 4, with_kv_indices: bool = False,
                  plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, num_kv_splits: int | None = None,
-                 snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST):
+                 snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST, cut_ratio: int = CUT_RATIO):
         # num_kv_splits belongs to per_step (accepted so both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
@@ -158,10 +164,10 @@ class PersistentMetadataBuilder:
         # a boundary inside a request shorter than a slice moves to an edge closer than
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
         self.snap_div, self.snap_max = snap_div, snap_max
-        self.split_cost = split_cost
+        self.split_cost, self.cut_ratio = split_cost, cut_ratio
+        self.tiles = -(-(max_q_len * num_heads) // ROWS_PER_TILE)  # row tiles of a request (as the plan counts)
         if num_parts is None:
-            tiles = -(-(max_q_len * num_heads) // ROWS_PER_TILE)
-            num_parts = max(_sm_count(self.device) // tiles, 1)
+            num_parts = max(_sm_count(self.device) // self.tiles, 1)
         if num_parts < 1:
             raise ValueError(f"num_parts must be >= 1, got {num_parts}")
         self.num_parts = num_parts
@@ -196,7 +202,7 @@ class PersistentMetadataBuilder:
         b = self.bufs
         build_persistent_plan(seq_lens, qo_indptr, b, self.num_parts, self.plan_block, self.overhead,
                               self.min_chunk, self.max_batch, self.snap_div, self.snap_max,
-                              self.max_kv_splits, self.split_cost)
+                              self.max_kv_splits, self.split_cost, self.tiles, self.cut_ratio)
         if self.kv_indices is not None:
             build_kv_indices(seq_lens, b["kv_indptr"], block_table, self.page_size, self.kv_indices)
         return MLAMetadata(
@@ -218,9 +224,10 @@ class PerStepMetadataBuilder:
                  device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
                  num_kv_splits: int = 4, with_kv_indices: bool = False, plan_block: int = PLAN_BLOCK,
                  overhead: int = OVERHEAD, num_parts: int | None = None, min_chunk: int | None = None,
-                 snap_div: int | None = None, snap_max: int | None = None, split_cost: int | None = None):
-        # num_parts / min_chunk / snap_div / snap_max / split_cost belong to persistent (accepted so that both
-        # strategies take one set of kwargs)
+                 snap_div: int | None = None, snap_max: int | None = None, split_cost: int | None = None,
+                 cut_ratio: int | None = None):
+        # num_parts / min_chunk / snap_div / snap_max / split_cost / cut_ratio belong to persistent (accepted so
+        # that both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
         self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len

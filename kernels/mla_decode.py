@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import mla_decode_sm90 as sm90
+from kernels.mla_merge import EARLY_LAUNCH_SPLITS, dependent_launch, gdc_launch_dependents
 from kernels.plan_kernels import part_range, request_span
 
 LOG2E = 1.4426950408889634
@@ -95,11 +96,16 @@ def _mla_decode_kernel(
     scale_log2, H, overhead,
     DV: tl.constexpr, DPE: tl.constexpr, HALF: tl.constexpr, BLOCK_DPE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PLAN_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr,
+    EARLY_SPLITS: tl.constexpr,
 ):
     p = tl.program_id(0)
     tile = tl.program_id(1)
     begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
+    if PDL:  # the merge kernel may launch now, unless its programs would be heavy (kernels.mla_merge)
+        if b_lo < b_hi:
+            if tl.load(NUM_SPLITS + b_lo) <= EARLY_SPLITS:
+                gdc_launch_dependents()
 
     offs_r = tile * BLOCK_H + tl.arange(0, BLOCK_H)
     tok = offs_r // H
@@ -290,7 +296,7 @@ def _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg) -> None:
         DV=kv_lora_rank, DPE=rope_dim, HALF=half, BLOCK_DPE=block_dpe,
         BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, PLAN_BLOCK=meta.plan_block, PAGE_SIZE=meta.page_size,
         DOT_PREC="ieee" if (q.dtype == torch.float32 or not q.is_cuda) else "tf32",
-        UPCAST=not q.is_cuda, USE_TMA=use_tma,
+        UPCAST=not q.is_cuda, USE_TMA=use_tma, PDL=dependent_launch(q.device), EARLY_SPLITS=EARLY_LAUNCH_SPLITS,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     mla_decode.last_used_tma = use_tma

@@ -14,13 +14,17 @@ one warpgroup each, over tiles of 64 rows (row = (query token, head)):
 - Q (64 x 576) stays in shared memory for a request; KV blocks (64 tokens = one page) arrive by TMA in three
   parts with their own barriers into two stages (one a warpgroup), and S starts on the first part to land;
 - a request that is not cut leaves through shared memory by TMA; a cut one as fp32 partials +
-  log2-sum-exp, which ``kernels.mla_merge`` combines.
+  log2-sum-exp, which ``kernels.mla_merge`` combines (a programmatic dependent launch: CTAs let it launch
+  once their first request's loads are issued, unless that request is cut more than
+  ``EARLY_LAUNCH_SPLITS`` ways);
+- at a CTA's first request (every CTA loads at once) stage B's loads wait for Q and A's first part, so the
+  first scores start sooner (session 7).
 
 Session 6 retired the lockstep schedule (both warpgroups on the same block, tokens of S split between them):
 with the merge kernel and the TMA store it was nowhere faster than the seesaw at 64 rows, and up to 1.14x
 slower at small batches (kernels/NOTES.md). Rows of a request's last page past its length may hold anything
 (NaN included): they are zeroed in shared memory before they are used as values. Measurements and the
-version history: kernels/NOTES.md (sessions 3 to 6).
+version history: kernels/NOTES.md (sessions 3 to 7).
 
 Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, a multiple of 64 heads (whole row
 tiles), contiguous q, cache and output. ``supported`` says why not otherwise; ``kernels.mla_decode`` falls
@@ -33,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from kernels.mla_merge import EARLY_LAUNCH_SPLITS
 from kernels.plan_kernels import part_range, request_span
 
 try:
@@ -169,7 +174,7 @@ if _GLUON_ERROR is None:
         stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-        ROLE: gl.constexpr,
+        ROLE: gl.constexpr, EARLY_SPLITS: gl.constexpr,
     ):
         """One warpgroup of the seesaw (FlashMLA's schedule, see the module doc). Blocks 2i ("A", stage 0) are
         scored by warpgroup 0, blocks 2i + 1 ("B", stage 1) by warpgroup 1; warpgroup g owns value columns
@@ -233,12 +238,19 @@ if _GLUON_ERROR is None:
                     else:
                         tma.store_wait(0)
                         if n_blocks > 1:
+                            if nq == 0:  # the start-up burst: B's loads wait for Q and A's first part
+                                mbarrier.wait(q_full, 0)
+                                mbarrier.wait(bars.index(0), 0)
                             if nb > 0:
                                 mbarrier.wait(free1, (nb - 1) & 1)
                             row_kv = gl.load(bt_row + 1) * BLOCK_N
                             for part in gl.static_range(3):
                                 _load_part(KV_DESC, KV_PE_DESC, bars, 1, kv_lat.index(1), kv_pe.index(1), row_kv,
                                            (1 - part) if part < 2 else 2, HALF)  # wg1 scores part 1 first
+                    if nq == 0:  # the merge kernel may launch now, unless its programs would be heavy
+                        if gl.load(NUM_SPLITS + b) <= EARLY_SPLITS:  # (kernels.mla_merge.EARLY_LAUNCH_SPLITS)
+                            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                                      dtype=gl.int32, is_pure=False, pack=1)
                     mbarrier.wait(q_full, nq & 1)
                     for i in range(n_pairs):
                         ga = na + i
@@ -358,7 +370,7 @@ if _GLUON_ERROR is None:
         QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
         stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-        WORKER_REGS: gl.constexpr,
+        WORKER_REGS: gl.constexpr, EARLY_SPLITS: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64 and BLOCK_N == 64 and DV == 2 * HALF and DPE == BLOCK_N)
         LAT_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DV], gl.bfloat16)
@@ -378,11 +390,13 @@ if _GLUON_ERROR is None:
             (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
                                  QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
                                  SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
-                                 q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 0)),
+                                 q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 0,
+                                 EARLY_SPLITS)),
             (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
                                  QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
                                  SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
-                                 q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 1)),
+                                 q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 1,
+                                 EARLY_SPLITS)),
         ], [4], [WORKER_REGS])
 
 
@@ -411,4 +425,5 @@ def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: flo
         meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
         meta.num_splits, meta.split_indptr,
         meta.block_table.stride(0), lse_part.stride(0), o_part.shape[1], sm_scale * log2e, H, meta.overhead,
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, WORKER_REGS=WORKER_REGS, num_warps=4)
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, WORKER_REGS=WORKER_REGS,
+        EARLY_SPLITS=EARLY_LAUNCH_SPLITS, num_warps=4)

@@ -11,6 +11,11 @@ import triton
 import triton.language as tl
 
 
+# parts a program of the plan kernel fills: every program recomputes the per-request scans, so many small
+# programs beat a few large ones (H100, B = 256 over 66 parts: 9.6 us with 32 a program, 5.0 us with 2)
+PLAN_PARTS = 2
+
+
 @triton.jit
 def _part_bound(pp, chunk, total, snap, ce_m):
     """Start unit of parts ``pp``: p * chunk clipped to the total; when it falls inside a request no longer
@@ -55,7 +60,7 @@ def _persistent_plan_kernel(
     SEQ_LENS, QO_INDPTR, B,
     KV_INDPTR, MAX_QO_LEN, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
     MERGE_REQS, NUM_MERGE,
-    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost,
+    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio,
     PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_B)
@@ -77,10 +82,25 @@ def _persistent_plan_kernel(
         chunk = tl.maximum(chunk, cap)
 
     # the per-request plan: request b cut into k_b = ceil(kv_b / width) parts of its own, width the smallest
-    # >= min_chunk with sum k_b <= parts (binary search); taken when its largest part is within split_cost
-    # units of a slice (which pays for cut requests with partial traffic and merges)
+    # >= the narrowest width below with sum k_b <= parts (binary search); taken when its largest part is within
+    # split_cost units of a slice (which pays for cut requests with partial traffic and merges)
     n_active = tl.sum(active.to(tl.int32), 0)
-    lo = tl.maximum(min_chunk, 1)
+    # its narrowest width: min_chunk, or less for a step with little KV. A part's time grows by a block per
+    # block of width; every cut row tile adds about 1 / cut_ratio of a block (its fp32 partial written, then
+    # merged). Of the widths 1..min_chunk that fit the parts, the one with the least
+    # cut_ratio * (longest piece) + tiles * (pieces of cut requests) (the smaller on a tie; kernels/NOTES.md)
+    lo = tl.maximum(min_chunk, 1) + n_active * 0  # (a tensor: min_chunk may arrive as the constant 1)
+    if cut_ratio > 0:
+        if n_active <= num_parts:
+            top = lo
+            best_f = n_active * 0 + 2147483647
+            for w in range(1, top + 1):
+                k_w = tl.where(active, (kv + w - 1) // w, 0)
+                piece = tl.max(tl.where(active, (kv + k_w - 1) // tl.maximum(k_w, 1), 0), 0)
+                f = cut_ratio * piece + tiles * tl.sum(tl.where(k_w > 1, k_w, 0), 0)
+                better = (tl.sum(k_w, 0) <= num_parts) & (f < best_f)
+                best_f = tl.where(better, f, best_f)
+                lo = tl.where(better, w, lo)
     if max_splits > 0:
         lo = tl.maximum(lo, (kv_top + max_splits - 1) // max_splits)
     hi = tl.where(n_active <= num_parts, tl.maximum(kv_top, lo), lo)  # (no search when it cannot apply)
@@ -161,10 +181,11 @@ def _persistent_plan_kernel(
 
 def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs: dict[str, torch.Tensor],
                           num_parts: int, plan_block: int, overhead: int, min_chunk: int, max_batch: int,
-                          snap_div: int = 2, snap_max: int = 4, max_splits: int = 0, split_cost: int = 4) -> None:
+                          snap_div: int = 2, snap_max: int = 4, max_splits: int = 0, split_cost: int = 4,
+                          tiles: int = 1, cut_ratio: int = 0) -> None:
     """Fill the plan buffers ``bufs`` in place for the B = len(seq_lens) requests.
 
-    Every program recomputes the per-request prefix sums (cheap) and fills BLOCK_P parts; program 0 also
+    Every program recomputes the per-request prefix sums (cheap) and fills PLAN_PARTS parts; program 0 also
     writes the per-request arrays. One launch, no host sync."""
     B = seq_lens.shape[0]
     if not 0 < B <= max_batch:
@@ -176,13 +197,12 @@ def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs:
     if not (seq_lens.is_contiguous() and qo_indptr.is_contiguous()):
         raise ValueError("seq_lens and qo_indptr must be contiguous")
     block_b = max(16, triton.next_power_of_2(max_batch))
-    block_p = max(1, min(32, 8192 // block_b))
-    _persistent_plan_kernel[(triton.cdiv(num_parts, block_p),)](
+    _persistent_plan_kernel[(triton.cdiv(num_parts, PLAN_PARTS),)](
         seq_lens, qo_indptr, B,
         bufs["kv_indptr"], bufs["max_qo_len"], bufs["cu_cost"], bufs["part_bounds"], bufs["part_reqs"],
         bufs["first_part"], bufs["num_splits"], bufs["split_indptr"], bufs["merge_reqs"], bufs["num_merge"],
-        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost,
-        PLAN_BLOCK=plan_block, BLOCK_B=block_b, BLOCK_P=block_p, num_warps=4 if block_b <= 128 else 8,
+        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio,
+        PLAN_BLOCK=plan_block, BLOCK_B=block_b, BLOCK_P=PLAN_PARTS, num_warps=4,
     )
 
 

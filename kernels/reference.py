@@ -120,12 +120,14 @@ def request_costs(seq_lens: list[int], q_lens: list[int], plan_block: int, overh
 
 def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts: int, plan_block: int,
                               overhead: int, min_chunk: int, snap_div: int = 2,
-                              snap_max: int = 4, max_splits: int = 0, split_cost: int = 4) -> dict[str, list]:
+                              snap_max: int = 4, max_splits: int = 0, split_cost: int = 4, tiles: int = 1,
+                              cut_ratio: int = 0) -> dict[str, list]:
     """What the persistent plan kernel must write: the first of three plans that applies.
 
     - **per request** (at most ``num_parts`` active requests): request b is cut into
-      k_b = ceil(kv_b / c) equal parts of its own, c the smallest width >= ``min_chunk`` with
-      sum k_b <= parts; no part runs two requests, and equal requests are not cut when they fit one a part.
+      k_b = ceil(kv_b / c) equal parts of its own, c the smallest width >= ``narrowest_width`` (``min_chunk``,
+      or less for a step with little KV when ``cut_ratio`` > 0) with sum k_b <= parts; no part runs two
+      requests, and equal requests are not cut when they fit one a part.
       Taken when its largest part (KV units + ``overhead``) is at most a slice + ``overhead`` + ``split_cost``
       (what a part of a cut request pays in partial traffic and merging).
     - **packed**: no request is cut; request b goes whole to the part p whose slice [p * chunk, (p + 1) *
@@ -142,7 +144,8 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
     if max_splits > 0:  # a slice of at least kv_max / (max_splits - 1) units cuts no request more than that
         chunk = max(chunk, -(-max(kv, default=0) // (max_splits - 1)) if max_splits > 1 else total)
     if 0 < len(kv) <= num_parts:
-        width = max(min_chunk, 1, -(-max(kv) // max_splits) if max_splits > 0 else 1)
+        width = max(narrowest_width(kv, tiles, min_chunk, cut_ratio, num_parts),
+                    -(-max(kv) // max_splits) if max_splits > 0 else 1)
         while sum(-(-n // width) for n in kv) > num_parts:
             width += 1
         span = max(-(-n // -(-n // width)) for n in kv) + overhead
@@ -168,6 +171,24 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
 
     return _with_request_facts(plan_from_bounds(costs, overhead, [bound(p) for p in range(num_parts + 1)]),
                                seq_lens, q_lens)
+
+
+def narrowest_width(kv: list[int], tiles: int, min_chunk: int, cut_ratio: int, num_parts: int) -> int:
+    """The per-request plan's narrowest width for requests of ``kv`` blocks: ``min_chunk``, or with ``cut_ratio``
+    > 0 the width w in 1..min_chunk that fits the parts (sum ceil(kv_b / w) <= num_parts) with the least
+    cut_ratio * (longest piece) + tiles * (pieces of the requests it cuts), the smaller w on a tie: a part pays
+    a block per block of width, and each cut row tile about 1 / cut_ratio of a block. min_chunk when none fits."""
+    best, best_f = max(min_chunk, 1), None
+    if cut_ratio <= 0:
+        return best
+    for w in range(1, best + 1):
+        ks = [-(-n // w) for n in kv]
+        if sum(ks) > num_parts:
+            continue
+        f = cut_ratio * max(-(-n // k) for n, k in zip(kv, ks)) + tiles * sum(k for k in ks if k > 1)
+        if best_f is None or f < best_f:
+            best, best_f = w, f
+    return best
 
 
 def _with_request_facts(plan: dict, seq_lens: list[int], q_lens: list[int]) -> dict:

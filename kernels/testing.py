@@ -58,3 +58,12 @@ def make_problem(seq_lens: list[int], q_lens: list[int], num_heads: int, page_si
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def plan_reference(builder, seq_lens: list[int], q_lens: list[int]) -> dict:
+    """``kernels.reference.persistent_plan_reference`` with a ``PersistentMetadataBuilder``'s parameters."""
+    from kernels.reference import persistent_plan_reference
+
+    b = builder
+    return persistent_plan_reference(seq_lens, q_lens, b.num_parts, b.plan_block, b.overhead, b.min_chunk,
+                                     b.snap_div, b.snap_max, b.max_kv_splits, b.split_cost, b.tiles, b.cut_ratio)

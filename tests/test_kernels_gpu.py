@@ -7,8 +7,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from kernels.cuda_graph import capture  # noqa: E402
 from kernels.metadata import PersistentMetadataBuilder, make_metadata_builder  # noqa: E402
 from kernels.mla_decode import mla_decode  # noqa: E402
-from kernels.reference import mla_attention_reference, persistent_plan_reference  # noqa: E402
-from kernels.testing import REL_TOL, rel_err  # noqa: E402
+from kernels.reference import mla_attention_reference  # noqa: E402
+from kernels.testing import REL_TOL, plan_reference, rel_err  # noqa: E402
 
 DEV = "cuda"
 DV, DPE = 512, 64
@@ -84,8 +84,7 @@ def test_plan_kernel_matches_reference_b256():
     b = PersistentMetadataBuilder(num_heads=128, max_batch=256, max_q_len=2, max_pages_per_seq=1, page_size=64,
                                   device=DEV)
     meta = b.build(sl, qo, bt)
-    r = persistent_plan_reference(lens, qls, b.num_parts, b.plan_block, b.overhead, b.min_chunk, b.snap_div,
-                                  b.snap_max, b.max_kv_splits)
+    r = plan_reference(b, lens, qls)
     assert meta.part_bounds.tolist() == r["part_bounds"]
     assert meta.first_part.tolist() == r["first_part"]
     assert meta.part_reqs.flatten().tolist() == r["part_reqs"]
@@ -167,6 +166,33 @@ def test_cuda_graph_replay_new_lengths():
         torch.cuda.synchronize()
         torch.testing.assert_close(replayed[:T], e.out[:T], rtol=0, atol=0)
         assert rel_err(replayed[:T], e.reference()[:T]) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_merge_launched_early_and_late_in_a_graph(H):
+    # the merge is a programmatic dependent launch: decode CTAs of a request cut at most EARLY_LAUNCH_SPLITS ways
+    # let it launch at their start, others at their exit; both, replayed from a graph, equal eager and the reference
+    from kernels.mla_merge import EARLY_LAUNCH_SPLITS, dependent_launch
+
+    assert dependent_launch(torch.device(DEV)) == (torch.cuda.get_device_capability()[0] >= 9)
+    splits = []
+    for lens in ([16384], [4096], [1024] * 8):
+        q, kv, sl, qo, bt = gpu_problem(lens, [1] * len(lens), H, 64)
+        b = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=1, max_pages_per_seq=bt.shape[1],
+                                      page_size=64, device=DEV)
+        meta = b.build(sl, qo, bt)
+        splits.append(max(meta.num_splits.tolist()))
+        out = torch.full((q.shape[0], H, DV), float("nan"), dtype=q.dtype, device=DEV)
+        graph, _ = capture(lambda: mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, out=out))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = out.clone()
+        mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, out=out)
+        torch.testing.assert_close(replayed, out, rtol=0, atol=0)
+        ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+        assert rel_err(replayed, ref) < REL_TOL[torch.bfloat16]
+    assert splits[0] > EARLY_LAUNCH_SPLITS >= splits[1] > 1, splits
 
 
 def _sm90_or_skip():

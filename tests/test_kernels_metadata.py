@@ -12,16 +12,14 @@ import pytest  # noqa: E402
 from kernels.metadata import (PerStepMetadataBuilder, PersistentMetadataBuilder,  # noqa: E402
                               make_metadata_builder)
 from kernels.plan_kernels import build_kv_indices  # noqa: E402
-from kernels.reference import kv_indices_reference, persistent_plan_reference  # noqa: E402
-from kernels.testing import make_problem  # noqa: E402
+from kernels.reference import kv_indices_reference, narrowest_width  # noqa: E402
+from kernels.testing import make_problem, plan_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_plan(meta, seq_lens, q_lens, builder):
-    ref = persistent_plan_reference(seq_lens, q_lens, builder.num_parts, builder.plan_block, builder.overhead,
-                                    builder.min_chunk, builder.snap_div,
-                                    builder.snap_max, builder.max_kv_splits, builder.split_cost)
+    ref = plan_reference(builder, seq_lens, q_lens)
     B = len(seq_lens)
     assert meta.kv_indptr.tolist() == ref["kv_indptr"]
     assert meta.max_qo_len.item() == ref["max_qo_len"] == max(q_lens)
@@ -129,6 +127,9 @@ def test_snapping_avoids_cutting_short_requests():
     ([4096] * 64, 132, [2] * 64),  # twice the parts: each cut in two (slices of 32 units cut most in three)
     ([4096] * 8, 132, [16] * 8),
     ([16384], 132, [64]),  # min_chunk 4: 64 parts of 4 blocks
+    ([4096], 132, [32]),  # little KV: 32 parts of 2 blocks (narrowest_width)
+    ([4096] + [256] * 7, 132, [32] + [2] * 7),  # (at H = 128, 66 parts, width 4: [16] + [1] * 7)
+    ([1024], 132, [16]),  # 16 parts of one block
 ])
 def test_per_request_plan_cuts_equal_requests_evenly(lens, parts, want):
     pb = make_problem(lens, [1] * len(lens), 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
@@ -141,6 +142,43 @@ def test_per_request_plan_cuts_equal_requests_evenly(lens, parts, want):
     bounds = meta.part_bounds.tolist()
     sizes = sorted(bounds[p + 1] - bounds[p] for p in range(parts))
     assert sizes[-1] - min(s for s in sizes if s > 0) <= builder.overhead  # balanced (part 0 of each has the overhead)
+
+
+@pytest.mark.parametrize("kv, tiles, parts, want", [
+    ([16], 1, 132, 1),  # one 1k request: 16 parts of a block
+    ([64], 1, 132, 2),  # 4k: 32 of two
+    ([256], 1, 132, 4),  # 16k: 64 of four (two blocks would be 128 cut pieces)
+    ([64], 2, 66, 3),  # 4k at H = 128: 22 of three
+    ([16] * 8, 1, 132, 2),  # eight 1k requests: 64 parts of two (ties with 3 and 4 go to the smaller)
+    ([64] + [4] * 7, 2, 66, 4),  # a long request among short ones: widths under 4 would cut the short ones too
+    ([16] + [1] * 31, 1, 132, 1),  # requests of one block are never cut
+    ([400] * 2, 1, 132, 4),  # nothing under min_chunk fits the parts: min_chunk (the search goes on from it)
+])
+def test_narrowest_width_weighs_longest_piece_against_cut_pieces(kv, tiles, parts, want):
+    assert narrowest_width(kv, tiles, 4, 16, parts) == want
+    assert narrowest_width(kv, tiles, 4, 0, parts) == 4  # cut_ratio 0: min_chunk
+    assert narrowest_width(kv, tiles, 1, 16, parts) == 1
+
+
+@pytest.mark.parametrize("lens, heads, q_len, cut_ratio", [
+    ([1024], 64, 1, 16), ([4096], 128, 1, 16), ([4096], 64, 2, 16), ([1024] + [64] * 31, 64, 1, 16),
+    ([4096] * 8, 128, 1, 16), ([4096] + [256] * 7, 128, 1, 16), ([1024], 64, 1, 0), ([3000, 70, 5], 16, 3, 16),
+])
+def test_per_request_width_adapts_to_little_kv(lens, heads, q_len, cut_ratio):
+    # the plan kernel's width matches the reference's, which follows narrowest_width; cut_ratio 0: min_chunk
+    qls = [q_len] * len(lens)
+    pb = make_problem(lens, qls, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=heads, max_batch=len(lens), max_q_len=q_len,
+                                        max_pages_per_seq=pb.max_pages, page_size=64, device=DEVICE,
+                                        kv_lora_rank=16, rope_dim=0, num_parts=132 // -(-heads * q_len // 64),
+                                        cut_ratio=cut_ratio)
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    _check_plan(meta, lens, qls, builder)
+    kv = [-(-L // 64) for L in lens]
+    w = narrowest_width(kv, builder.tiles, builder.min_chunk, cut_ratio, builder.num_parts)
+    while sum(-(-n // w) for n in kv) > builder.num_parts:
+        w += 1
+    assert meta.num_splits.tolist() == [-(-n // w) for n in kv]
 
 
 def test_slices_when_one_request_is_long():
