@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import mla_decode_sm90 as sm90
-from kernels.mla_merge import EARLY_LAUNCH_SPLITS, dependent_launch, gdc_launch_dependents
+from kernels.mla_merge import EARLY_LAUNCH_SPLITS, dependent_launch, gdc_launch_dependents, mla_merge
 from kernels.plan_kernels import part_range, request_span
 
 LOG2E = 1.4426950408889634
@@ -248,8 +248,6 @@ def mla_decode(
     else the Triton kernel above) and, when the plan cut a request over several parts, the merge kernel;
     no allocation when ``out`` is given, no host synchronization.
     """
-    from kernels.mla_merge import mla_merge
-
     _check(q, kv_cache, meta, kv_lora_rank, out)
     T, H, D = q.shape
     if out is None:
