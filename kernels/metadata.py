@@ -29,8 +29,11 @@ Strategies:
     fewer units than that is a win (fewer merges, little imbalance). One long request among short ones,
     or lengths too uneven to pack, take this plan.
   ``max_kv_splits`` caps the parts any one request is cut into (the slices grow to fit), not the grid.
+  Out-of-bounds requests (q_len > max_q_len, seq_len > block-table width * page_size) are found on the GPU:
+  planned as padding slots and flagged for ``check``, which raises (one int read: call it where the caller
+  synchronizes anyway).
 - ``per_step``: the baseline: the plan computed on the host from host lists with a fixed split count per
-  request, fresh tensors copied to the device every step. Eager only.
+  request, fresh tensors copied to the device every step. Eager only. Out-of-bounds requests raise in ``build``.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class MLAMetadata:
     plan_block: int = PLAN_BLOCK
     overhead: int = OVERHEAD
     kv_indices: torch.Tensor | None = None  # [sum L] int32 flat slots, when asked for
+    dropped: torch.Tensor | None = None  # [1] int32 (persistent): requests dropped as out of bounds, see check()
 
     @property
     def batch_size(self) -> int:
@@ -180,7 +184,7 @@ class PersistentMetadataBuilder:
             cu_cost=torch.zeros(Bm + 1, **i32), part_bounds=torch.zeros(P + 1, **i32),
             part_reqs=torch.zeros(P, 2, **i32), first_part=torch.zeros(Bm, **i32),
             num_splits=torch.zeros(Bm, **i32), split_indptr=torch.zeros(Bm, **i32),
-            merge_reqs=torch.zeros(P, **i32), num_merge=torch.zeros(1, **i32),
+            merge_reqs=torch.zeros(P, **i32), num_merge=torch.zeros(1, **i32), dropped=torch.zeros(1, **i32),
         )
         # a request cut n > 1 ways holds n - 1 of the P - 1 inner part boundaries: slots <= 2 (P - 1)
         slots = max(2 * (P - 1), 1)
@@ -192,7 +196,11 @@ class PersistentMetadataBuilder:
 
     def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor,
               seq_lens_host: list[int] | None = None, q_lens_host: list[int] | None = None) -> MLAMetadata:
-        """Refill the plan for this step from device tensors only (the host lists are ignored)."""
+        """Refill the plan for this step from device tensors only (the host lists are ignored).
+
+        Bounds the host cannot check without a sync are checked on the GPU: a request with q_len > max_q_len
+        or seq_len > the block table's width * page_size is planned as a padding slot (its output rows are
+        not written, nothing past its row is read) and recorded for ``check``."""
         from kernels.plan_kernels import build_kv_indices, build_persistent_plan
 
         _check_inputs(seq_lens, qo_indptr, block_table, self.max_batch, self.max_pages)
@@ -202,7 +210,8 @@ class PersistentMetadataBuilder:
         b = self.bufs
         build_persistent_plan(seq_lens, qo_indptr, b, self.num_parts, self.plan_block, self.overhead,
                               self.min_chunk, self.max_batch, self.snap_div, self.snap_max,
-                              self.max_kv_splits, self.split_cost, self.tiles, self.cut_ratio)
+                              self.max_kv_splits, self.split_cost, self.tiles, self.cut_ratio, self.max_q_len,
+                              block_table.shape[1] * self.page_size)
         if self.kv_indices is not None:
             build_kv_indices(seq_lens, b["kv_indptr"], block_table, self.page_size, self.kv_indices)
         return MLAMetadata(
@@ -214,7 +223,18 @@ class PersistentMetadataBuilder:
             num_parts=self.num_parts, max_merges=self.num_parts, max_q_len=self.max_q_len,
             num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank, page_size=self.page_size,
             plan_block=self.plan_block, overhead=self.overhead, kv_indices=self.kv_indices,
+            dropped=b["dropped"],
         )
+
+    def check(self) -> None:
+        """Raise ValueError if a build since the last check dropped a request as out of bounds (see ``build``).
+        Reads one int from the GPU: call it where the caller synchronizes anyway (e.g. after sampling)."""
+        code = int(self.bufs["dropped"].item())
+        if code:
+            self.bufs["dropped"].zero_()
+            why = [w for bit, w in ((1, f"a q_len over max_q_len={self.max_q_len}"),
+                                    (2, "a seq_len over its block-table row's capacity")) if code & bit]
+            raise ValueError(f"MLA metadata dropped requests (outputs not written): {' and '.join(why)}")
 
 
 class PerStepMetadataBuilder:
@@ -236,6 +256,9 @@ class PerStepMetadataBuilder:
         self.num_kv_splits = max(1, min(num_kv_splits, max_kv_splits or num_kv_splits))
         self.plan_block, self.overhead, self.with_kv_indices = plan_block, overhead, with_kv_indices
 
+    def check(self) -> None:
+        """Nothing to check: ``build`` raises on out-of-bounds requests itself (it has the host lists)."""
+
     def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor,
               seq_lens_host: list[int] | None = None, q_lens_host: list[int] | None = None) -> MLAMetadata:
         _check_inputs(seq_lens, qo_indptr, block_table, self.max_batch, self.max_pages)
@@ -244,6 +267,9 @@ class PerStepMetadataBuilder:
             raise ValueError(f"per_step metadata needs seq_lens_host and q_lens_host lists of length B={B}")
         if max(q_lens_host) > self.max_q_len:
             raise ValueError(f"a q_len of {max(q_lens_host)} exceeds max_q_len={self.max_q_len}")
+        cap = block_table.shape[1] * self.page_size
+        if max(seq_lens_host) > cap:
+            raise ValueError(f"a seq_len of {max(seq_lens_host)} exceeds the {cap} tokens a block-table row maps")
         plan = per_step_plan(seq_lens_host, q_lens_host, self.num_kv_splits, self.plan_block, self.overhead)
         bounds = plan["part_bounds"]
         dev = self.device

@@ -220,8 +220,8 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int, out
     if meta.kv_lora_rank != kv_lora_rank:
         raise ValueError(f"kv_lora_rank {kv_lora_rank} != the metadata's {meta.kv_lora_rank}")
     if T > meta.batch_size * meta.max_q_len:
-        # (a host-side bound only: each request's q_len must be <= max_q_len, which is not checked on the
-        # device; rows past max_q_len * H of a request would be left unwritten)
+        # (the host's bound; a single request over max_q_len inside it is dropped by the plan on the GPU and
+        # reported by the builder's check())
         raise ValueError(f"{T} query tokens for {meta.batch_size} requests exceed the metadata's max_q_len "
                          f"{meta.max_q_len}: build the metadata with a larger max_q_len")
     if out is not None:

@@ -59,8 +59,8 @@ def _request_part_bound(pp, k_m, k_req, cs, kv, overhead, total):
 def _persistent_plan_kernel(
     SEQ_LENS, QO_INDPTR, B,
     KV_INDPTR, MAX_QO_LEN, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
-    MERGE_REQS, NUM_MERGE,
-    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio,
+    MERGE_REQS, NUM_MERGE, DROPPED,
+    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, max_q, max_kv,
     PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_B)
@@ -68,6 +68,12 @@ def _persistent_plan_kernel(
     L = tl.maximum(tl.load(SEQ_LENS + offs, mask=ok, other=0), 0)
     q_lo = tl.load(QO_INDPTR + offs, mask=ok, other=0)
     q_len = tl.load(QO_INDPTR + offs + 1, mask=ok, other=0) - q_lo
+    # a request past the buffers' bounds (more query tokens than the row tiles hold, more KV than its block-table
+    # row maps) is dropped from the plan like a padding slot: nothing reads past its row, nothing is written for
+    # it, and DROPPED (sticky: 1 q_len, 2 seq_len) says so to the host that checks it
+    over_q = ok & (q_len > max_q)
+    over_kv = ok & (L > max_kv)
+    L = tl.where(over_q | over_kv, 0, L)
     active = ok & (L > 0) & (q_len > 0)
 
     cost = tl.where(active, (L + PLAN_BLOCK - 1) // PLAN_BLOCK + overhead, 0)
@@ -157,6 +163,9 @@ def _persistent_plan_kernel(
         tl.store(MERGE_REQS + rank, offs, mask=ok & (is_split != 0))
         tl.store(NUM_MERGE + offs, tl.sum(is_split, 0), mask=offs == 0)
         tl.store(PART_BOUNDS + num_parts + offs, total, mask=offs == 0)
+        dropped = tl.max(over_q.to(tl.int32), 0) | (2 * tl.max(over_kv.to(tl.int32), 0))
+        if dropped != 0:  # (or-ed in: the flag stays until the host's check clears it)
+            tl.atomic_or(DROPPED, dropped)
 
     # this program's parts: part p covers units [bound(p), bound(p + 1)); its requests are
     # [#(ce <= begin), #(kv0 < end)) (ce and kv0 are non-decreasing in b)
@@ -182,11 +191,13 @@ def _persistent_plan_kernel(
 def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs: dict[str, torch.Tensor],
                           num_parts: int, plan_block: int, overhead: int, min_chunk: int, max_batch: int,
                           snap_div: int = 2, snap_max: int = 4, max_splits: int = 0, split_cost: int = 4,
-                          tiles: int = 1, cut_ratio: int = 0) -> None:
+                          tiles: int = 1, cut_ratio: int = 0, max_q_len: int = 1 << 30,
+                          max_kv_len: int = 1 << 30) -> None:
     """Fill the plan buffers ``bufs`` in place for the B = len(seq_lens) requests.
 
     Every program recomputes the per-request prefix sums (cheap) and fills PLAN_PARTS parts; program 0 also
-    writes the per-request arrays. One launch, no host sync."""
+    writes the per-request arrays. One launch, no host sync. A request with q_len > ``max_q_len`` or seq_len >
+    ``max_kv_len`` is planned as a padding slot and flagged in ``bufs["dropped"]`` (1 | 2, or-ed in)."""
     B = seq_lens.shape[0]
     if not 0 < B <= max_batch:
         raise ValueError(f"batch {B} must be in [1, max_batch={max_batch}]")
@@ -201,17 +212,19 @@ def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs:
         seq_lens, qo_indptr, B,
         bufs["kv_indptr"], bufs["max_qo_len"], bufs["cu_cost"], bufs["part_bounds"], bufs["part_reqs"],
         bufs["first_part"], bufs["num_splits"], bufs["split_indptr"], bufs["merge_reqs"], bufs["num_merge"],
-        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio,
+        bufs["dropped"],
+        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, max_q_len,
+        max_kv_len,
         PLAN_BLOCK=plan_block, BLOCK_B=block_b, BLOCK_P=PLAN_PARTS, num_warps=4,
     )
 
 
 @triton.jit
-def _kv_indices_kernel(SEQ_LENS, KV_INDPTR, BLOCK_TABLE, OUT, stride_bt, PAGE_SIZE: tl.constexpr,
+def _kv_indices_kernel(KV_INDPTR, BLOCK_TABLE, OUT, stride_bt, PAGE_SIZE: tl.constexpr,
                        BLOCK: tl.constexpr):
     b = tl.program_id(0)
-    L = tl.load(SEQ_LENS + b)
     base = tl.load(KV_INDPTR + b)
+    L = tl.load(KV_INDPTR + b + 1) - base  # (a request the plan dropped has none)
     for j0 in range(0, L, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         ok = j < L
@@ -221,14 +234,15 @@ def _kv_indices_kernel(SEQ_LENS, KV_INDPTR, BLOCK_TABLE, OUT, stride_bt, PAGE_SI
 
 def build_kv_indices(seq_lens: torch.Tensor, kv_indptr: torch.Tensor, block_table: torch.Tensor, page_size: int,
                      out: torch.Tensor) -> torch.Tensor:
-    """out[kv_indptr[b] + j] = block_table[b, j // page] * page + j % page for j < seq_lens[b] (int32)."""
+    """out[kv_indptr[b] + j] = block_table[b, j // page] * page + j % page for j < kv_indptr[b + 1] - kv_indptr[b]
+    (seq_lens[b], or 0 for a request the plan dropped; int32)."""
     B = seq_lens.shape[0]
     if kv_indptr.shape[0] < B + 1 or block_table.shape[0] < B:
         raise ValueError(f"kv_indptr needs B + 1 = {B + 1} entries and block_table B rows")
     if out.dtype != torch.int32 or block_table.dtype != torch.int32 or block_table.stride(1) != 1:
         raise ValueError("out and block_table must be int32, block_table contiguous in its last dim")
     if B:
-        _kv_indices_kernel[(B,)](seq_lens, kv_indptr, block_table, out, block_table.stride(0),
+        _kv_indices_kernel[(B,)](kv_indptr, block_table, out, block_table.stride(0),
                                  PAGE_SIZE=page_size, BLOCK=1024, num_warps=4)
     return out
 

@@ -116,6 +116,27 @@ def test_decode_padding_slots():
     run_case([0, 0], [1, 1], 8, 16)
 
 
+def test_decode_skips_out_of_bounds_requests():
+    # a request past its block-table row or over max_q_len is dropped on the GPU (no host sync): its rows stay
+    # unwritten, the others are exact, and the builder's check() reports it
+    H, page = 4, 16
+    pb = make_problem([40, 100, 30, 70, 0], [1, 1, 2, 1, 0], H, page, dtype=torch.float32, device=DEVICE)
+    builder = make_metadata_builder("persistent", num_heads=H, max_batch=5, max_q_len=1,
+                                    max_pages_per_seq=pb.max_pages, page_size=page, device=DEVICE, num_parts=3,
+                                    min_chunk=1)
+    seq_lens = pb.seq_lens.clone()
+    seq_lens[1] = pb.max_pages * page + 7
+    meta = builder.build(seq_lens, pb.qo_indptr, pb.block_table)
+    out = torch.full((pb.q.shape[0], H, 512), float("nan"), device=DEVICE)
+    mla_decode(pb.q, pb.kv_cache, meta, 576 ** -0.5, 512, out=out)
+    ref = mla_attention_reference(pb.q, pb.kv_cache, pb.qo_indptr, pb.seq_lens, pb.block_table, 576 ** -0.5, 512)
+    kept = torch.tensor([True, False, False, False, True], device=DEVICE)  # tokens: 0 | 1 | 2, 3 | 4
+    assert torch.isnan(out[~kept]).all()
+    assert rel_err(out[kept], ref[kept]) < REL_TOL[torch.float32]
+    with pytest.raises(ValueError, match="dropped requests"):
+        builder.check()
+
+
 def test_decode_small_odd_dims():
     # the tiny test models: kv_lora_rank 32, rope 8 (D = 40, not a power of two)
     run_case([17, 3, 50], [1, 3, 2], 5, 16, kv_lora_rank=32, rope_dim=8, seed=2)

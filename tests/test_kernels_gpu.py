@@ -81,9 +81,11 @@ def test_plan_kernel_matches_reference_b256():
     qls = torch.randint(0, 3, (256,), generator=g).tolist()
     q, kv, sl, qo, bt = gpu_problem([1] * 256, qls, 1, 64, max_pages=1)
     sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    b = PersistentMetadataBuilder(num_heads=128, max_batch=256, max_q_len=2, max_pages_per_seq=1, page_size=64,
+    bt = torch.zeros(256, 313, dtype=torch.int32, device=DEV)  # (the plan reads only its width: 313 pages >= 20k)
+    b = PersistentMetadataBuilder(num_heads=128, max_batch=256, max_q_len=2, max_pages_per_seq=313, page_size=64,
                                   device=DEV)
     meta = b.build(sl, qo, bt)
+    b.check()
     r = plan_reference(b, lens, qls)
     assert meta.part_bounds.tolist() == r["part_bounds"]
     assert meta.first_part.tolist() == r["first_part"]
@@ -166,6 +168,19 @@ def test_cuda_graph_replay_new_lengths():
         torch.cuda.synchronize()
         torch.testing.assert_close(replayed[:T], e.out[:T], rtol=0, atol=0)
         assert rel_err(replayed[:T], e.reference()[:T]) < REL_TOL[torch.bfloat16]
+    e.builder.check()
+    # a request past its block-table row, as a bad caller could send: dropped inside the replay (no read past
+    # the row, its rows unwritten), the others exact, and the builder reports it afterwards
+    e.fill([300, 128 * 64 + 1, 500], [1, 1, 1], seed=9)
+    e.out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isnan(e.out[1]).all()
+    e.sl[1] = 0
+    kept = torch.tensor([0, 2], device=DEV)
+    assert rel_err(e.out[kept], e.reference()[kept]) < REL_TOL[torch.bfloat16]
+    with pytest.raises(ValueError, match="seq_len over its block-table row"):
+        e.builder.check()
 
 
 @pytest.mark.parametrize("H", [64, 128])

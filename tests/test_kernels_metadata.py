@@ -283,3 +283,39 @@ def test_per_step_plan_matches_reference(seed):
         assert plan[k] == ref[k], k
     active = [b for b in range(B) if ref["num_splits"][b]]
     assert [plan["first_part"][b] for b in active] == [ref["first_part"][b] for b in active]
+
+
+def test_persistent_drops_out_of_bounds_requests():
+    """q_len > max_q_len or seq_len > the block table's row: planned as padding (no KV indices, no work), flagged
+    on the GPU without a sync, and ``check`` raises once per flag."""
+    lens, q_lens = [50, 40, 30, 20], [1, 1, 3, 1]
+    pb = make_problem(lens, q_lens, 2, 16, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=2, max_batch=4, max_q_len=2, max_pages_per_seq=pb.max_pages,
+                                        page_size=16, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=3,
+                                        min_chunk=1, with_kv_indices=True)
+    seq_lens = pb.seq_lens.clone()
+    seq_lens[1] = pb.max_pages * 16 + 1  # one token past its row
+    meta = builder.build(seq_lens, pb.qo_indptr, pb.block_table)
+    # the plan of the same step with the dropped requests' seq_len 0 (request 1: KV over its row, request 2: q_len
+    # over max_q_len); max_qo_len still counts every request
+    kept = [50, 0, 0, 20]
+    ref = plan_reference(builder, kept, q_lens)
+    for k in ("kv_indptr", "cu_cost", "part_bounds", "part_reqs", "num_splits", "split_indptr"):
+        assert getattr(meta, k).flatten().tolist() == ref[k], k
+    assert meta.kv_indptr.tolist() == [0, 50, 50, 50, 70]
+    assert meta.max_qo_len.item() == 3
+    ref = kv_indices_reference(torch.tensor(kept), pb.block_table.cpu(), 16)
+    assert meta.kv_indices[:70].cpu().tolist() == ref.tolist()
+    assert meta.dropped.item() == 3
+    with pytest.raises(ValueError, match="q_len over max_q_len=2 and a seq_len over"):
+        builder.check()
+    builder.check()  # the flag was reset
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)  # request 2 alone is over now
+    with pytest.raises(ValueError, match="^MLA metadata dropped requests .*: a q_len over max_q_len=2$"):
+        builder.check()
+    per_step = PerStepMetadataBuilder(num_heads=2, max_batch=4, max_q_len=3, max_pages_per_seq=pb.max_pages,
+                                      page_size=16, device=DEVICE, kv_lora_rank=16, rope_dim=0)
+    with pytest.raises(ValueError, match="seq_len of 65 exceeds the 64 tokens a block-table row maps"):
+        per_step.build(seq_lens, pb.qo_indptr, pb.block_table, seq_lens.tolist(), q_lens)
+    per_step.check()
+
