@@ -23,6 +23,10 @@ from kernels.mla_merge import EARLY_LAUNCH_SPLITS, dependent_launch, gdc_launch_
 from kernels.plan_kernels import part_range, request_span
 
 LOG2E = 1.4426950408889634
+# Grid = (row tiles, parts): the row tiles of a part are launched next to each other, so the CTAs that read the
+# same KV (H = 128 has two 64-row tiles) start together and share it through L2: 3-5% faster at H = 128 on an H100
+# than (parts, row tiles) (kernels/NOTES.md, session 9). Parts are on the second axis, at most 65535.
+MAX_PARTS = 65535
 
 
 @triton.jit
@@ -99,8 +103,8 @@ def _mla_decode_kernel(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PDL: tl.constexpr,
     EARLY_SPLITS: tl.constexpr,
 ):
-    p = tl.program_id(0)
-    tile = tl.program_id(1)
+    p = tl.program_id(1)  # row tiles are the fast grid axis (see MAX_PARTS)
+    tile = tl.program_id(0)
     begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
     if PDL:  # the merge kernel may launch now, unless its programs would be heavy (kernels.mla_merge)
         if b_lo < b_hi:
@@ -224,6 +228,9 @@ def _check(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int, out
         # reported by the builder's check())
         raise ValueError(f"{T} query tokens for {meta.batch_size} requests exceed the metadata's max_q_len "
                          f"{meta.max_q_len}: build the metadata with a larger max_q_len")
+    if meta.num_parts > MAX_PARTS:
+        raise ValueError(f"the plan has {meta.num_parts} parts, over the {MAX_PARTS} a launch takes (a grid's second "
+                         f"axis): use fewer KV splits per request or a smaller batch")
     if out is not None:
         if out.shape != (T, H, kv_lora_rank) or out.dtype != q.dtype or out.device != q.device:
             raise ValueError(f"out must be [{T}, {H}, {kv_lora_rank}] {q.dtype} on {q.device}, got "
@@ -284,7 +291,7 @@ def _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg) -> None:
     n_tiles = triton.cdiv(meta.max_q_len * H, cfg.block_h)
     o_part, lse_part = meta.o_partial, meta.lse_partial
     # (last_compiled / last_used_tma: diagnostics read by the tile sweep and the tests)
-    mla_decode.last_compiled = _mla_decode_kernel[(meta.num_parts, n_tiles)](
+    mla_decode.last_compiled = _mla_decode_kernel[(n_tiles, meta.num_parts)](
         q, kv_cache, kv_desc, kv_desc_pe, out, o_part, lse_part, meta.block_table,
         meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
         meta.num_splits, meta.split_indptr,

@@ -204,8 +204,8 @@ if _GLUON_ERROR is None:
         # bars 12..15: row-sum exchange, [12 + 2 * role + (request parity)]
         v_col = ROLE * HALF
 
-        p = gl.program_id(0)
-        tile = gl.program_id(1)
+        p = gl.program_id(1)  # row tiles are the fast grid axis (see kernels.mla_decode.MAX_PARTS)
+        tile = gl.program_id(0)
         begin, end, b_lo, b_hi = part_range(p, PART_BOUNDS, PART_REQS)
         na = 0  # A blocks (stage 0 fills) before this request, B blocks (stage 1), requests with KV work
         nb = 0
@@ -420,7 +420,7 @@ def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: flo
              GluonDescriptor.from_tensor(kv2, [BLOCK_N, DPE], pe_l),
              GluonDescriptor.from_tensor(out.view(T * H, DV), [BLOCK_H, HALF], lat_l))
     n_tiles = -(-meta.max_q_len * H // BLOCK_H)
-    _mla_decode_sm90_seesaw[(meta.num_parts, n_tiles)](
+    _mla_decode_sm90_seesaw[(n_tiles, meta.num_parts)](
         *descs, o_part, lse_part, meta.block_table,
         meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
         meta.num_splits, meta.split_indptr,

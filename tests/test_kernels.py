@@ -3,6 +3,7 @@
 Without a CUDA GPU the Triton kernels run under the interpreter (set before the kernels are imported).
 Tolerances: kernels.testing.REL_TOL (fp32 1e-4, fp16 5e-3, bf16 2e-2 on the relative Frobenius error).
 """
+import dataclasses
 import os
 
 import torch
@@ -168,6 +169,8 @@ def test_decode_allocates_output_and_checks_inputs():
         mla_decode(torch.cat([pb.q, pb.q]), pb.kv_cache, meta, 0.1, 512)
     with pytest.raises(ValueError, match="out must be"):
         mla_decode(pb.q, pb.kv_cache, meta, 0.1, 512, out=torch.empty(2, 4, 500, device=DEVICE))
+    with pytest.raises(ValueError, match="65535 a launch takes"):  # parts are the grid's second axis
+        mla_decode(pb.q, pb.kv_cache, dataclasses.replace(meta, num_parts=65536), 0.1, 512)
 
 
 @pytest.mark.parametrize("cfg,dtype", [
