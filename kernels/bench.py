@@ -282,7 +282,7 @@ def run_merge_sweep() -> list[dict]:
     from kernels.mla_merge import merge_tiles, mla_merge
 
     rows = []
-    for H, lens in ((128, [16384]), (64, [16384]), (128, [4096] * 128), (128, [1024] * 128),
+    for H, lens in ((128, [16384]), (64, [16384]), (64, [1024]), (128, [4096] * 8), (128, [4096] * 32),
                     (64, [32768] + [512] * 63)):
         q, kv, sl, qo, bt = _problem(lens, 1, H, 64, torch.bfloat16)
         m = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=1, max_pages_per_seq=bt.shape[1],
@@ -290,7 +290,7 @@ def run_merge_sweep() -> list[dict]:
         out = torch.empty(len(lens), H, DV, device="cuda", dtype=torch.bfloat16)
         md.mla_decode(q, kv, m, 0.04, DV, out=out)
         default = merge_tiles(m.batch_size, m.num_parts, DV)
-        for tiles in ((8, 512, 2), (1, 256, 16), (1, 512, 8), (4, 512, 2), (16, 512, 2), (1, 256, 8)):
+        for tiles in ((2, 512, 8), (4, 512, 4), (1, 512, 16), (1, 256, 32), (1, 128, 64), (8, 512, 2)):
             t = graph_time(functools.partial(mla_merge, out, m, tiles=tiles))
             rows.append(dict(H=H, B=len(lens), L=max(lens), block_r=tiles[0], block_d=tiles[1], block_s=tiles[2], us=t,
                              default=tiles == default, num_merge=m.num_merge.item()))

@@ -11,8 +11,10 @@ jobs are in flight together (``merge_tiles`` picks the tile).
 
 On sm90 the merge is a programmatic dependent launch of the decode kernel (``dependent_launch``): its programs
 may start while the decode kernel runs (the decode CTAs signal it, see ``EARLY_LAUNCH_SPLITS``), read the plan,
-then wait (griddepcontrol.wait) for the decode grid to finish before reading the partials. Every program waits,
-so the merge never ends before the decode kernel. Measurements: kernels/NOTES.md, session 7.
+then wait (griddepcontrol.wait) for the decode grid to finish before reading the partials. Programs with nothing
+to merge leave at once, except program (0, 0, 0), which always waits: the merge grid never ends before the
+decode kernel, so work after it in the stream still sees the decode kernel's outputs. Measurements:
+kernels/NOTES.md, sessions 7 and 10.
 """
 from __future__ import annotations
 
@@ -44,10 +46,13 @@ def _mla_merge_kernel(
     n_rows = (tl.load(QO_INDPTR + b + 1) - q_start) * H
     n_split = tl.load(NUM_SPLITS + b)
     slot0 = tl.load(SPLIT_INDPTR + b).to(tl.int64)
-    if PDL:
-        gdc_wait()  # every program: the decode kernel's partials are complete and visible
     r0 = tl.program_id(1) * BLOCK_R
-    if active & (r0 < n_rows):
+    work = active & (r0 < n_rows)
+    if PDL:
+        first = (j == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
+        if work | first:  # the decode kernel's partials are complete and visible (idle programs just leave)
+            gdc_wait()
+    if work:
         rows = r0 + tl.arange(0, BLOCK_R)
         cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         r_ok = rows < n_rows
@@ -76,16 +81,20 @@ def _mla_merge_kernel(
 
 
 def merge_tiles(batch_size: int, num_parts: int, dv: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, BLOCK_S) of a merge program. Many short merges (batch >= parts / 8): 4 whole rows,
-    4 splits a load (one round of loads for most jobs, and 4x fewer programs to launch than one row each, which
-    costs ~4 us even when nothing is cut; 8 rows would cost a long request cut 30 ways among short ones 1.5-2x
-    in its merge). Small batches: one half row, 16 splits a load, so a job cut dozens of ways spreads over many
-    programs (4 rows cost one 16k request among 7 short ones 10-14 us). Measured on H100 (kernels/NOTES.md,
-    session 5)."""
+    """(BLOCK_R, BLOCK_D, BLOCK_S) of a merge program, from the splits a request gets when all lengths are equal
+    (parts / batch): tiles of 8k fp32 values (64 registers a thread) with about that many splits a load, so most
+    jobs take one round of loads. Many requests: 2 whole rows, 8 splits a load, so a long request cut dozens of
+    ways among short ones spreads over many programs (4 rows x 4 splits, the tile until session 10, took 4-6 us
+    more at 1 x 32k + 63 x 512, H = 64, and 1-2.5 us less where 32-64 requests are cut in 2-4); a few requests:
+    one row, 16 splits a load; one or two: half a row, 32. Measured on H100 (kernels/NOTES.md, sessions 5 and
+    10)."""
     d = max(16, triton.next_power_of_2(dv))
-    if 8 * batch_size >= num_parts:
-        return 4, d, 4
-    return 1, min(d, 256), 16
+    per_request = num_parts // max(batch_size, 1)
+    if per_request >= 32:
+        return 1, min(d, 256), 32
+    if per_request >= 16:
+        return 1, d, 16
+    return 2, d, 8
 
 
 # A decode CTA whose (first) request is cut at most this many ways lets the merge launch at its start (its

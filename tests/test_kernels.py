@@ -86,7 +86,7 @@ def test_decode_one_long_among_short():
     assert meta.num_splits.tolist()[0] > 32
 
 
-@pytest.mark.parametrize("tiles", [(8, 512, 2), (1, 256, 16), (4, 128, 4)])
+@pytest.mark.parametrize("tiles", [(8, 512, 2), (1, 256, 16), (4, 128, 4), (2, 512, 1)])
 def test_merge_tiles_agree(tiles):
     # every merge tile shape gives the reference, for a request cut in many parts (more than a load's splits)
     # and short requests cut in two beside it; rows of requests not cut are left alone
