@@ -20,7 +20,10 @@ Strategies:
     tile adds about 1 / cut_ratio of a block (its fp32 partial written and merged), so of the widths
     1..min_chunk that fit, w_lo is the one with the least cut_ratio * (longest piece) + tiles * (pieces of cut
     requests): one 1k request runs over 16 parts of one block, a 4k one over 32 of two, a 16k one over 64 of
-    four (H = 64);
+    four (H = 64). With a DRAM floor (``dram_ratio``, on for head counts the sm90 kernel serves) no part is
+    counted faster than the DRAM streams the step's KV (its blocks / dram_ratio), wider widths are weighed too
+    and a per-request plan up to the floor counts as balanced: 64 x 1k at H = 64 then runs whole on 64 parts
+    instead of cut in two (H100: 56 -> 50 us), 128 x 16k whole on 128 parts instead of slices (879 -> 819 us);
   - packed (many short requests of similar length): no request cut, each whole in the part whose equal
     slice of the total holds its middle unit (128 requests of 1k over 66 parts: two a part, no merge);
   - slices: each part an equal slice of the total cost, except that a boundary falling inside a request
@@ -48,6 +51,11 @@ OVERHEAD = 2  # plan units charged per request on top of its KV blocks (q load, 
 ROWS_PER_TILE = 64  # rows (q_len * H) per program the plan assumes when sizing the grid
 SPLIT_COST = 4  # plan units a cut request costs a part (partial write, merge read), when choosing the plan
 CUT_RATIO = 16  # a KV block in a part costs about 16 times what one cut row tile adds (H100, kernels/NOTES.md)
+# KV blocks the whole GPU reads from DRAM while a part computes one 64-row block on the sm90 kernel: H100, ~2.07 us
+# a block (the steady pair at H = 128) over 73.7 KB at 3.0 TB/s (kernels/NOTES.md, session 11); 0 drops the
+# DRAM floor. Builders for head counts that kernel does not serve (not a multiple of 64) leave it off: the
+# generic kernel's small tiles make cuts cheap (H = 16, 64 x 1k: 49 -> 61 us with the floor)
+DRAM_RATIO = 84
 
 
 @dataclass
@@ -157,7 +165,8 @@ class PersistentMetadataBuilder:
                  device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
                  num_parts: int | None = None, min_chunk: int = 4, with_kv_indices: bool = False,
                  plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, num_kv_splits: int | None = None,
-                 snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST, cut_ratio: int = CUT_RATIO):
+                 snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST, cut_ratio: int = CUT_RATIO,
+                 dram_ratio: int = DRAM_RATIO):
         # num_kv_splits belongs to per_step (accepted so both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
@@ -169,6 +178,7 @@ class PersistentMetadataBuilder:
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
         self.snap_div, self.snap_max = snap_div, snap_max
         self.split_cost, self.cut_ratio = split_cost, cut_ratio
+        self.dram_ratio = dram_ratio if num_heads % ROWS_PER_TILE == 0 else 0
         self.tiles = -(-(max_q_len * num_heads) // ROWS_PER_TILE)  # row tiles of a request (as the plan counts)
         if num_parts is None:
             num_parts = max(_sm_count(self.device) // self.tiles, 1)
@@ -210,7 +220,8 @@ class PersistentMetadataBuilder:
         b = self.bufs
         build_persistent_plan(seq_lens, qo_indptr, b, self.num_parts, self.plan_block, self.overhead,
                               self.min_chunk, self.max_batch, self.snap_div, self.snap_max,
-                              self.max_kv_splits, self.split_cost, self.tiles, self.cut_ratio, self.max_q_len,
+                              self.max_kv_splits, self.split_cost, self.tiles, self.cut_ratio, self.dram_ratio,
+                              self.max_q_len,
                               block_table.shape[1] * self.page_size)
         if self.kv_indices is not None:
             build_kv_indices(seq_lens, b["kv_indptr"], block_table, self.page_size, self.kv_indices)
@@ -245,9 +256,9 @@ class PerStepMetadataBuilder:
                  num_kv_splits: int = 4, with_kv_indices: bool = False, plan_block: int = PLAN_BLOCK,
                  overhead: int = OVERHEAD, num_parts: int | None = None, min_chunk: int | None = None,
                  snap_div: int | None = None, snap_max: int | None = None, split_cost: int | None = None,
-                 cut_ratio: int | None = None):
-        # num_parts / min_chunk / snap_div / snap_max / split_cost / cut_ratio belong to persistent (accepted so
-        # that both strategies take one set of kwargs)
+                 cut_ratio: int | None = None, dram_ratio: int | None = None):
+        # num_parts / min_chunk / snap_div / snap_max / split_cost / cut_ratio / dram_ratio belong to persistent
+        # (accepted so that both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
         self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len

@@ -60,8 +60,8 @@ def _persistent_plan_kernel(
     SEQ_LENS, QO_INDPTR, B,
     KV_INDPTR, MAX_QO_LEN, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
     MERGE_REQS, NUM_MERGE, DROPPED,
-    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, max_q, max_kv,
-    PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, dram_ratio,
+    max_q, max_kv, PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_B)
     ok = offs < B
@@ -91,33 +91,49 @@ def _persistent_plan_kernel(
     # >= the narrowest width below with sum k_b <= parts (binary search); taken when its largest part is within
     # split_cost units of a slice (which pays for cut requests with partial traffic and merges)
     n_active = tl.sum(active.to(tl.int32), 0)
-    # its narrowest width: min_chunk, or less for a step with little KV. A part's time grows by a block per
-    # block of width; every cut row tile adds about 1 / cut_ratio of a block (its fp32 partial written, then
-    # merged). Of the widths 1..min_chunk that fit the parts, the one with the least
-    # cut_ratio * (longest piece) + tiles * (pieces of cut requests) (the smaller on a tie; kernels/NOTES.md)
+    # its narrowest width: min_chunk, or less for a step with little KV, or more for a step the DRAM cannot
+    # stream faster. A part's time grows by a block per block of width, but no part ends before the DRAM has
+    # streamed the step's KV (dram_floor: its blocks / dram_ratio, in blocks of a part's time); every cut row
+    # tile adds about 1 / cut_ratio of a block (its fp32 partial written, then merged). Of the candidate widths
+    # that fit the parts (kernels.reference.width_candidates), the one with the least
+    # cut_ratio * max(longest piece, dram_floor) + tiles * (pieces of cut requests) (the smaller on a tie;
+    # kernels/NOTES.md, sessions 7 and 11)
+    dram_floor = tl.where(dram_ratio > 0, (tl.sum(kv, 0) + dram_ratio - 1) // tl.maximum(dram_ratio, 1), 0)
+    # the narrowest width that fits the parts (binary search; any wider one fits too)
+    fit = n_active * 0 + 1
+    f_hi = tl.where(n_active <= num_parts, tl.maximum(kv_top, 1), 1)  # (no search when it cannot apply)
+    while fit < f_hi:
+        mid = (fit + f_hi) // 2
+        fits = tl.sum(tl.where(active, (kv + mid - 1) // mid, 0), 0) <= num_parts
+        f_hi = tl.where(fits, mid, f_hi)
+        fit = tl.where(fits, fit, mid + 1)
     lo = tl.maximum(min_chunk, 1) + n_active * 0  # (a tensor: min_chunk may arrive as the constant 1)
     if cut_ratio > 0:
         if n_active <= num_parts:
-            top = lo
+            # the candidates of kernels.reference.width_candidates from the narrowest fit up (narrower ones do
+            # not fit); the walk stops once cut_ratio * piece alone reaches the best cost (pieces only grow)
+            mc = tl.where(dram_ratio > 0, 2 * lo, lo)
             best_f = n_active * 0 + 2147483647
-            for w in range(1, top + 1):
+            w = tl.where(fit <= mc, fit, tl.where(dram_ratio > 0, fit, 0))
+            while w > 0:
                 k_w = tl.where(active, (kv + w - 1) // w, 0)
                 piece = tl.max(tl.where(active, (kv + k_w - 1) // tl.maximum(k_w, 1), 0), 0)
-                f = cut_ratio * piece + tiles * tl.sum(tl.where(k_w > 1, k_w, 0), 0)
-                better = (tl.sum(k_w, 0) <= num_parts) & (f < best_f)
+                f = cut_ratio * tl.maximum(piece, dram_floor) + tiles * tl.sum(tl.where(k_w > 1, k_w, 0), 0)
+                better = f < best_f
                 best_f = tl.where(better, f, best_f)
                 lo = tl.where(better, w, lo)
+                # next: w + 1 up to min_chunk (2 min_chunk with a DRAM floor), then with a floor 2 w under the
+                # longest request, then the longest request; 0 ends the walk
+                wider = tl.where(2 * w < kv_top, 2 * w, tl.where(w < kv_top, kv_top, 0))
+                w = tl.where(w < mc, w + 1, tl.where(dram_ratio > 0, wider, 0))
+                w = tl.where(cut_ratio * piece >= best_f, 0, w)
     if max_splits > 0:
         lo = tl.maximum(lo, (kv_top + max_splits - 1) // max_splits)
-    hi = tl.where(n_active <= num_parts, tl.maximum(kv_top, lo), lo)  # (no search when it cannot apply)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        fits = tl.sum(tl.where(active, (kv + mid - 1) // mid, 0), 0) <= num_parts
-        hi = tl.where(fits, mid, hi)
-        lo = tl.where(fits, lo, mid + 1)
+    lo = tl.where(n_active <= num_parts, tl.maximum(lo, fit), lo)  # the narrowest fitting width >= lo
     k_req = tl.where(active, (kv + lo - 1) // lo, 0)
     span = tl.max(tl.where(active, (kv + k_req - 1) // tl.maximum(k_req, 1), 0), 0) + overhead
-    per_req = (n_active > 0) & (n_active <= num_parts) & (span <= chunk + overhead + split_cost)
+    # (a slice shorter than the DRAM floor is no faster than the floor)
+    per_req = (n_active > 0) & (n_active <= num_parts) & (span <= tl.maximum(chunk, dram_floor) + overhead + split_cost)
     k_incl = tl.cumsum(k_req, 0)
 
     # the packed plan: no request cut, request b whole in the part (cs + ce) // (2 chunk) whose slice holds
@@ -191,7 +207,7 @@ def _persistent_plan_kernel(
 def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs: dict[str, torch.Tensor],
                           num_parts: int, plan_block: int, overhead: int, min_chunk: int, max_batch: int,
                           snap_div: int = 2, snap_max: int = 4, max_splits: int = 0, split_cost: int = 4,
-                          tiles: int = 1, cut_ratio: int = 0, max_q_len: int = 1 << 30,
+                          tiles: int = 1, cut_ratio: int = 0, dram_ratio: int = 0, max_q_len: int = 1 << 30,
                           max_kv_len: int = 1 << 30) -> None:
     """Fill the plan buffers ``bufs`` in place for the B = len(seq_lens) requests.
 
@@ -213,8 +229,8 @@ def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs:
         bufs["kv_indptr"], bufs["max_qo_len"], bufs["cu_cost"], bufs["part_bounds"], bufs["part_reqs"],
         bufs["first_part"], bufs["num_splits"], bufs["split_indptr"], bufs["merge_reqs"], bufs["num_merge"],
         bufs["dropped"],
-        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, max_q_len,
-        max_kv_len,
+        num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, dram_ratio,
+        max_q_len, max_kv_len,
         PLAN_BLOCK=plan_block, BLOCK_B=block_b, BLOCK_P=PLAN_PARTS, num_warps=4,
     )
 

@@ -121,14 +121,15 @@ def request_costs(seq_lens: list[int], q_lens: list[int], plan_block: int, overh
 def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts: int, plan_block: int,
                               overhead: int, min_chunk: int, snap_div: int = 2,
                               snap_max: int = 4, max_splits: int = 0, split_cost: int = 4, tiles: int = 1,
-                              cut_ratio: int = 0) -> dict[str, list]:
+                              cut_ratio: int = 0, dram_ratio: int = 0) -> dict[str, list]:
     """What the persistent plan kernel must write: the first of three plans that applies.
 
     - **per request** (at most ``num_parts`` active requests): request b is cut into
       k_b = ceil(kv_b / c) equal parts of its own, c the smallest width >= ``narrowest_width`` (``min_chunk``,
-      or less for a step with little KV when ``cut_ratio`` > 0) with sum k_b <= parts; no part runs two
-      requests, and equal requests are not cut when they fit one a part.
-      Taken when its largest part (KV units + ``overhead``) is at most a slice + ``overhead`` + ``split_cost``
+      or less for a step with little KV, or more for a step whose KV the DRAM cannot stream in fewer blocks
+      of a part's time, when ``cut_ratio`` > 0) with sum k_b <= parts; no part runs two requests, and equal
+      requests are not cut when they fit one a part. Taken when its largest part (KV units + ``overhead``)
+      is at most a slice (or the DRAM floor, ``dram_floor``, if longer) + ``overhead`` + ``split_cost``
       (what a part of a cut request pays in partial traffic and merging).
     - **packed**: no request is cut; request b goes whole to the part p whose slice [p * chunk, (p + 1) *
       chunk) holds its middle unit (``chunk`` = ceil(total / parts)). Taken when its largest part is at most
@@ -144,12 +145,12 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
     if max_splits > 0:  # a slice of at least kv_max / (max_splits - 1) units cuts no request more than that
         chunk = max(chunk, -(-max(kv, default=0) // (max_splits - 1)) if max_splits > 1 else total)
     if 0 < len(kv) <= num_parts:
-        width = max(narrowest_width(kv, tiles, min_chunk, cut_ratio, num_parts),
+        width = max(narrowest_width(kv, tiles, min_chunk, cut_ratio, num_parts, dram_ratio),
                     -(-max(kv) // max_splits) if max_splits > 0 else 1)
         while sum(-(-n // width) for n in kv) > num_parts:
             width += 1
         span = max(-(-n // -(-n // width)) for n in kv) + overhead
-        if span <= chunk + overhead + split_cost:
+        if span <= max(chunk, dram_floor(kv, dram_ratio)) + overhead + split_cost:
             ks = [-(-(c - overhead) // width) if c > 0 else 0 for c in costs]
             return _with_request_facts(per_request_plan(costs, overhead, ks, num_parts), seq_lens, q_lens)
     edges = [0]
@@ -173,19 +174,50 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
                                seq_lens, q_lens)
 
 
-def narrowest_width(kv: list[int], tiles: int, min_chunk: int, cut_ratio: int, num_parts: int) -> int:
+def dram_floor(kv: list[int], dram_ratio: int) -> int:
+    """The fewest blocks of a part's time in which the DRAM streams the step's ``kv`` blocks: ceil(sum / ratio),
+    ``dram_ratio`` the blocks the whole GPU reads in the time a part computes one (0: no floor)."""
+    return -(-sum(kv) // dram_ratio) if dram_ratio > 0 else 0
+
+
+def width_candidates(kv: list[int], min_chunk: int, dram_ratio: int, num_parts: int) -> list[int]:
+    """The per-request widths the cost model weighs: 1..min_chunk, and with a DRAM floor 1..2 min_chunk, the
+    narrowest width that fits the parts if wider, that doubled while under the longest request, then the longest
+    request (no cut)."""
+    mc, top = max(min_chunk, 1), max(kv)
+    fit = 1
+    while sum(-(-n // fit) for n in kv) > num_parts:
+        fit += 1
+    ws, w = [], 1
+    while w > 0:
+        ws.append(w)
+        if w < mc or (dram_ratio > 0 and w < 2 * mc):
+            w += 1
+        elif dram_ratio <= 0:
+            w = 0
+        elif w < fit:
+            w = fit
+        else:
+            w = 2 * w if 2 * w < top else (top if w < top else 0)
+    return ws
+
+
+def narrowest_width(kv: list[int], tiles: int, min_chunk: int, cut_ratio: int, num_parts: int,
+                    dram_ratio: int = 0) -> int:
     """The per-request plan's narrowest width for requests of ``kv`` blocks: ``min_chunk``, or with ``cut_ratio``
-    > 0 the width w in 1..min_chunk that fits the parts (sum ceil(kv_b / w) <= num_parts) with the least
-    cut_ratio * (longest piece) + tiles * (pieces of the requests it cuts), the smaller w on a tie: a part pays
-    a block per block of width, and each cut row tile about 1 / cut_ratio of a block. min_chunk when none fits."""
+    > 0 the width w of ``width_candidates`` that fits the parts (sum ceil(kv_b / w) <= num_parts) with the least
+    cut_ratio * max(longest piece, DRAM floor) + tiles * (pieces of the requests it cuts), the smaller w on a
+    tie: a part pays a block per block of width but no part ends before the DRAM has streamed the step's KV
+    (``dram_floor``), and each cut row tile costs about 1 / cut_ratio of a block. min_chunk when none fits."""
     best, best_f = max(min_chunk, 1), None
     if cut_ratio <= 0:
         return best
-    for w in range(1, best + 1):
+    floor = dram_floor(kv, dram_ratio)
+    for w in width_candidates(kv, min_chunk, dram_ratio, num_parts):
         ks = [-(-n // w) for n in kv]
         if sum(ks) > num_parts:
             continue
-        f = cut_ratio * max(-(-n // k) for n, k in zip(kv, ks)) + tiles * sum(k for k in ks if k > 1)
+        f = cut_ratio * max(max(-(-n // k) for n, k in zip(kv, ks)), floor) + tiles * sum(k for k in ks if k > 1)
         if best_f is None or f < best_f:
             best, best_f = w, f
     return best

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 from kernels.metadata import (PerStepMetadataBuilder, PersistentMetadataBuilder,  # noqa: E402
                               make_metadata_builder)
 from kernels.plan_kernels import build_kv_indices  # noqa: E402
-from kernels.reference import kv_indices_reference, narrowest_width  # noqa: E402
+from kernels.reference import kv_indices_reference, narrowest_width, width_candidates  # noqa: E402
 from kernels.testing import make_problem, plan_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,7 +125,8 @@ def test_snapping_avoids_cutting_short_requests():
 @pytest.mark.parametrize("lens, parts, want", [
     ([4096] * 64, 66, [1] * 64),  # equal requests that fit one a part: none cut (slices of 64 units cut 62)
     ([4096] * 64, 132, [2] * 64),  # twice the parts: each cut in two (slices of 32 units cut most in three)
-    ([4096] * 8, 132, [16] * 8),
+    ([4096] * 8, 132, [10] * 8),  # the DRAM floor (7 blocks a part): 10 pieces of 6-7 blocks cut less than 16 of 4
+    ([1024] * 64, 132, [1] * 64),  # DRAM floor (13 blocks): whole on 64 parts, not cut in two (H100: 56 -> 50 us)
     ([16384], 132, [64]),  # min_chunk 4: 64 parts of 4 blocks
     ([4096], 132, [32]),  # little KV: 32 parts of 2 blocks (narrowest_width)
     ([4096] + [256] * 7, 132, [32] + [2] * 7),  # (at H = 128, 66 parts, width 4: [16] + [1] * 7)
@@ -160,6 +161,35 @@ def test_narrowest_width_weighs_longest_piece_against_cut_pieces(kv, tiles, part
     assert narrowest_width(kv, tiles, 1, 16, parts) == 1
 
 
+@pytest.mark.parametrize("kv, tiles, parts, want", [
+    ([16] * 64, 1, 132, 16),  # 64 x 1k: the DRAM needs 13 blocks of a part's time anyway; cut in two buys nothing
+    ([256] + [16] * 31, 1, 132, 8),  # 8 (two pieces of each short request) over the narrowest fit, 7 (three)
+    ([16] + [1] * 63, 2, 66, 6),  # a floor of one block: the narrowest fit, as without the floor
+    ([256], 1, 132, 4),  # one 16k request: the floor (4 blocks) changes nothing
+    ([256] * 128, 1, 132, 256),  # fits one a part: whole
+])
+def test_narrowest_width_with_a_dram_floor(kv, tiles, parts, want):
+    assert narrowest_width(kv, tiles, 4, 16, parts, dram_ratio=84) == want
+    ws = width_candidates(kv, 4, 84, parts)
+    assert ws[:8] == list(range(1, 9)) and ws[-1] == max(max(kv), 8) and ws == sorted(set(ws))
+    assert width_candidates(kv, 4, 0, parts) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("heads, dram_ratio, want", [(64, 84, [1] * 64), (64, 0, [2] * 64), (16, 84, [2] * 64)])
+def test_dram_floor_keeps_requests_whole_where_the_dram_bounds_the_step(heads, dram_ratio, want):
+    # H = 64, 64 x 1k: cut in two, the DRAM still needs 13 blocks of a part's time, so they run whole on 64
+    # parts; builders the sm90 kernel does not serve (H = 16) leave the floor off (their cuts are cheap)
+    lens = [1024] * 64
+    pb = make_problem(lens, [1] * 64, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
+    builder = PersistentMetadataBuilder(num_heads=heads, max_batch=64, max_q_len=1, max_pages_per_seq=pb.max_pages,
+                                        page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=132,
+                                        dram_ratio=dram_ratio)
+    assert builder.dram_ratio == (dram_ratio if heads % 64 == 0 else 0)
+    meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
+    _check_plan(meta, lens, [1] * 64, builder)
+    assert meta.num_splits.tolist() == want
+
+
 @pytest.mark.parametrize("lens, heads, q_len, cut_ratio", [
     ([1024], 64, 1, 16), ([4096], 128, 1, 16), ([4096], 64, 2, 16), ([1024] + [64] * 31, 64, 1, 16),
     ([4096] * 8, 128, 1, 16), ([4096] + [256] * 7, 128, 1, 16), ([1024], 64, 1, 0), ([3000, 70, 5], 16, 3, 16),
@@ -175,7 +205,7 @@ def test_per_request_width_adapts_to_little_kv(lens, heads, q_len, cut_ratio):
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
     _check_plan(meta, lens, qls, builder)
     kv = [-(-L // 64) for L in lens]
-    w = narrowest_width(kv, builder.tiles, builder.min_chunk, cut_ratio, builder.num_parts)
+    w = narrowest_width(kv, builder.tiles, builder.min_chunk, cut_ratio, builder.num_parts, builder.dram_ratio)
     while sum(-(-n // w) for n in kv) > builder.num_parts:
         w += 1
     assert meta.num_splits.tolist() == [-(-n // w) for n in kv]
