@@ -146,9 +146,7 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
         chunk = max(chunk, -(-max(kv, default=0) // (max_splits - 1)) if max_splits > 1 else total)
     if 0 < len(kv) <= num_parts:
         width = max(narrowest_width(kv, tiles, min_chunk, cut_ratio, num_parts, dram_ratio),
-                    -(-max(kv) // max_splits) if max_splits > 0 else 1)
-        while sum(-(-n // width) for n in kv) > num_parts:
-            width += 1
+                    -(-max(kv) // max_splits) if max_splits > 0 else 1, narrowest_fit(kv, num_parts))
         span = max(-(-n // -(-n // width)) for n in kv) + overhead
         if span <= max(chunk, dram_floor(kv, dram_ratio)) + overhead + split_cost:
             ks = [-(-(c - overhead) // width) if c > 0 else 0 for c in costs]
@@ -180,14 +178,20 @@ def dram_floor(kv: list[int], dram_ratio: int) -> int:
     return -(-sum(kv) // dram_ratio) if dram_ratio > 0 else 0
 
 
+def narrowest_fit(kv: list[int], num_parts: int) -> int:
+    """The narrowest width w with sum ceil(kv_b / w) <= num_parts (any wider one fits too; needs len(kv) <=
+    num_parts)."""
+    w = 1
+    while sum(-(-n // w) for n in kv) > num_parts:
+        w += 1
+    return w
+
+
 def width_candidates(kv: list[int], min_chunk: int, dram_ratio: int, num_parts: int) -> list[int]:
     """The per-request widths the cost model weighs: 1..min_chunk, and with a DRAM floor 1..2 min_chunk, the
     narrowest width that fits the parts if wider, that doubled while under the longest request, then the longest
     request (no cut)."""
-    mc, top = max(min_chunk, 1), max(kv)
-    fit = 1
-    while sum(-(-n // fit) for n in kv) > num_parts:
-        fit += 1
+    mc, top, fit = max(min_chunk, 1), max(kv), narrowest_fit(kv, num_parts)
     ws, w = [], 1
     while w > 0:
         ws.append(w)
