@@ -8,6 +8,8 @@ max(bytes / copy BW, flops / matmul rate) with both ceilings measured in the sam
 ``flash_mla`` imports, and the H100 reference numbers of FlashMLA and SGLang's Triton kernel
 (/work/shared/reference/mla_decode.md). Metadata build at B = 1..256: the persistent build's plan kernel time
 (profiler) and its graph replay timed as above, and wall time of the per-step build (host work + copies).
+``--layers N`` adds the time per layer of a graph of N layers, each reading its own cache (as a model's step
+does; a replay's own ~5 us is then spread over the N layers), ours and FlashMLA's.
 """
 from __future__ import annotations
 
@@ -85,29 +87,32 @@ def _problem(lens, q_len, H, page, dtype, seed=0):
     return q, kv, sl, qo, bt
 
 
-def _flash_mla_time(q, kv, sl, bt, H, q_len, page):
-    """FlashMLA's dense decode (kernels/flashmla.py) with its schedule planned once, when it can run here."""
+def _flash_mla_time(qs, kvs, sl, bt, H, q_len, page):
+    """FlashMLA's dense decode (kernels/flashmla.py) with its schedule planned once, when it can run here: us per
+    layer of a graph of len(qs) layers (layer i reads qs[i], kvs[i])."""
     from kernels import flashmla
 
-    if flashmla.unavailable_reason(q.device) is not None or H not in flashmla.HEAD_COUNTS:
+    if flashmla.unavailable_reason(qs[0].device) is not None or H not in flashmla.HEAD_COUNTS:
         return None
     try:
         step = flashmla.plan(sl, bt, q_len, H)
 
         def fn():
-            return flashmla.flashmla_decode(q, kv, step, D ** -0.5, DV)
+            return [flashmla.flashmla_decode(q, kv, step, D ** -0.5, DV) for q, kv in zip(qs, kvs)]
 
         fn()
-        return graph_time(fn)
+        return graph_time(fn) / len(qs)
     except Exception as e:  # keep the run going; report why in the row
         return f"error: {type(e).__name__}: {e}"[:200]
 
 
 def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=torch.bfloat16,
                      builder_kw: dict | None = None, config=None, flashmla: bool = True,
-                     gluon: bool = True) -> list[dict]:
+                     gluon: bool = True, layers: int = 1) -> list[dict]:
     """Time decode + merge for each shape dict {H, lens, q_len, name}; returns one row per shape.
-    ``gluon=False`` keeps the Triton kernel where the sm90 Gluon kernel would run."""
+    ``gluon=False`` keeps the Triton kernel where the sm90 Gluon kernel would run. ``layers`` > 1 also times a
+    graph of that many layers, each with its own cache and queries (one step's metadata, as in a model), per
+    layer (``layer_us``, ``flashmla_layer_us``): a replay's own overhead (~5 us) spread over the layers."""
     import dataclasses
 
     from kernels.metadata import PersistentMetadataBuilder
@@ -127,6 +132,13 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
         if cfg is None and not gluon:
             cfg = dataclasses.replace(default_config(q_len * H, esize), gluon=False)
         us = graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=cfg))
+        qs, kvs, outs = [q], [kv], [out]
+        if layers > 1:
+            qs += [torch.randn_like(q) for _ in range(layers - 1)]
+            kvs += [torch.randn_like(kv) for _ in range(layers - 1)]
+            outs += [torch.empty_like(out) for _ in range(layers - 1)]
+            layer_us = graph_time(lambda: [mla_decode(*a, meta, D ** -0.5, DV, out=o, config=cfg)
+                                           for *a, o in zip(qs, kvs, outs)]) / layers
         nbytes = sum(lens) * D * esize
         flops = sum(2 * H * q_len * L * (D + DV) for L in lens)
         floor = max(nbytes / (ceilings["copy_GBps"] * 1e3), flops / (ceilings["matmul_bf16_TFLOPs"] * 1e6))
@@ -134,8 +146,12 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
                    impl=mla_decode.last_impl,
                    kv_MB=nbytes / 1e6, us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, floor_us=floor,
                    pct_floor=100 * floor / us, num_parts=meta.num_parts)
-        fm = _flash_mla_time(q, kv, sl, bt, H, q_len, page) if page == 64 and flashmla else None
+        fm = _flash_mla_time([q], [kv], sl, bt, H, q_len, page) if page == 64 and flashmla else None
         row["flashmla_us"] = fm
+        if layers > 1:
+            row["layers"], row["layer_us"] = layers, layer_us
+            if fm is not None:
+                row["flashmla_layer_us"] = _flash_mla_time(qs, kvs, sl, bt, H, q_len, page)
         ref = REF_UNIFORM.get((H, len(lens), row["L"])) if row["name"] == "uniform" and q_len == 1 else None
         if row["name"] in REF_UNEVEN and H in REF_UNEVEN[row["name"]]:
             r = REF_UNEVEN[row["name"]][H]
@@ -143,7 +159,7 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
         if ref:
             row["ref_flashmla_us"], row["ref_sglang_us"] = ref
         rows.append(row)
-        del q, kv, out, meta, builder
+        del q, kv, out, meta, builder, qs, kvs, outs
         torch.cuda.empty_cache()
     return rows
 
@@ -313,6 +329,9 @@ def print_tables(result: dict) -> None:
     hdr = (f"{'case':>20} {'H':>4} {'B':>4} {'L':>6} {'q':>2} {'us':>8} {'GB/s':>7} {'TF/s':>6} {'floor':>7} "
            f"{'%floor':>6} {'FlashMLA':>8} {'x FM':>5} {'refFM':>7} {'x refFM':>7} {'refSGL':>7} {'x SGL':>6} "
            f"{'kernel':>6} {'triton':>7}")
+    layers = max((r.get("layers", 1) for r in result["kernel"]), default=1)
+    if layers > 1:
+        hdr += f" {'us/layer':>8} {'FM/layer':>8} {'x FM/l':>6}"
     print(hdr)
     for r in result["kernel"]:
         fm = r.get("flashmla_us")
@@ -322,7 +341,12 @@ def print_tables(result: dict) -> None:
               f"{r['GBps']:7.0f} {r['TFLOPs']:6.0f} {_fmt(r['floor_us'], 7)} {r['pct_floor']:6.0f} {_fmt(fm)} "
               f"{_fmt(fm / r['us'] if fm else None, 5, 2)} {_fmt(rfm, 7)} {_fmt(rfm / r['us'] if rfm else None, 7, 2)} "
               f"{_fmt(rsg, 7)} {_fmt(rsg / r['us'] if rsg else None, 6, 2)} {r.get('impl', '-'):>6} "
-              f"{_fmt(r.get('triton_us'), 7)}")
+              f"{_fmt(r.get('triton_us'), 7)}", end="")
+        if layers > 1:
+            lu, fl = r.get("layer_us"), r.get("flashmla_layer_us")
+            fl = fl if isinstance(fl, (int, float)) else None
+            print(f" {_fmt(lu)} {_fmt(fl)} {_fmt(fl / lu if fl and lu else None, 6, 2)}", end="")
+        print()
     if result.get("metadata"):
         print(f"\n{'B':>4} {'persistent kernel us':>21} {'persistent replay us':>21} {'persistent wall us':>19} "
               f"{'per_step wall us':>17}")
@@ -331,7 +355,8 @@ def print_tables(result: dict) -> None:
                   f"{r['persistent_wall_us']:19.1f} {r['per_step_wall_us']:17.1f}")
     print("(x FM / x refFM / x SGL: their time over ours, > 1 means we are faster; ref* = mla_decode.md H100; "
           "kernel: gluon = kernels/mla_decode_sm90.py, triton = kernels/mla_decode.py; triton: the Triton kernel's "
-          "us on the same shape)")
+          "us on the same shape" + (f"; us/layer, FM/layer: per layer of a graph of {layers} layers, each with its own "
+                                    "cache)" if layers > 1 else ")"))
 
 
 def main(argv=None) -> dict:
@@ -345,7 +370,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-chunk", type=int, default=None, help="PersistentMetadataBuilder min_chunk")
     ap.add_argument("--triton-too", action="store_true",
                     help="also time the Triton kernel where the sm90 Gluon kernel runs (column 'triton')")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="also time a graph of this many layers (own cache each), per layer, ours and FlashMLA's")
     args = ap.parse_args(argv)
+    if args.layers < 1:
+        ap.error(f"--layers must be >= 1, got {args.layers}")
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU")
     ceilings = measure_ceilings()
@@ -359,8 +388,8 @@ def main(argv=None) -> dict:
     if args.only:
         shapes = [s for s in shapes if args.only in s.get("name", "uniform")]
     kw = {} if args.min_chunk is None else {"min_chunk": args.min_chunk}
-    result = {"ceilings": ceilings, "torch": torch.__version__, "kernel": run_kernel_bench(shapes, ceilings,
-                                                                                        builder_kw=kw)}
+    result = {"ceilings": ceilings, "torch": torch.__version__,
+              "kernel": run_kernel_bench(shapes, ceilings, builder_kw=kw, layers=args.layers)}
     if args.triton_too:
         todo = [(s, r) for s, r in zip(shapes, result["kernel"]) if r["impl"] == "gluon"]
         for (s, r), t in zip(todo, run_kernel_bench([s for s, _ in todo], ceilings, builder_kw=kw, flashmla=False,

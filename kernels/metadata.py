@@ -20,10 +20,11 @@ Strategies:
     tile adds about 1 / cut_ratio of a block (its fp32 partial written and merged), so of the widths
     1..min_chunk that fit, w_lo is the one with the least cut_ratio * (longest piece) + tiles * (pieces of cut
     requests): one 1k request runs over 16 parts of one block, a 4k one over 32 of two, a 16k one over 64 of
-    four (H = 64). With a DRAM floor (``dram_ratio``, on for head counts the sm90 kernel serves) no part is
-    counted faster than the DRAM streams the step's KV (its blocks / dram_ratio), wider widths are weighed too
-    and a per-request plan up to the floor counts as balanced: 64 x 1k at H = 64 then runs whole on 64 parts
-    instead of cut in two (H100: 56 -> 50 us), 128 x 16k whole on 128 parts instead of slices (879 -> 819 us);
+    four (H = 64). With a DRAM floor (``dram_ratio``: by default ``device_dram_ratio`` for head counts the
+    sm90 kernel serves, else 0) no part is counted faster than the DRAM streams the step's KV (its blocks /
+    dram_ratio), wider widths are weighed too and a per-request plan up to the floor counts as balanced:
+    64 x 1k at H = 64 then runs whole on 64 parts instead of cut in two (H100: 56 -> 50 us), 128 x 16k whole
+    on 128 parts instead of slices (879 -> 819 us);
   - packed (many short requests of similar length): no request cut, each whole in the part whose equal
     slice of the total holds its middle unit (128 requests of 1k over 66 parts: two a part, no merge);
   - slices: each part an equal slice of the total cost, except that a boundary falling inside a request
@@ -54,8 +55,10 @@ CUT_RATIO = 16  # a KV block in a part costs about 16 times what one cut row til
 # KV blocks the whole GPU reads from DRAM while a part computes one 64-row block on the sm90 kernel: H100, ~2.07 us
 # a block (the steady pair at H = 128) over 73.7 KB at 3.0 TB/s (kernels/NOTES.md, session 11); 0 drops the
 # DRAM floor. Builders for head counts that kernel does not serve (not a multiple of 64) leave it off: the
-# generic kernel's small tiles make cuts cheap (H = 16, 64 x 1k: 49 -> 61 us with the floor)
+# generic kernel's small tiles make cuts cheap (H = 16, 64 x 1k: 49 -> 61 us with the floor). Other GPUs get it
+# scaled by their DRAM bandwidth and SM clock against the H100 SXM it was measured on (``device_dram_ratio``)
 DRAM_RATIO = 84
+DRAM_RATIO_BW, DRAM_RATIO_CLOCK = 3.352e12, 1.98e9  # H100 SXM: HBM3 2 x 2619 MHz x 5120 bits; SM clock 1980 MHz
 
 
 @dataclass
@@ -102,6 +105,26 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: few programs keep CPU tests fast
+
+
+def device_dram_ratio(device) -> int:
+    """``DRAM_RATIO`` for ``device``: the blocks streamed while a part computes one grow with the DRAM bandwidth
+    and shrink with the SM clock (a block's compute time, at the Hopper SM's rate a clock), both from the
+    driver's spec values; DRAM_RATIO itself off CUDA (the interpreter's plans match the H100's)."""
+    device = _device(device)
+    if device.type != "cuda":
+        return DRAM_RATIO
+    from triton.runtime import driver
+
+    return scaled_dram_ratio(driver.active.utils.get_device_properties(device.index))
+
+
+def scaled_dram_ratio(props: dict) -> int:
+    """DRAM_RATIO scaled from the H100 SXM to a GPU given by the driver's ``mem_clock_rate`` and ``sm_clock_rate``
+    (kHz) and ``mem_bus_width`` (bits)."""
+    bw = 2 * props["mem_clock_rate"] * 1e3 * props["mem_bus_width"] / 8  # two transfers a memory clock
+    clock = props["sm_clock_rate"] * 1e3
+    return max(1, round(DRAM_RATIO * bw / DRAM_RATIO_BW * DRAM_RATIO_CLOCK / clock))
 
 
 def _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim):
@@ -166,7 +189,7 @@ class PersistentMetadataBuilder:
                  num_parts: int | None = None, min_chunk: int = 4, with_kv_indices: bool = False,
                  plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, num_kv_splits: int | None = None,
                  snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST, cut_ratio: int = CUT_RATIO,
-                 dram_ratio: int = DRAM_RATIO):
+                 dram_ratio: int | None = None):
         # num_kv_splits belongs to per_step (accepted so both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
@@ -178,7 +201,11 @@ class PersistentMetadataBuilder:
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
         self.snap_div, self.snap_max = snap_div, snap_max
         self.split_cost, self.cut_ratio = split_cost, cut_ratio
-        self.dram_ratio = dram_ratio if num_heads % ROWS_PER_TILE == 0 else 0
+        if dram_ratio is None:
+            dram_ratio = device_dram_ratio(self.device) if num_heads % ROWS_PER_TILE == 0 else 0
+        if dram_ratio < 0:
+            raise ValueError(f"dram_ratio must be >= 0 (0: no DRAM floor), got {dram_ratio}")
+        self.dram_ratio = dram_ratio
         self.tiles = -(-(max_q_len * num_heads) // ROWS_PER_TILE)  # row tiles of a request (as the plan counts)
         if num_parts is None:
             num_parts = max(_sm_count(self.device) // self.tiles, 1)

@@ -18,7 +18,11 @@ one warpgroup each, over tiles of 64 rows (row = (query token, head)):
   once their first request's loads are issued, unless that request is cut more than
   ``EARLY_LAUNCH_SPLITS`` ways);
 - at a CTA's first request (every CTA loads at once) stage B's loads wait for Q and A's first part, so the
-  first scores start sooner (session 7).
+  first scores start sooner (session 7);
+- a row's running max moves only when a block's max is more than ``RESCALE_TAU`` = 8 (log2) above it, so P
+  stays <= 2^8 and, after the first blocks, O is rarely rescaled: a warp whose 16 rows all kept their max
+  votes to jump over the 128 multiplies a thread (FlashAttention-4's conditional rescaling; session 12:
+  2.5-3.3% at H = 128 in graphs of 8-16 layers, where the H100 runs at its power cap).
 
 Session 6 retired the lockstep schedule (both warpgroups on the same block, tokens of S split between them):
 with the merge kernel and the TMA store it was nowhere faster than the seesaw at 64 rows, and up to 1.14x
@@ -57,6 +61,9 @@ except (ImportError, AttributeError) as e:  # an older Triton: the generic kerne
 BLOCK_H, BLOCK_N, DV, DPE, HALF = 64, 64, 512, 64, 256
 # registers of the seesaw's second warpgroup: 256 leaves both warpgroups without spills (232: 48 B of stack)
 WORKER_REGS = 256
+# a row's running max (the exponent base of its P and O) moves only when a block's max is this far above it (log2
+# units): P <= 2^8, and a warp whose rows all kept theirs skips the 128 multiplies a thread of rescaling O
+RESCALE_TAU = 8.0
 
 
 def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int,
@@ -80,6 +87,29 @@ def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int,
 
 
 if _GLUON_ERROR is None:
+    # O * sc over a thread's 128 accumulator registers in one asm block, jumped over by a warp that voted "no
+    # rescale": Gluon branches only on values uniform over the warpgroup, and a reduction over its rows to get
+    # one spilled the kernel (248 B of stack); a warp vote costs nothing. Registers are tied (in = out).
+    _NACC = 128
+    _RESCALE_ASM = gl.constexpr(
+        "{ .reg .pred p; setp.eq.s32 p, $" + str(3 * _NACC) + ", 0; @p bra.uni SKIP; "
+        + "".join(f"mul.f32 ${j}, ${_NACC + j}, ${2 * _NACC + j}; " for j in range(_NACC)) + "SKIP: }")
+    _RESCALE_CONSTRAINTS = gl.constexpr(",".join(["=r"] * _NACC + [str(j) for j in range(_NACC)]
+                                                 + ["r"] * (2 * _NACC)))
+
+    @gluon.jit
+    def _rescale(acc, sc, ROW_O: gl.constexpr):
+        """acc * sc (sc per row), skipped by the warps none of whose rows has sc < 1 (sc is exactly 1 for a row
+        whose max stayed: an exact no-op). sc comes in the score rows' layout, two rows a thread."""
+        gl.static_assert(acc.type.shape[0] * acc.type.shape[1] == 128 * 4 * 32)  # 128 (_NACC) registers a thread
+        rescale = gl.inline_asm_elementwise(  # 1 on every lane of a warp where some lane's row has sc < 1
+            "{ .reg .pred p, q; setp.lt.f32 p, $2, 0f3F800000; setp.lt.f32 q, $3, 0f3F800000; or.pred p, p, q; "
+            "vote.sync.any.pred p, p, 0xffffffff; selp.u32 $0, 1, 0, p; selp.u32 $1, 1, 0, p; }",
+            "=r,=r,r,r", [sc], dtype=gl.int32, is_pure=False, pack=2)
+        scb, _ = gl.broadcast(gl.expand_dims(gl.convert_layout(sc, ROW_O), 1), acc)
+        flag, _ = gl.broadcast(gl.expand_dims(gl.convert_layout(rescale, ROW_O), 1), acc)
+        return gl.inline_asm_elementwise(_RESCALE_ASM, _RESCALE_CONSTRAINTS, [acc, scb, flag], dtype=gl.float32,
+                                         is_pure=True, pack=128)
 
     @gluon.jit
     def _load_rows(LAT_DESC, PE_DESC, bar, lat, pe, row, HALF: gl.constexpr):
@@ -174,12 +204,13 @@ if _GLUON_ERROR is None:
         stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-        ROLE: gl.constexpr, EARLY_SPLITS: gl.constexpr,
+        ROLE: gl.constexpr, EARLY_SPLITS: gl.constexpr, TAU: gl.constexpr,
     ):
         """One warpgroup of the seesaw (FlashMLA's schedule, see the module doc). Blocks 2i ("A", stage 0) are
         scored by warpgroup 0, blocks 2i + 1 ("B", stage 1) by warpgroup 1; warpgroup g owns value columns
         [256g, 256g + 256) of O and its share of the row sum. Per pair of blocks, with m the running max:
-          wg0: S_A; m0 = max(m, rowmax S_A); P_A = exp2(S_A - m0) -> smem (over A's rope part), m0, sc0 -> wg1;
+          wg0: S_A; m0 = max(m, rowmax S_A) (per row, only if above m + TAU); P_A = exp2(S_A - m0) -> smem
+               (over A's rope part), m0, sc0 -> wg1;
                O_L = O_L sc0 + P_A V_A,L; then (P_B, sc1 from wg1) O_L = O_L sc1 + P_B V_B,L
           wg1: S_B; (P_A, m0, sc0 from wg0) O_R = O_R sc0 + P_A V_A,R, overlapped with its softmax:
                m1 = max(m0, rowmax S_B), sc1 = exp2(m0 - m1), P_B -> smem, sc1 -> wg0; O_R = O_R sc1 + P_B V_B,R
@@ -264,7 +295,8 @@ if _GLUON_ERROR is None:
                                               HALF, S_L)
                             if i == n_pairs - 1:
                                 mbarrier.arrive(q_empty, count=1)
-                            m0 = gl.maximum(m_i, gl.max(s, 1))
+                            mx = gl.max(s, 1)  # a row keeps its (stale) max unless this block's is TAU above it
+                            m0 = gl.where(mx > m_i + TAU, gl.maximum(m_i, mx), m_i)
                             sc0 = gl.exp2(m_i - m0)
                             pr = gl.exp2(s - gl.expand_dims(m0, 1))
                             l_i = l_i * sc0 + gl.sum(pr, 1)
@@ -274,7 +306,7 @@ if _GLUON_ERROR is None:
                             fence_async_shared()
                             _cta_barrier()
                             mbarrier.arrive(p0_bar, count=1)
-                            acc = acc * gl.expand_dims(gl.convert_layout(sc0, ROW_O), 1)
+                            acc = _rescale(acc, sc0, ROW_O)
                             acc = warpgroup_mma(kv_pe.index(0), kv_lat.index(0).slice(0, HALF, dim=1), acc)
                             if 2 * i + 2 < n_blocks:  # refill stage 0: part 0 now (only wg0 reads it), the rest
                                 row_kv = gl.load(bt_row + 2 * i + 2) * BLOCK_N  # once wg1 is done with it
@@ -291,7 +323,7 @@ if _GLUON_ERROR is None:
                                 sc1 = xch.index(3).load(ROW_S)
                                 mbarrier.wait(bars.index(3), gb & 1)  # stage 1, part 0
                                 l_i = l_i * sc1
-                                acc = acc * gl.expand_dims(gl.convert_layout(sc1, ROW_O), 1)
+                                acc = _rescale(acc, sc1, ROW_O)
                                 acc = warpgroup_mma(kv_pe.index(1), kv_lat.index(1).slice(0, HALF, dim=1), acc)
                                 _cta_barrier()
                                 mbarrier.arrive(free1, count=1)
@@ -312,12 +344,13 @@ if _GLUON_ERROR is None:
                             sc0 = xch.index(1).load(ROW_S)
                             mbarrier.wait(bars.index(1), ga & 1)  # stage 0, part 1
                             l_i = l_i * sc0
-                            acc = acc * gl.expand_dims(gl.convert_layout(sc0, ROW_O), 1)
+                            acc = _rescale(acc, sc0, ROW_O)
                             acc = warpgroup_mma(kv_pe.index(0), kv_lat.index(0).slice(HALF, HALF, dim=1), acc,
                                                 is_async=True)
                             m_i = m0
                             if has_b:  # softmax of B while P_A V_A,R runs
-                                m1 = gl.maximum(m0, gl.max(s, 1))
+                                mx = gl.max(s, 1)
+                                m1 = gl.where(mx > m0 + TAU, gl.maximum(m0, mx), m0)
                                 sc1 = gl.exp2(m0 - m1)
                                 pr = gl.exp2(s - gl.expand_dims(m1, 1))
                                 kv_pe.index(1).store(pr.to(gl.bfloat16))
@@ -332,7 +365,7 @@ if _GLUON_ERROR is None:
                             _cta_barrier()
                             mbarrier.arrive(free0, count=1)
                             if has_b:
-                                acc = acc * gl.expand_dims(gl.convert_layout(sc1, ROW_O), 1)
+                                acc = _rescale(acc, sc1, ROW_O)
                                 acc = warpgroup_mma(kv_pe.index(1), kv_lat.index(1).slice(HALF, HALF, dim=1), acc)
                                 if 2 * i + 3 < n_blocks:  # refill stage 1: part 1 now, the rest once wg0 is done
                                     row_kv = gl.load(bt_row + 2 * i + 3) * BLOCK_N
@@ -370,7 +403,7 @@ if _GLUON_ERROR is None:
         QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
         stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-        WORKER_REGS: gl.constexpr, EARLY_SPLITS: gl.constexpr,
+        WORKER_REGS: gl.constexpr, EARLY_SPLITS: gl.constexpr, TAU: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64 and BLOCK_N == 64 and DV == 2 * HALF and DPE == BLOCK_N)
         LAT_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DV], gl.bfloat16)
@@ -391,12 +424,12 @@ if _GLUON_ERROR is None:
                                  QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
                                  SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
                                  q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 0,
-                                 EARLY_SPLITS)),
+                                 EARLY_SPLITS, TAU)),
             (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
                                  QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
                                  SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
                                  q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 1,
-                                 EARLY_SPLITS)),
+                                 EARLY_SPLITS, TAU)),
         ], [4], [WORKER_REGS])
 
 
@@ -426,4 +459,4 @@ def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: flo
         meta.num_splits, meta.split_indptr,
         meta.block_table.stride(0), lse_part.stride(0), o_part.shape[1], sm_scale * log2e, H, meta.overhead,
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, WORKER_REGS=WORKER_REGS,
-        EARLY_SPLITS=EARLY_LAUNCH_SPLITS, num_warps=4)
+        EARLY_SPLITS=EARLY_LAUNCH_SPLITS, TAU=RESCALE_TAU, num_warps=4)

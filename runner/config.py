@@ -78,10 +78,15 @@ class MetadataConfig:
 
     strategy: str = MISSING
     num_kv_splits: Optional[int] = None  # split count: a cap for persistent, the fixed count for per_step
+    # persistent: KV blocks the GPU streams while a part computes one (the plan's DRAM floor; 0: none);
+    # unset: the device's (kernels.metadata.device_dram_ratio)
+    dram_ratio: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_choice("metadata.strategy", self.strategy, METADATA_STRATEGIES)
         _check_positive("metadata.num_kv_splits", self.num_kv_splits, allow_none=True)
+        if self.dram_ratio is not None and self.dram_ratio < 0:
+            raise ConfigError(f"metadata.dram_ratio={self.dram_ratio!r} is not valid: it must be >= 0 (0: no floor)")
 
 
 @dataclass

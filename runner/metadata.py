@@ -24,4 +24,5 @@ def make_metadata_builder(cfg: MetadataConfig, *, num_heads: int, max_batch: int
         kv_lora_rank=kv_lora_rank,
         rope_dim=rope_dim,
         max_kv_splits=cfg.num_kv_splits,
+        dram_ratio=cfg.dram_ratio,
     )

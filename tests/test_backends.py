@@ -39,6 +39,21 @@ def run_backend(name: str, strategy: str, problem, heads: int, device: torch.dev
     return backend.forward(problem.q, problem.kv_cache, backend.plan(meta, 1), 0.1352)
 
 
+@pytest.mark.parametrize("dram_ratio", [None, 0, 120])
+def test_metadata_config_reaches_the_builder(dram_ratio):
+    # metadata.dram_ratio: unset takes the device's (the H100's off CUDA); 0 turns the plan's DRAM floor off
+    from kernels.metadata import device_dram_ratio
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    want = device_dram_ratio(device) if dram_ratio is None else dram_ratio
+    kw = dict(num_heads=64, max_batch=2, max_pages_per_seq=4, page_size=64, kv_lora_rank=512, rope_dim=64,
+              device=device)
+    builder = make_metadata_builder(MetadataConfig(strategy="persistent", num_kv_splits=3, dram_ratio=dram_ratio), **kw)
+    assert (builder.dram_ratio, builder.max_kv_splits) == (want, 3)
+    per_step = make_metadata_builder(MetadataConfig(strategy="per_step", num_kv_splits=3, dram_ratio=dram_ratio), **kw)
+    assert per_step.num_kv_splits == 3
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on a CPU needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("strategy", ["persistent", "per_step"])
 def test_backends_agree_on_cpu(strategy):

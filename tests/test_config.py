@@ -41,6 +41,8 @@ def test_defaults():
         "tiny_deepseek_v3", "torch", "persistent", "generate")
     assert cfg.model.path is None and cfg.dtype == "auto" and cfg.device == "auto"
     assert compose_config(["metadata=per_step"]).metadata.num_kv_splits == 4
+    assert compose_config([]).metadata.dram_ratio is None  # the device's own
+    assert compose_config(["metadata.dram_ratio=0"]).metadata.dram_ratio == 0
 
 
 def test_overrides_reach_the_dataclasses():
@@ -60,6 +62,7 @@ def test_overrides_reach_the_dataclasses():
     (["attention.name=flash"], "attention.name"),
     (["metadata.strategy=eager"], "metadata.strategy"),
     (["metadata.num_kv_splits=0"], "metadata.num_kv_splits"),
+    (["metadata.dram_ratio=-1"], "metadata.dram_ratio"),
     (["task.top_p=1.5"], "task.top_p"),
     (["task.temperature=-1"], "task.temperature"),
     (["model.num_layers=0"], "model.num_layers"),

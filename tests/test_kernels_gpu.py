@@ -325,3 +325,56 @@ def test_sm90_kernel_packed_plan_and_fallbacks():
     out = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV)
     assert md.mla_decode.last_impl == "triton"
     assert rel_err(out, mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)) < REL_TOL[torch.bfloat16]
+
+
+def test_kernel_bench_rows_and_the_per_layer_column(capsys):
+    # kernels.bench on two small shapes with a 3-layer graph: the derived columns follow from the times, the
+    # per-layer time is a time (a graph of 3 layers, each reading its own cache, is not 3x one replay's floor)
+    from kernels.bench import print_tables, run_kernel_bench
+
+    ceilings = dict(copy_GBps=3000.0, matmul_bf16_TFLOPs=700.0, device="test")
+    shapes = [dict(H=64, lens=[1024, 300], q_len=1, L=1024), dict(H=16, lens=[2048], q_len=2, L=2048)]
+    rows = run_kernel_bench(shapes, ceilings, layers=3)
+    for r, s in zip(rows, shapes):
+        nbytes = sum(s["lens"]) * 576 * 2
+        assert r["GBps"] == pytest.approx(nbytes / r["us"] / 1e3)
+        assert r["floor_us"] == pytest.approx(max(nbytes / 3e6, sum(2 * s["H"] * s["q_len"] * L * 1088
+                                                                    for L in s["lens"]) / 700e6))
+        assert r["layers"] == 3 and 0 < r["layer_us"] < 3 * r["us"]
+        fm = r["flashmla_us"]
+        assert fm is None or isinstance(fm, float), fm  # FlashMLA: no 16-head kernel, or not installed
+        assert (r.get("flashmla_layer_us") is None) == (fm is None)
+    print_tables(dict(ceilings=ceilings, kernel=rows))
+    assert "us/layer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("H, q_len", [(64, 1), (128, 1), (128, 2)])
+def test_sm90_kernel_running_max_rises_late(H, q_len):
+    """The Gluon kernel keeps a row's running max until a block's max is RESCALE_TAU (log2) above it, and a warp
+    whose rows all kept theirs skips the rescale of O. Keys scaled up at random late positions make some rows'
+    scores jump by far more than that in later blocks (of whole and of cut requests), and heads of different
+    scales make others rise by less: both paths, against the reference; TAU = 0 (rescale at every rise) agrees."""
+    _sm90_or_skip()
+    from kernels import mla_decode_sm90 as sm90
+
+    g = torch.Generator(device=DEV).manual_seed(11)
+    lens = [16384, 3000, 700, 64, 9000]
+    q, kv, sl, qo, bt = gpu_problem(lens, [q_len] * len(lens), H, 64)
+    q *= torch.linspace(0.25, 3.0, H, device=DEV).view(1, H, 1).to(q.dtype)  # some heads' scores move more
+    flat = kv.view(-1, DV + DPE)
+    hot = torch.randint(0, flat.shape[0], (400,), device=DEV, generator=g)
+    flat[hot] *= torch.rand(400, 1, device=DEV, generator=g).mul(6).add(1).to(flat.dtype)  # x1..7 keys
+    meta = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=q_len,
+                                     max_pages_per_seq=bt.shape[1], page_size=64, device=DEV).build(sl, qo, bt)
+    assert (meta.num_splits > 1).any()
+    ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+    out = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV)
+    assert mla_decode.last_impl == "gluon"
+    assert rel_err(out, ref) < REL_TOL[torch.bfloat16]
+    tau = sm90.RESCALE_TAU
+    try:
+        sm90.RESCALE_TAU = 0.0
+        exact = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV)
+    finally:
+        sm90.RESCALE_TAU = tau
+    assert rel_err(out, exact) < 5e-3  # the two differ by the rounding of P in bf16 at another base

@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.metadata import (PerStepMetadataBuilder, PersistentMetadataBuilder,  # noqa: E402
-                              make_metadata_builder)
+from kernels.metadata import (PerStepMetadataBuilder, PersistentMetadataBuilder, device_dram_ratio,  # noqa: E402
+                              make_metadata_builder, scaled_dram_ratio)
 from kernels.plan_kernels import build_kv_indices  # noqa: E402
 from kernels.reference import kv_indices_reference, narrowest_width, width_candidates  # noqa: E402
 from kernels.testing import make_problem, plan_reference  # noqa: E402
@@ -175,19 +175,36 @@ def test_narrowest_width_with_a_dram_floor(kv, tiles, parts, want):
     assert width_candidates(kv, 4, 0, parts) == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("heads, dram_ratio, want", [(64, 84, [1] * 64), (64, 0, [2] * 64), (16, 84, [2] * 64)])
-def test_dram_floor_keeps_requests_whole_where_the_dram_bounds_the_step(heads, dram_ratio, want):
+@pytest.mark.parametrize("heads, dram_ratio, ratio, want", [
+    (64, 84, 84, [1] * 64), (64, 0, 0, [2] * 64), (16, None, 0, [2] * 64), (16, 84, 84, [1] * 64),
+    (64, None, 84 if DEVICE == "cpu" else None, None),
+])
+def test_dram_floor_keeps_requests_whole_where_the_dram_bounds_the_step(heads, dram_ratio, ratio, want):
     # H = 64, 64 x 1k: cut in two, the DRAM still needs 13 blocks of a part's time, so they run whole on 64
-    # parts; builders the sm90 kernel does not serve (H = 16) leave the floor off (their cuts are cheap)
+    # parts; by default builders the sm90 kernel does not serve (H = 16) leave the floor off (their cuts are
+    # cheap), and the others take the device's ratio (the H100's off CUDA)
     lens = [1024] * 64
     pb = make_problem(lens, [1] * 64, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
     builder = PersistentMetadataBuilder(num_heads=heads, max_batch=64, max_q_len=1, max_pages_per_seq=pb.max_pages,
                                         page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0, num_parts=132,
                                         dram_ratio=dram_ratio)
-    assert builder.dram_ratio == (dram_ratio if heads % 64 == 0 else 0)
+    assert builder.dram_ratio == (device_dram_ratio(DEVICE) if ratio is None else ratio)
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
-    _check_plan(meta, lens, [1] * 64, builder)
-    assert meta.num_splits.tolist() == want
+    _check_plan(meta, lens, [1] * 64, builder)  # the reference plan with the builder's ratio
+    if want is not None:
+        assert meta.num_splits.tolist() == want
+
+
+@pytest.mark.parametrize("props, want", [
+    (dict(mem_clock_rate=2619000, mem_bus_width=5120, sm_clock_rate=1980000), 84),  # H100 SXM, where it was measured
+    (dict(mem_clock_rate=2619000, mem_bus_width=5120, sm_clock_rate=990000), 168),  # half the clock: blocks take 2x
+    (dict(mem_clock_rate=3201000, mem_bus_width=6144, sm_clock_rate=1980000), 123),  # H200: 4.92 TB/s
+])
+def test_dram_ratio_scales_with_the_bandwidth_and_the_sm_clock(props, want):
+    assert scaled_dram_ratio(props) == want
+    with pytest.raises(ValueError, match="dram_ratio must be >= 0"):
+        PersistentMetadataBuilder(num_heads=64, max_batch=1, max_q_len=1, max_pages_per_seq=1, page_size=64,
+                                  device=DEVICE, dram_ratio=-1)
 
 
 @pytest.mark.parametrize("lens, heads, q_len, cut_ratio", [
