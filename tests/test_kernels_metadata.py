@@ -198,7 +198,7 @@ def test_dram_floor_keeps_requests_whole_where_the_dram_bounds_the_step(heads, d
 @pytest.mark.parametrize("props, want", [
     (dict(mem_clock_rate=2619000, mem_bus_width=5120, sm_clock_rate=1980000), 84),  # H100 SXM, where it was measured
     (dict(mem_clock_rate=2619000, mem_bus_width=5120, sm_clock_rate=990000), 168),  # half the clock: blocks take 2x
-    (dict(mem_clock_rate=3201000, mem_bus_width=6144, sm_clock_rate=1980000), 123),  # H200: 4.92 TB/s
+    (dict(mem_clock_rate=3201000, mem_bus_width=6144, sm_clock_rate=1980000), 123),  # 4.92 TB/s at the same clock
 ])
 def test_dram_ratio_scales_with_the_bandwidth_and_the_sm_clock(props, want):
     assert scaled_dram_ratio(props) == want
