@@ -90,18 +90,19 @@ if _GLUON_ERROR is None:
     # O * sc over a thread's 128 accumulator registers in one asm block, jumped over by a warp that voted "no
     # rescale": Gluon branches only on values uniform over the warpgroup, and a reduction over its rows to get
     # one spilled the kernel (248 B of stack); a warp vote costs nothing. Registers are tied (in = out).
-    _NACC = 128
+    _NACC = gl.constexpr(128)  # accumulator registers a thread: O's 64 x 256 fp32 over 128 threads
     _RESCALE_ASM = gl.constexpr(
-        "{ .reg .pred p; setp.eq.s32 p, $" + str(3 * _NACC) + ", 0; @p bra.uni SKIP; "
-        + "".join(f"mul.f32 ${j}, ${_NACC + j}, ${2 * _NACC + j}; " for j in range(_NACC)) + "SKIP: }")
-    _RESCALE_CONSTRAINTS = gl.constexpr(",".join(["=r"] * _NACC + [str(j) for j in range(_NACC)]
-                                                 + ["r"] * (2 * _NACC)))
+        "{ .reg .pred p; setp.eq.s32 p, $" + str(3 * _NACC.value) + ", 0; @p bra.uni SKIP; "
+        + "".join(f"mul.f32 ${j}, ${_NACC.value + j}, ${2 * _NACC.value + j}; " for j in range(_NACC.value))
+        + "SKIP: }")
+    _RESCALE_CONSTRAINTS = gl.constexpr(",".join(["=r"] * _NACC.value + [str(j) for j in range(_NACC.value)]
+                                                 + ["r"] * (2 * _NACC.value)))
 
     @gluon.jit
     def _rescale(acc, sc, ROW_O: gl.constexpr):
         """acc * sc (sc per row), skipped by the warps none of whose rows has sc < 1 (sc is exactly 1 for a row
         whose max stayed: an exact no-op). sc comes in the score rows' layout, two rows a thread."""
-        gl.static_assert(acc.type.shape[0] * acc.type.shape[1] == 128 * 4 * 32)  # 128 (_NACC) registers a thread
+        gl.static_assert(acc.type.shape[0] * acc.type.shape[1] == _NACC * 4 * 32)
         rescale = gl.inline_asm_elementwise(  # 1 on every lane of a warp where some lane's row has sc < 1
             "{ .reg .pred p, q; setp.lt.f32 p, $2, 0f3F800000; setp.lt.f32 q, $3, 0f3F800000; or.pred p, p, q; "
             "vote.sync.any.pred p, p, 0xffffffff; selp.u32 $0, 1, 0, p; selp.u32 $1, 1, 0, p; }",
@@ -109,7 +110,7 @@ if _GLUON_ERROR is None:
         scb, _ = gl.broadcast(gl.expand_dims(gl.convert_layout(sc, ROW_O), 1), acc)
         flag, _ = gl.broadcast(gl.expand_dims(gl.convert_layout(rescale, ROW_O), 1), acc)
         return gl.inline_asm_elementwise(_RESCALE_ASM, _RESCALE_CONSTRAINTS, [acc, scb, flag], dtype=gl.float32,
-                                         is_pure=True, pack=128)
+                                         is_pure=True, pack=_NACC)
 
     @gluon.jit
     def _load_rows(LAT_DESC, PE_DESC, bar, lat, pe, row, HALF: gl.constexpr):
