@@ -1,8 +1,9 @@
 """Benchmark of the MLA decode kernels and the metadata strategies: ``python -m kernels.bench [--quick]``.
 
-Kernel time = triton.testing.do_bench median (it flushes L2 before every call) of a CUDA-graph replay of
-the decode + merge of one layer, with the step's metadata built beforehand (graph replay keeps Python
-launch overhead out, as in the engine's captured decode step). Reported beside it: GB/s of KV read (sum L * 576 *
+Kernel time = triton.testing.do_bench median (it flushes L2 before every call by zeroing 256 MB; ``--flush read``
+reads 256 MB instead, leaving L2 clean rather than dirty) of a CUDA-graph replay of the decode + merge of one
+layer, with the step's metadata built beforehand (graph replay keeps Python launch overhead out, as in the
+engine's captured decode step). Reported beside it: GB/s of KV read (sum L * 576 *
 elem bytes), TFLOP/s (2 * H * q_len * L * (576 + 512) per request), the roofline floor
 max(bytes / copy BW, flops / matmul rate) with both ceilings measured in the same run, FlashMLA when
 ``flash_mla`` imports, and the H100 reference numbers of FlashMLA and SGLang's Triton kernel
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from kernels.cuda_graph import graph_time, kernel_time
+from kernels.cuda_graph import FLUSHES, graph_time, kernel_time
 
 DV, DPE, D = 512, 64, 576
 
@@ -87,7 +88,7 @@ def _problem(lens, q_len, H, page, dtype, seed=0):
     return q, kv, sl, qo, bt
 
 
-def _flash_mla_time(qs, kvs, sl, bt, H, q_len, page):
+def _flash_mla_time(qs, kvs, sl, bt, H, q_len, page, flush="write"):
     """FlashMLA's dense decode (kernels/flashmla.py) with its schedule planned once, when it can run here: us per
     layer of a graph of len(qs) layers (layer i reads qs[i], kvs[i])."""
     from kernels import flashmla
@@ -101,18 +102,19 @@ def _flash_mla_time(qs, kvs, sl, bt, H, q_len, page):
             return [flashmla.flashmla_decode(q, kv, step, D ** -0.5, DV) for q, kv in zip(qs, kvs)]
 
         fn()
-        return graph_time(fn) / len(qs)
+        return graph_time(fn, flush=flush) / len(qs)
     except Exception as e:  # keep the run going; report why in the row
         return f"error: {type(e).__name__}: {e}"[:200]
 
 
 def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=torch.bfloat16,
                      builder_kw: dict | None = None, config=None, flashmla: bool = True,
-                     gluon: bool = True, layers: int = 1) -> list[dict]:
+                     gluon: bool = True, layers: int = 1, flush: str = "write") -> list[dict]:
     """Time decode + merge for each shape dict {H, lens, q_len, name}; returns one row per shape.
     ``gluon=False`` keeps the Triton kernel where the sm90 Gluon kernel would run. ``layers`` > 1 also times a
     graph of that many layers, each with its own cache and queries (one step's metadata, as in a model), per
-    layer (``layer_us``, ``flashmla_layer_us``): a replay's own overhead (~5 us) spread over the layers."""
+    layer (``layer_us``, ``flashmla_layer_us``): a replay's own overhead (~5 us) spread over the layers.
+    ``flush``: how L2 is emptied before every replay (``kernels.cuda_graph.FLUSHES``)."""
     import dataclasses
 
     from kernels.metadata import PersistentMetadataBuilder
@@ -131,14 +133,14 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
         cfg = config
         if cfg is None and not gluon:
             cfg = dataclasses.replace(default_config(q_len * H, esize), gluon=False)
-        us = graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=cfg))
+        us = graph_time(lambda: mla_decode(q, kv, meta, D ** -0.5, DV, out=out, config=cfg), flush=flush)
         qs, kvs, outs = [q], [kv], [out]
         if layers > 1:
             qs += [torch.randn_like(q) for _ in range(layers - 1)]
             kvs += [torch.randn_like(kv) for _ in range(layers - 1)]
             outs += [torch.empty_like(out) for _ in range(layers - 1)]
             layer_us = graph_time(lambda: [mla_decode(*a, meta, D ** -0.5, DV, out=o, config=cfg)
-                                           for *a, o in zip(qs, kvs, outs)]) / layers
+                                           for *a, o in zip(qs, kvs, outs)], flush=flush) / layers
         nbytes = sum(lens) * D * esize
         flops = sum(2 * H * q_len * L * (D + DV) for L in lens)
         floor = max(nbytes / (ceilings["copy_GBps"] * 1e3), flops / (ceilings["matmul_bf16_TFLOPs"] * 1e6))
@@ -146,12 +148,12 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
                    impl=mla_decode.last_impl,
                    kv_MB=nbytes / 1e6, us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, floor_us=floor,
                    pct_floor=100 * floor / us, num_parts=meta.num_parts)
-        fm = _flash_mla_time([q], [kv], sl, bt, H, q_len, page) if page == 64 and flashmla else None
+        fm = _flash_mla_time([q], [kv], sl, bt, H, q_len, page, flush) if page == 64 and flashmla else None
         row["flashmla_us"] = fm
         if layers > 1:
             row["layers"], row["layer_us"] = layers, layer_us
             if fm is not None:
-                row["flashmla_layer_us"] = _flash_mla_time(qs, kvs, sl, bt, H, q_len, page)
+                row["flashmla_layer_us"] = _flash_mla_time(qs, kvs, sl, bt, H, q_len, page, flush)
         ref = REF_UNIFORM.get((H, len(lens), row["L"])) if row["name"] == "uniform" and q_len == 1 else None
         if row["name"] in REF_UNEVEN and H in REF_UNEVEN[row["name"]]:
             r = REF_UNEVEN[row["name"]][H]
@@ -325,7 +327,8 @@ def _fmt(v, w=8, p=1):
 
 def print_tables(result: dict) -> None:
     c = result["ceilings"]
-    print(f"\n{c['device']}: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    print(f"\n{c['device']}: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s; "
+          f"L2 flushed by a {result.get('flush', 'write')} of 256 MB before every replay")
     hdr = (f"{'case':>20} {'H':>4} {'B':>4} {'L':>6} {'q':>2} {'us':>8} {'GB/s':>7} {'TF/s':>6} {'floor':>7} "
            f"{'%floor':>6} {'FlashMLA':>8} {'x FM':>5} {'refFM':>7} {'x refFM':>7} {'refSGL':>7} {'x SGL':>6} "
            f"{'kernel':>6} {'triton':>7}")
@@ -372,6 +375,9 @@ def main(argv=None) -> dict:
                     help="also time the Triton kernel where the sm90 Gluon kernel runs (column 'triton')")
     ap.add_argument("--layers", type=int, default=1,
                     help="also time a graph of this many layers (own cache each), per layer, ours and FlashMLA's")
+    ap.add_argument("--flush", choices=FLUSHES, default="write",
+                    help="how L2 is emptied before every timed replay: write (do_bench's: zero 256 MB, L2 left "
+                         "dirty) or read (read 256 MB, L2 left clean)")
     args = ap.parse_args(argv)
     if args.layers < 1:
         ap.error(f"--layers must be >= 1, got {args.layers}")
@@ -389,11 +395,12 @@ def main(argv=None) -> dict:
         shapes = [s for s in shapes if args.only in s.get("name", "uniform")]
     kw = {} if args.min_chunk is None else {"min_chunk": args.min_chunk}
     result = {"ceilings": ceilings, "torch": torch.__version__,
-              "kernel": run_kernel_bench(shapes, ceilings, builder_kw=kw, layers=args.layers)}
+              "flush": args.flush,
+              "kernel": run_kernel_bench(shapes, ceilings, builder_kw=kw, layers=args.layers, flush=args.flush)}
     if args.triton_too:
         todo = [(s, r) for s, r in zip(shapes, result["kernel"]) if r["impl"] == "gluon"]
         for (s, r), t in zip(todo, run_kernel_bench([s for s, _ in todo], ceilings, builder_kw=kw, flashmla=False,
-                                                    gluon=False)):
+                                                    gluon=False, flush=args.flush)):
             r["triton_us"] = t["us"]
     import triton
     result["triton"] = triton.__version__

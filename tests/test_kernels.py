@@ -105,6 +105,20 @@ def test_merge_tiles_agree(tiles):
     torch.testing.assert_close(again, out, rtol=1e-5, atol=1e-6)
 
 
+def test_bench_flush_modes_are_checked(capsys):
+    # the L2 flush before every timed replay is one of two (kernels.cuda_graph.FLUSHES): anything else is refused
+    # before any GPU work, by graph_time and by the command line
+    from kernels.bench import main
+    from kernels.cuda_graph import FLUSHES, graph_time
+
+    assert FLUSHES == ("write", "read")
+    with pytest.raises(ValueError, match="flush must be one of"):
+        graph_time(lambda: None, flush="dirty")
+    with pytest.raises(SystemExit):
+        main(["--flush", "dirty"])
+    assert "invalid choice: 'dirty'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("strategy", ["persistent", "per_step"])
 def test_decode_mixed_q_len(strategy):
     # the longest q is not the last request; causal within the new tokens

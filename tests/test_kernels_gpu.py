@@ -348,6 +348,18 @@ def test_kernel_bench_rows_and_the_per_layer_column(capsys):
     assert "us/layer" in capsys.readouterr().out
 
 
+def test_kernel_bench_with_a_read_flush():
+    # --flush read: L2 emptied by reading 256 MB before every replay (left clean) instead of zeroing it (left
+    # dirty); the same small call (1.5 MB of KV) times within a factor of two either way
+    from kernels.bench import run_kernel_bench
+
+    ceilings = dict(copy_GBps=3000.0, matmul_bf16_TFLOPs=700.0, device="test")
+    shape = [dict(H=64, lens=[1024, 300], q_len=1, L=1024)]
+    write, = run_kernel_bench(shape, ceilings, flashmla=False)
+    read, = run_kernel_bench(shape, ceilings, flashmla=False, flush="read")
+    assert 0.5 < read["us"] / write["us"] < 2.0, (read["us"], write["us"])
+
+
 @pytest.mark.parametrize("H, q_len", [(64, 1), (128, 1), (128, 2)])
 def test_sm90_kernel_running_max_rises_late(H, q_len):
     """The Gluon kernel keeps a row's running max until a block's max is RESCALE_TAU (log2) above it, and a warp
