@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from models.context import ForwardContext
 from models.parallel import layout_problem
 from runner.attention import StepMetadata, TorchAttention, make_backend
-from runner.block_manager import BlockManager
+from runner.block_manager import BlockManager, BlockTable
 from runner.checkpoint import ModelSource
 from runner.config import RunConfig
 from runner.cuda_graphs import DecodeGraphs
@@ -127,6 +127,7 @@ class Engine:
         self.blocks = BlockManager(num_pages, cfg.page_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_batch_size, max_prefill_tokens=max(cfg.max_model_len, 2048))
         self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, self.device)
+        self.block_table = BlockTable(cfg.max_batch_size, self.max_pages_per_seq)
         self.metadata = make_metadata_builder(
             cfg.metadata,
             num_heads=heads,
@@ -254,15 +255,12 @@ class Engine:
         """One new token per request through the configured backend and metadata strategy."""
         B = len(batch)
         seq_lens = [req.num_cached + 1 for req in batch]
-        table = torch.zeros(B, self.max_pages_per_seq, dtype=torch.int32)
-        for i, req in enumerate(batch):
-            table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
         buf = self.buffers
-        buf.input_ids[:B].copy_(torch.tensor([req.token_ids[-1] for req in batch]), non_blocking=True)
+        buf.input_ids[:B].copy_(torch.tensor([req.last_token_id for req in batch]), non_blocking=True)
         buf.positions[:B].copy_(torch.tensor([req.num_cached for req in batch]), non_blocking=True)
         buf.slot_mapping[:B].copy_(torch.tensor([self._slot(req, req.num_cached) for req in batch]), non_blocking=True)
         buf.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        buf.block_table[:B].copy_(table, non_blocking=True)
+        buf.block_table[:B].copy_(self.block_table.update(batch), non_blocking=True)
         for req in batch:
             req.num_cached += 1
         if self.graphs is None:

@@ -16,12 +16,15 @@ stage tests && python -m pytest -q -rs tests/test_engine_gpu.py tests/test_backe
 
 model="model=deepseek_v3 model.random_weights=true"
 if stage decode; then
-# The whole decode step of DeepSeek-V3 / Kimi-K2 widths truncated to their dense layers plus one MoE layer.
-for m in deepseek_v3:4 kimi_k2:2; do
-  python -m runner -m hydra.sweep.dir="$out/decode_${m%:*}" task=bench task.mode=decode model=${m%:*} \
-    model.random_weights=true model.num_layers=${m#*:} attention=triton metadata=persistent \
-    task.batch=1,64,128 task.context=4096 progress=false 2>&1 | tail -n 2
-done
+# The whole decode step of DeepSeek-V3 / Kimi-K2 widths truncated to their dense layers plus one MoE layer, with
+# our attention and FlashMLA's (where sgl-flash-mla is installed: its jobs fail and are recorded otherwise), bf16
+# and FP8 weights.
+python -m runner -m hydra.sweep.dir="$out/decode_deepseek_v3" task=bench task.mode=decode $model model.num_layers=4 \
+  attention=triton,flashmla metadata=persistent weights=auto,fp8 task.batch=1,64,128 task.context=1024,4096,16384 \
+  progress=false 2>&1 | tail -n 2
+python -m runner -m hydra.sweep.dir="$out/decode_kimi_k2" task=bench task.mode=decode model=kimi_k2 \
+  model.random_weights=true model.num_layers=2 attention=triton,flashmla metadata=persistent weights=auto,fp8 \
+  task.batch=1,64 task.context=4096 progress=false 2>&1 | tail -n 2
 python -m runner -m hydra.sweep.dir="$out/decode_eager" task=bench task.mode=decode $model model.num_layers=4 \
   attention=triton metadata=persistent,per_step cuda_graphs=false task.batch=1,64 task.context=4096 \
   progress=false 2>&1 | tail -n 2

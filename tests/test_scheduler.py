@@ -1,16 +1,21 @@
-"""Continuous batching without a model: page accounting, admission and preemption."""
+"""Continuous batching without a model: page accounting, admission, preemption, the decode block table."""
 from __future__ import annotations
 
-from runner.block_manager import BlockManager
+import torch
+
+from runner.block_manager import BlockManager, BlockTable
 from runner.request import Request, Status
 from runner.sampling import SamplingParams
 from runner.scheduler import Scheduler
 
 
 def simulate(num_pages: int, page_size: int, prompts: list[int], max_tokens: list[int], max_batch: int = 8):
-    """Drive the scheduler as the engine does; check the page bookkeeping after every step."""
+    """Drive the scheduler as the engine does; check the page bookkeeping after every step, and on decode steps
+    the incrementally kept block table against one built from scratch."""
     blocks = BlockManager(num_pages, page_size)
     sched = Scheduler(blocks, max_batch, max_prefill_tokens=64)
+    max_pages = -(-max(p + m for p, m in zip(prompts, max_tokens)) // page_size)
+    table = BlockTable(max_batch, max_pages)
     reqs = [Request(i, None, list(range(n)), SamplingParams(max_tokens=m)) for i, (n, m) in enumerate(zip(prompts, max_tokens))]
     for r in reqs:
         sched.add(r)
@@ -18,6 +23,13 @@ def simulate(num_pages: int, page_size: int, prompts: list[int], max_tokens: lis
     while sched.has_work():
         batch, is_prefill = sched.schedule()
         assert batch, "a step with nothing to run would spin forever"
+        if not is_prefill:
+            assert [r.last_token_id for r in batch] == [r.token_ids[-1] for r in batch]
+            rows = table.update(batch)
+            fresh = torch.zeros(len(batch), max_pages, dtype=torch.int32)
+            for i, r in enumerate(batch):
+                fresh[i, :len(r.pages)] = torch.tensor(r.pages, dtype=torch.int32)
+            assert torch.equal(rows, fresh), f"block table differs from a fresh build at step {steps}"
         for r in batch:
             r.num_cached = r.num_tokens if is_prefill else r.num_cached + 1
             assert len(r.pages) == -(-r.num_cached // page_size), "pages must cover exactly the cached tokens"
