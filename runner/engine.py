@@ -34,6 +34,11 @@ from runner.sampling import SamplingParams, sample
 from runner.scheduler import Scheduler
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# A stop string that first shows up at a step ends in the text of that step's token, so each step decodes only the
+# last (longest stop string's length + STOP_WINDOW) generated tokens to look for one (tokens that decode to no
+# character of their own, byte pieces of one character, are what the margin is for); the whole output is decoded
+# once, when one shows, to cut it. Decoding the whole output every step cost O(output) a step per request.
+STOP_WINDOW = 8
 
 
 def resolve_device(name: str) -> torch.device:
@@ -309,7 +314,14 @@ class Engine:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _cut_at_stop_string(self, req: Request) -> Optional[str]:
-        """The text before the first stop string, if the text so far contains one."""
+        """The text before the first stop string, if the text so far contains one (checked every step, so only
+        the newest tokens need decoding: see STOP_WINDOW)."""
+        stops = [s for s in req.params.stop if s]
+        if not stops:
+            return None
+        tail = self.detokenize(req.output_token_ids[-(max(map(len, stops)) + STOP_WINDOW):])
+        if not any(s in tail for s in stops):
+            return None
         text = self.detokenize(req.output_token_ids)
-        cuts = [text.find(s) for s in req.params.stop if s and s in text]
+        cuts = [text.find(s) for s in stops if s in text]
         return text[: min(cuts)] if cuts else None

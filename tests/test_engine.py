@@ -34,6 +34,26 @@ def test_stop_strings_cut_the_text(llm):
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
 
 
+def test_stop_strings_found_from_the_newest_tokens_as_from_the_whole_text(llm):
+    """The per-step check decodes only the newest tokens (runner.engine.STOP_WINDOW): it must stop at the same step,
+    with the same text, as decoding the whole output every step."""
+    engine, tok = llm.engine, llm.tokenizer
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        ids = torch.randint(0, len(tok), (40,), generator=g).tolist()
+        text = engine.detokenize(ids)
+        a = int(torch.randint(0, max(len(text) - 6, 1), (1,), generator=g))
+        stops = [text[a:a + int(torch.randint(1, 7, (1,), generator=g))], "never in the text \x00"]
+        expect = next(((t, full[: min(full.find(s) for s in stops if s in full)])
+                       for t in range(1, len(ids) + 1) for full in [engine.detokenize(ids[:t])]
+                       if any(s in full for s in stops)), None)
+        got = next(((t, cut) for t in range(1, len(ids) + 1)
+                    for cut in [engine._cut_at_stop_string(SimpleNamespace(output_token_ids=ids[:t],
+                                                                             params=SimpleNamespace(stop=stops)))]
+                    if cut is not None), None)
+        assert got == expect, (trial, stops)
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=123)
     alone = llm.generate("The sea", params)[0].outputs[0].token_ids
