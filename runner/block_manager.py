@@ -57,7 +57,10 @@ class BlockTable:
         self._written = [0] * max_batch  # how many of its pages are in the row
 
     def update(self, batch: list[Request]) -> torch.Tensor:
-        """Rows [0, len(batch)) for this batch, in slot order; entries past a request's pages are 0."""
+        """Rows [0, len(batch)) for this batch, in slot order; entries past a request's pages are 0. The rows are
+        rewritten in place by the next call: a copy to the device from them must have read them by then (the
+        engine's does: from pageable memory, CUDA stages the bytes before the copy call returns; a pinned table
+        would need an event to wait on)."""
         for i, req in enumerate(batch):
             pages, done = req.pages, self._written[i]
             if self._pages[i] is not pages:  # another request, or this one's pages were freed and reallocated
