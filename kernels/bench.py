@@ -5,12 +5,15 @@ reads 256 MB instead, leaving L2 clean rather than dirty) of a CUDA-graph replay
 layer, with the step's metadata built beforehand (graph replay keeps Python launch overhead out, as in the
 engine's captured decode step). Reported beside it: GB/s of KV read (sum L * 576 *
 elem bytes), TFLOP/s (2 * H * q_len * L * (576 + 512) per request), the roofline floor
-max(bytes / copy BW, flops / matmul rate) with both ceilings measured in the same run, FlashMLA when
+max(bytes / copy BW, flops / matmul rate) with both ceilings measured in the same run, the timing method's own
+read floor (``read_floor_us``: a plain stream read of the same KV bytes timed the same way), FlashMLA when
 ``flash_mla`` imports, and the H100 reference numbers of FlashMLA and SGLang's Triton kernel
 (/work/shared/reference/mla_decode.md). Metadata build at B = 1..256: the persistent build's plan kernel time
 (profiler) and its graph replay timed as above, and wall time of the per-step build (host work + copies).
 ``--layers N`` adds the time per layer of a graph of N layers, each reading its own cache (as a model's step
-does; a replay's own ~5 us is then spread over the N layers), ours and FlashMLA's.
+does; a replay's own ~5 us is then spread over the N layers), ours, FlashMLA's and the read floor's. ``--only``
+takes comma-separated case names (the full table fits two commands of under 10 minutes: ``--only uniform`` and
+``--only "skewed,1x32k,1x16k,random,B1 L65536,B256" --no-metadata``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import torch
 from kernels.cuda_graph import FLUSHES, graph_time, kernel_time
 
 DV, DPE, D = 512, 64, 576
+# Stream-read configs tried for the read floor, best taken: (int32 words a program loads per iteration, programs an SM)
+READ_CONFIGS = ((2048, 8), (4096, 4), (4096, 8), (8192, 4))
 
 # H100 80GB HBM3, torch 2.11, triton 3.6 (mla_decode.md): (H, B, L) -> (FlashMLA us, SGLang Triton us), q_len 1
 REF_UNIFORM = {
@@ -68,6 +73,54 @@ def measure_ceilings() -> dict:
     t = do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
     mm = 2 * 8192 ** 3 / (t * 1e-3) / 1e12
     return {"copy_GBps": copy_gbs, "matmul_bf16_TFLOPs": mm, "device": torch.cuda.get_device_name()}
+
+
+def _stream_read_kernel():
+    """A Triton kernel that reads a buffer of int32 words once, grid-stride, xor-reducing into one word a program
+    (stored, so that the loads are not removed): the fastest plain read of those bytes."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _stream_read(src, out, n_words, iters, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        acc = tl.zeros([BLOCK], tl.int32)
+        for i in range(iters):
+            offs = (i * nprog + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            acc ^= tl.load(src + offs, mask=offs < n_words, other=0)
+        tl.store(out + pid, tl.xor_sum(acc, 0))
+
+    return _stream_read
+
+
+_READ_KERNEL = None
+
+
+def read_floor_us(nbytes: int, layers: int = 1, flush: str = "write") -> float:
+    """The timing method's own floor for a call that reads ``nbytes``: us of a graph of ``layers`` stream reads of
+    that many bytes (one buffer a layer), per layer, timed as the decode rows are (same flush, graph replay), best of
+    READ_CONFIGS. Unlike bytes / copy rate it counts the replay's overhead and, with the write flush, the dirty lines
+    the reads must first write back."""
+    global _READ_KERNEL
+    if _READ_KERNEL is None:
+        _READ_KERNEL = _stream_read_kernel()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = -(-nbytes // 4)
+    bufs = [torch.ones(n, dtype=torch.int32, device="cuda") for _ in range(layers)]
+    best = float("inf")
+    for block, per_sm in READ_CONFIGS:
+        grid = min(sms * per_sm, -(-n // block))
+        out = torch.empty(grid, dtype=torch.int32, device="cuda")
+        iters = -(-n // (block * grid))
+
+        def fn():
+            for b in bufs:
+                _READ_KERNEL[(grid,)](b, out, n, iters, BLOCK=block, num_warps=4)
+
+        fn()
+        best = min(best, graph_time(fn, flush=flush) / layers)
+    return best
 
 
 def _problem(lens, q_len, H, page, dtype, seed=0):
@@ -121,6 +174,7 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
     from kernels.mla_decode import default_config, mla_decode
 
     rows = []
+    read_us = {}  # KV bytes -> read floor per call, per layer
     esize = torch.tensor([], dtype=dtype).element_size()
     for s in shapes:
         H, lens, q_len = s["H"], s["lens"], s["q_len"]
@@ -144,14 +198,17 @@ def run_kernel_bench(shapes: list[dict], ceilings: dict, page: int = 64, dtype=t
         nbytes = sum(lens) * D * esize
         flops = sum(2 * H * q_len * L * (D + DV) for L in lens)
         floor = max(nbytes / (ceilings["copy_GBps"] * 1e3), flops / (ceilings["matmul_bf16_TFLOPs"] * 1e6))
+        if nbytes not in read_us:
+            read_us[nbytes] = read_floor_us(nbytes, flush=flush), (read_floor_us(nbytes, layers, flush)
+                                                                   if layers > 1 else None)
         row = dict(name=s.get("name", "uniform"), H=H, B=len(lens), L=s.get("L", max(lens)), q_len=q_len,
                    impl=mla_decode.last_impl,
                    kv_MB=nbytes / 1e6, us=us, GBps=nbytes / us / 1e3, TFLOPs=flops / us / 1e6, floor_us=floor,
-                   pct_floor=100 * floor / us, num_parts=meta.num_parts)
+                   pct_floor=100 * floor / us, read_us=read_us[nbytes][0], num_parts=meta.num_parts)
         fm = _flash_mla_time([q], [kv], sl, bt, H, q_len, page, flush) if page == 64 and flashmla else None
         row["flashmla_us"] = fm
         if layers > 1:
-            row["layers"], row["layer_us"] = layers, layer_us
+            row["layers"], row["layer_us"], row["read_layer_us"] = layers, layer_us, read_us[nbytes][1]
             if fm is not None:
                 row["flashmla_layer_us"] = _flash_mla_time(qs, kvs, sl, bt, H, q_len, page, flush)
         ref = REF_UNIFORM.get((H, len(lens), row["L"])) if row["name"] == "uniform" and q_len == 1 else None
@@ -330,25 +387,27 @@ def print_tables(result: dict) -> None:
     print(f"\n{c['device']}: copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_bf16_TFLOPs']:.0f} TFLOP/s; "
           f"L2 flushed by a {result.get('flush', 'write')} of 256 MB before every replay")
     hdr = (f"{'case':>20} {'H':>4} {'B':>4} {'L':>6} {'q':>2} {'us':>8} {'GB/s':>7} {'TF/s':>6} {'floor':>7} "
-           f"{'%floor':>6} {'FlashMLA':>8} {'x FM':>5} {'refFM':>7} {'x refFM':>7} {'refSGL':>7} {'x SGL':>6} "
-           f"{'kernel':>6} {'triton':>7}")
+           f"{'%floor':>6} {'read':>6} {'FlashMLA':>8} {'x FM':>5} {'refFM':>7} {'x refFM':>7} {'refSGL':>7} "
+           f"{'x SGL':>6} {'kernel':>6} {'triton':>7}")
     layers = max((r.get("layers", 1) for r in result["kernel"]), default=1)
     if layers > 1:
-        hdr += f" {'us/layer':>8} {'FM/layer':>8} {'x FM/l':>6}"
+        hdr += f" {'us/layer':>8} {'FM/layer':>8} {'x FM/l':>6} {'read/l':>6}"
     print(hdr)
     for r in result["kernel"]:
         fm = r.get("flashmla_us")
         fm = fm if isinstance(fm, (int, float)) else None
         rfm, rsg = r.get("ref_flashmla_us"), r.get("ref_sglang_us")
         print(f"{r['name'][:20]:>20} {r['H']:>4} {r['B']:>4} {r['L']:>6} {r['q_len']:>2} {_fmt(r['us'])} "
-              f"{r['GBps']:7.0f} {r['TFLOPs']:6.0f} {_fmt(r['floor_us'], 7)} {r['pct_floor']:6.0f} {_fmt(fm)} "
+              f"{r['GBps']:7.0f} {r['TFLOPs']:6.0f} {_fmt(r['floor_us'], 7)} {r['pct_floor']:6.0f} "
+              f"{_fmt(r.get('read_us'), 6)} {_fmt(fm)} "
               f"{_fmt(fm / r['us'] if fm else None, 5, 2)} {_fmt(rfm, 7)} {_fmt(rfm / r['us'] if rfm else None, 7, 2)} "
               f"{_fmt(rsg, 7)} {_fmt(rsg / r['us'] if rsg else None, 6, 2)} {r.get('impl', '-'):>6} "
               f"{_fmt(r.get('triton_us'), 7)}", end="")
         if layers > 1:
             lu, fl = r.get("layer_us"), r.get("flashmla_layer_us")
             fl = fl if isinstance(fl, (int, float)) else None
-            print(f" {_fmt(lu)} {_fmt(fl)} {_fmt(fl / lu if fl and lu else None, 6, 2)}", end="")
+            print(f" {_fmt(lu)} {_fmt(fl)} {_fmt(fl / lu if fl and lu else None, 6, 2)} "
+                  f"{_fmt(r.get('read_layer_us'), 6)}", end="")
         print()
     if result.get("metadata"):
         print(f"\n{'B':>4} {'persistent kernel us':>21} {'persistent replay us':>21} {'persistent wall us':>19} "
@@ -356,10 +415,12 @@ def print_tables(result: dict) -> None:
         for r in result["metadata"]:
             print(f"{r['B']:>4} {r.get('persistent_kernel_us', float('nan')):21.2f} {r['persistent_gpu_us']:21.2f} "
                   f"{r['persistent_wall_us']:19.1f} {r['per_step_wall_us']:17.1f}")
-    print("(x FM / x refFM / x SGL: their time over ours, > 1 means we are faster; ref* = mla_decode.md H100; "
+    print("(read: us of a plain stream read of the same KV bytes timed the same way, the method's own floor (replay "
+          "overhead and flush included); "
+          "x FM / x refFM / x SGL: their time over ours, > 1 means we are faster; ref* = mla_decode.md H100; "
           "kernel: gluon = kernels/mla_decode_sm90.py, triton = kernels/mla_decode.py; triton: the Triton kernel's "
-          "us on the same shape" + (f"; us/layer, FM/layer: per layer of a graph of {layers} layers, each with its own "
-                                    "cache)" if layers > 1 else ")"))
+          "us on the same shape" + (f"; us/layer, FM/layer, read/l: per layer of a graph of {layers} layers, each "
+                                    "with its own cache)" if layers > 1 else ")"))
 
 
 def main(argv=None) -> dict:
@@ -367,7 +428,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a subset of the shapes, q_len 1 only")
     ap.add_argument("--out", default="mla_bench.json", help="JSON file for all numbers")
     ap.add_argument("--no-metadata", action="store_true", help="skip the metadata build benchmark")
-    ap.add_argument("--only", default=None, help="only cases whose name contains this (e.g. uniform)")
+    ap.add_argument("--only", default=None,
+                    help="only cases whose name contains one of these comma-separated strings (e.g. uniform,skewed)")
     ap.add_argument("--sweep", action="store_true",
                     help="tile-config, plan-snapping, grid-size and merge sweeps, then exit")
     ap.add_argument("--min-chunk", type=int, default=None, help="PersistentMetadataBuilder min_chunk")
@@ -392,7 +454,8 @@ def main(argv=None) -> dict:
         return {"sweep": rows}
     shapes = kernel_shapes(args.quick)
     if args.only:
-        shapes = [s for s in shapes if args.only in s.get("name", "uniform")]
+        keys = [k for k in args.only.split(",") if k]
+        shapes = [s for s in shapes if any(k in s.get("name", "uniform") for k in keys)]
     kw = {} if args.min_chunk is None else {"min_chunk": args.min_chunk}
     result = {"ceilings": ceilings, "torch": torch.__version__,
               "flush": args.flush,

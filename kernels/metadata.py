@@ -24,7 +24,9 @@ Strategies:
     sm90 kernel serves, else 0) no part is counted faster than the DRAM streams the step's KV (its blocks /
     dram_ratio), wider widths are weighed too and a per-request plan up to the floor counts as balanced:
     64 x 1k at H = 64 then runs whole on 64 parts instead of cut in two (H100: 56 -> 50 us), 128 x 16k whole
-    on 128 parts instead of slices (879 -> 819 us);
+    on 128 parts instead of slices (879 -> 819 us); and a per-request plan up to 1 / ``slack_div`` of a slice
+    longer counts as balanced too (64 x 16k at H = 128: whole requests on 64 parts, not 66 slices that cut
+    every one of them);
   - packed (many short requests of similar length): no request cut, each whole in the part whose equal
     slice of the total holds its middle unit (128 requests of 1k over 66 parts: two a part, no merge);
   - slices: each part an equal slice of the total cost, except that a boundary falling inside a request
@@ -58,6 +60,11 @@ CUT_RATIO = 16  # a KV block in a part costs about 16 times what one cut row til
 # generic kernel's small tiles make cuts cheap (H = 16, 64 x 1k: 49 -> 61 us with the floor). Other GPUs get it
 # scaled by their DRAM bandwidth and SM clock against the H100 SXM it was measured on (``device_dram_ratio``)
 DRAM_RATIO = 84
+# The per-request plan counts as balanced up to this fraction (1 / SLACK_DIV) of a slice beyond the slice + overhead +
+# split_cost: where the slices would cut every one of many long requests once, whole pieces ~3% longer win (H100,
+# H = 128 and q_len 2 x 64 heads, 32-64 requests of 16k: 3-9% per call, 2-9% per layer; kernels/NOTES.md, session
+# 15). Builders default to it for head counts the sm90 kernel serves, else 0 (no slack)
+SLACK_DIV = 64
 DRAM_RATIO_BW, DRAM_RATIO_CLOCK = 3.352e12, 1.98e9  # H100 SXM: HBM3 2 x 2619 MHz x 5120 bits; SM clock 1980 MHz
 
 
@@ -189,7 +196,7 @@ class PersistentMetadataBuilder:
                  num_parts: int | None = None, min_chunk: int = 4, with_kv_indices: bool = False,
                  plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, num_kv_splits: int | None = None,
                  snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST, cut_ratio: int = CUT_RATIO,
-                 dram_ratio: int | None = None):
+                 dram_ratio: int | None = None, slack_div: int | None = None):
         # num_kv_splits belongs to per_step (accepted so both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
@@ -206,6 +213,11 @@ class PersistentMetadataBuilder:
         if dram_ratio < 0:
             raise ValueError(f"dram_ratio must be >= 0 (0: no DRAM floor), got {dram_ratio}")
         self.dram_ratio = dram_ratio
+        if slack_div is None:
+            slack_div = SLACK_DIV if num_heads % ROWS_PER_TILE == 0 else 0
+        if slack_div < 0:
+            raise ValueError(f"slack_div must be >= 0 (0: no slack), got {slack_div}")
+        self.slack_div = slack_div
         self.tiles = -(-(max_q_len * num_heads) // ROWS_PER_TILE)  # row tiles of a request (as the plan counts)
         if num_parts is None:
             num_parts = max(_sm_count(self.device) // self.tiles, 1)
@@ -248,7 +260,7 @@ class PersistentMetadataBuilder:
         build_persistent_plan(seq_lens, qo_indptr, b, self.num_parts, self.plan_block, self.overhead,
                               self.min_chunk, self.max_batch, self.snap_div, self.snap_max,
                               self.max_kv_splits, self.split_cost, self.tiles, self.cut_ratio, self.dram_ratio,
-                              self.max_q_len,
+                              self.slack_div, self.max_q_len,
                               block_table.shape[1] * self.page_size)
         if self.kv_indices is not None:
             build_kv_indices(seq_lens, b["kv_indptr"], block_table, self.page_size, self.kv_indices)
@@ -283,8 +295,9 @@ class PerStepMetadataBuilder:
                  num_kv_splits: int = 4, with_kv_indices: bool = False, plan_block: int = PLAN_BLOCK,
                  overhead: int = OVERHEAD, num_parts: int | None = None, min_chunk: int | None = None,
                  snap_div: int | None = None, snap_max: int | None = None, split_cost: int | None = None,
-                 cut_ratio: int | None = None, dram_ratio: int | None = None):
-        # num_parts / min_chunk / snap_div / snap_max / split_cost / cut_ratio / dram_ratio belong to persistent
+                 cut_ratio: int | None = None, dram_ratio: int | None = None, slack_div: int | None = None):
+        # num_parts / min_chunk / snap_div / snap_max / split_cost / cut_ratio / dram_ratio / slack_div belong to
+        # persistent
         # (accepted so that both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)

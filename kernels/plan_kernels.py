@@ -61,7 +61,7 @@ def _persistent_plan_kernel(
     KV_INDPTR, MAX_QO_LEN, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
     MERGE_REQS, NUM_MERGE, DROPPED,
     num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, dram_ratio,
-    max_q, max_kv, PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    slack_div, max_q, max_kv, PLAN_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_B)
     ok = offs < B
@@ -132,8 +132,11 @@ def _persistent_plan_kernel(
     lo = tl.where(n_active <= num_parts, tl.maximum(lo, fit), lo)  # the narrowest fitting width >= lo
     k_req = tl.where(active, (kv + lo - 1) // lo, 0)
     span = tl.max(tl.where(active, (kv + k_req - 1) // tl.maximum(k_req, 1), 0), 0) + overhead
-    # (a slice shorter than the DRAM floor is no faster than the floor)
-    per_req = (n_active > 0) & (n_active <= num_parts) & (span <= tl.maximum(chunk, dram_floor) + overhead + split_cost)
+    # (a slice shorter than the DRAM floor is no faster than the floor; with slack_div, a part may also be longer
+    # by that bound // slack_div: long requests each cut once by the slices run slower than whole ones 3% longer)
+    bound = tl.maximum(chunk, dram_floor)
+    slack = tl.where(slack_div > 0, bound // tl.maximum(slack_div, 1), 0)
+    per_req = (n_active > 0) & (n_active <= num_parts) & (span <= bound + overhead + split_cost + slack)
     k_incl = tl.cumsum(k_req, 0)
 
     # the packed plan: no request cut, request b whole in the part (cs + ce) // (2 chunk) whose slice holds
@@ -207,8 +210,8 @@ def _persistent_plan_kernel(
 def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs: dict[str, torch.Tensor],
                           num_parts: int, plan_block: int, overhead: int, min_chunk: int, max_batch: int,
                           snap_div: int = 2, snap_max: int = 4, max_splits: int = 0, split_cost: int = 4,
-                          tiles: int = 1, cut_ratio: int = 0, dram_ratio: int = 0, max_q_len: int = 1 << 30,
-                          max_kv_len: int = 1 << 30) -> None:
+                          tiles: int = 1, cut_ratio: int = 0, dram_ratio: int = 0, slack_div: int = 0,
+                          max_q_len: int = 1 << 30, max_kv_len: int = 1 << 30) -> None:
     """Fill the plan buffers ``bufs`` in place for the B = len(seq_lens) requests.
 
     Every program recomputes the per-request prefix sums (cheap) and fills PLAN_PARTS parts; program 0 also
@@ -230,7 +233,7 @@ def build_persistent_plan(seq_lens: torch.Tensor, qo_indptr: torch.Tensor, bufs:
         bufs["first_part"], bufs["num_splits"], bufs["split_indptr"], bufs["merge_reqs"], bufs["num_merge"],
         bufs["dropped"],
         num_parts, overhead, min_chunk, snap_div, snap_max, max_splits, split_cost, tiles, cut_ratio, dram_ratio,
-        max_q_len, max_kv_len,
+        slack_div, max_q_len, max_kv_len,
         PLAN_BLOCK=plan_block, BLOCK_B=block_b, BLOCK_P=PLAN_PARTS, num_warps=4,
     )
 

@@ -121,7 +121,7 @@ def request_costs(seq_lens: list[int], q_lens: list[int], plan_block: int, overh
 def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts: int, plan_block: int,
                               overhead: int, min_chunk: int, snap_div: int = 2,
                               snap_max: int = 4, max_splits: int = 0, split_cost: int = 4, tiles: int = 1,
-                              cut_ratio: int = 0, dram_ratio: int = 0) -> dict[str, list]:
+                              cut_ratio: int = 0, dram_ratio: int = 0, slack_div: int = 0) -> dict[str, list]:
     """What the persistent plan kernel must write: the first of three plans that applies.
 
     - **per request** (at most ``num_parts`` active requests): request b is cut into
@@ -130,7 +130,8 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
       of a part's time, when ``cut_ratio`` > 0) with sum k_b <= parts; no part runs two requests, and equal
       requests are not cut when they fit one a part. Taken when its largest part (KV units + ``overhead``)
       is at most a slice (or the DRAM floor, ``dram_floor``, if longer) + ``overhead`` + ``split_cost``
-      (what a part of a cut request pays in partial traffic and merging).
+      (what a part of a cut request pays in partial traffic and merging) + that slice // ``slack_div`` (when
+      > 0: long requests that the slices would each cut once run faster whole, in parts a few % longer).
     - **packed**: no request is cut; request b goes whole to the part p whose slice [p * chunk, (p + 1) *
       chunk) holds its middle unit (``chunk`` = ceil(total / parts)). Taken when its largest part is at most
       ``chunk`` + ``split_cost`` units: many short requests of similar length.
@@ -148,7 +149,8 @@ def persistent_plan_reference(seq_lens: list[int], q_lens: list[int], num_parts:
         width = max(narrowest_width(kv, tiles, min_chunk, cut_ratio, num_parts, dram_ratio),
                     -(-max(kv) // max_splits) if max_splits > 0 else 1, narrowest_fit(kv, num_parts))
         span = max(-(-n // -(-n // width)) for n in kv) + overhead
-        if span <= max(chunk, dram_floor(kv, dram_ratio)) + overhead + split_cost:
+        bound = max(chunk, dram_floor(kv, dram_ratio))
+        if span <= bound + overhead + split_cost + (bound // slack_div if slack_div > 0 else 0):
             ks = [-(-(c - overhead) // width) if c > 0 else 0 for c in costs]
             return _with_request_facts(per_request_plan(costs, overhead, ks, num_parts), seq_lens, q_lens)
     edges = [0]

@@ -67,4 +67,4 @@ def plan_reference(builder, seq_lens: list[int], q_lens: list[int]) -> dict:
     b = builder
     return persistent_plan_reference(seq_lens, q_lens, b.num_parts, b.plan_block, b.overhead, b.min_chunk,
                                      b.snap_div, b.snap_max, b.max_kv_splits, b.split_cost, b.tiles, b.cut_ratio,
-                                     b.dram_ratio)
+                                     b.dram_ratio, b.slack_div)

@@ -119,6 +119,40 @@ def test_bench_flush_modes_are_checked(capsys):
     assert "invalid choice: 'dirty'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("n, grid, block, iters", [(1000, 3, 128, 3), (4096, 4, 256, 4), (777, 5, 64, 3)])
+def test_bench_stream_read_reads_every_word_once(n, grid, block, iters):
+    # the read floor's kernel (kernels.bench.read_floor_us): grid-stride over n int32 words, one xor a program; the
+    # xor of the programs' words is the xor of the buffer only if every word is read exactly once
+    import functools
+    import operator
+
+    from kernels.bench import _stream_read_kernel
+
+    assert grid * block * iters >= n  # the launch covers the buffer, as read_floor_us sizes it
+    src = torch.randint(-(1 << 31), 1 << 31, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    out = torch.empty(grid, dtype=torch.int32)
+    _stream_read_kernel()[(grid,)](src, out, n, iters, BLOCK=block)
+    assert functools.reduce(operator.xor, out.tolist()) == functools.reduce(operator.xor, src.tolist())
+
+
+def test_bench_only_takes_several_case_names(monkeypatch):
+    # --only a,b keeps the cases whose name contains a or b (the full table in two commands of under 10 minutes)
+    from kernels import bench
+
+    seen = {}
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: {})
+
+    def fake_run(shapes, *a, **k):
+        seen["names"] = {s.get("name", "uniform") for s in shapes}
+        raise SystemExit(0)
+
+    monkeypatch.setattr(bench, "run_kernel_bench", fake_run)
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "skewed,1x32k,random"])
+    assert seen["names"] == {"skewed", "1x32k+63x512", "64 random in [1,8k]"}
+
+
 @pytest.mark.parametrize("strategy", ["persistent", "per_step"])
 def test_decode_mixed_q_len(strategy):
     # the longest q is not the last request; causal within the new tokens

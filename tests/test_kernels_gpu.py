@@ -341,6 +341,8 @@ def test_kernel_bench_rows_and_the_per_layer_column(capsys):
         assert r["floor_us"] == pytest.approx(max(nbytes / 3e6, sum(2 * s["H"] * s["q_len"] * L * 1088
                                                                     for L in s["lens"]) / 700e6))
         assert r["layers"] == 3 and 0 < r["layer_us"] < 3 * r["us"]
+        # the read floor: a plain read of the same bytes timed the same way, under the call, above an empty replay
+        assert 1.0 < r["read_us"] < r["us"] and 0 < r["read_layer_us"] < r["layer_us"], r
         fm = r["flashmla_us"]
         assert fm is None or isinstance(fm, float), fm  # FlashMLA: no 16-head kernel, or not installed
         assert (r.get("flashmla_layer_us") is None) == (fm is None)

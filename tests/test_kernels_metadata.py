@@ -51,7 +51,7 @@ def test_persistent_plan_matches_reference(seed):
                                         num_parts=rng.choice([1, 3, 16, 132]), min_chunk=rng.choice([1, 4]),
                                         snap_div=rng.choice([0, 2, 4]), snap_max=rng.choice([1, 4, 1000]),
                                         max_kv_splits=rng.choice([None, 1, 2, 5]),
-                                        split_cost=rng.choice([0, 4, 100]))
+                                        split_cost=rng.choice([0, 4, 100]), slack_div=rng.choice([None, 0, 4, 64]))
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
     _check_plan(meta, seq_lens, q_lens, builder)
     if builder.max_kv_splits:
@@ -69,7 +69,8 @@ def test_packed_plan_matches_reference(seed):
     pb = make_problem(seq_lens, q_lens, 2, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
     builder = PersistentMetadataBuilder(num_heads=2, max_batch=64, max_q_len=2, max_pages_per_seq=pb.max_pages,
                                         page_size=64, device=DEVICE, kv_lora_rank=16, rope_dim=0,
-                                        num_parts=rng.choice([3, 7, 16]), split_cost=rng.choice([2, 4, 8]))
+                                        num_parts=rng.choice([3, 7, 16]), split_cost=rng.choice([2, 4, 8]),
+                                        slack_div=rng.choice([0, 8]))
     meta = builder.build(pb.seq_lens, pb.qo_indptr, pb.block_table)
     _check_plan(meta, seq_lens, q_lens, builder)
 
@@ -86,6 +87,28 @@ def test_persistent_plan_balances_long_request():
     sizes = [bounds[p + 1] - bounds[p] for p in range(16)]
     assert len(set(sizes[:-1])) == 1 and sizes[-1] <= sizes[0]  # equal slices of the total cost
     assert meta.num_splits.tolist()[0] >= 8  # the long request spreads over most parts
+
+
+def test_slack_keeps_long_requests_whole():
+    # 64 requests of 16k at 128 heads over 66 parts: slices of 251 units would cut every request once; whole
+    # requests take 258 units (256 blocks + overhead), over the slice + overhead + split_cost by one unit and within
+    # its 1/64 slack (251 // 64 = 3): with the default slack, one request a part and nothing to merge; without,
+    # the slices. Bad values are refused.
+    seq_lens, q_lens = [16384] * 64, [1] * 64
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    qo = torch.arange(65, dtype=torch.int32, device=DEVICE)
+    bt = torch.zeros(64, 256, dtype=torch.int32, device=DEVICE)
+    kw = dict(num_heads=128, max_batch=64, max_q_len=1, max_pages_per_seq=256, page_size=64, device=DEVICE,
+              num_parts=66, dram_ratio=84)
+    for slack_div, merges, widest in ((None, 0, 258), (0, 64, 251)):
+        builder = PersistentMetadataBuilder(**kw, slack_div=slack_div)
+        meta = builder.build(sl, qo, bt)
+        _check_plan(meta, seq_lens, q_lens, builder)
+        bounds = meta.part_bounds.tolist()
+        assert meta.num_merge.item() == merges and max(b - a for a, b in zip(bounds, bounds[1:])) == widest
+    assert PersistentMetadataBuilder(**dict(kw, num_heads=16)).slack_div == 0  # the generic kernel's head counts
+    with pytest.raises(ValueError, match="slack_div must be >= 0"):
+        PersistentMetadataBuilder(**kw, slack_div=-1)
 
 
 def test_packed_plan_keeps_short_requests_whole():
