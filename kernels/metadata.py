@@ -60,12 +60,12 @@ CUT_RATIO = 16  # a KV block in a part costs about 16 times what one cut row til
 # generic kernel's small tiles make cuts cheap (H = 16, 64 x 1k: 49 -> 61 us with the floor). Other GPUs get it
 # scaled by their DRAM bandwidth and SM clock against the H100 SXM it was measured on (``device_dram_ratio``)
 DRAM_RATIO = 84
+DRAM_RATIO_BW, DRAM_RATIO_CLOCK = 3.352e12, 1.98e9  # H100 SXM: HBM3 2 x 2619 MHz x 5120 bits; SM clock 1980 MHz
 # The per-request plan counts as balanced up to this fraction (1 / SLACK_DIV) of a slice beyond the slice + overhead +
 # split_cost: where the slices would cut every one of many long requests once, whole pieces ~3% longer win (H100,
-# H = 128 and q_len 2 x 64 heads, 32-64 requests of 16k: 3-9% per call, 2-9% per layer; kernels/NOTES.md, session
-# 15). Builders default to it for head counts the sm90 kernel serves, else 0 (no slack)
+# H = 128 and q_len 2 x 64 heads, 32-64 requests of 16k, 4-round A/B: 1-5% per call, 4-5% per layer; kernels/NOTES.md,
+# session 15). Builders default to it, as to the DRAM floor, for head counts the sm90 kernel serves, else 0 (no slack)
 SLACK_DIV = 64
-DRAM_RATIO_BW, DRAM_RATIO_CLOCK = 3.352e12, 1.98e9  # H100 SXM: HBM3 2 x 2619 MHz x 5120 bits; SM clock 1980 MHz
 
 
 @dataclass
@@ -208,13 +208,14 @@ class PersistentMetadataBuilder:
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
         self.snap_div, self.snap_max = snap_div, snap_max
         self.split_cost, self.cut_ratio = split_cost, cut_ratio
+        sm90_heads = num_heads % ROWS_PER_TILE == 0  # the sm90 kernel's head counts get the measured defaults
         if dram_ratio is None:
-            dram_ratio = device_dram_ratio(self.device) if num_heads % ROWS_PER_TILE == 0 else 0
+            dram_ratio = device_dram_ratio(self.device) if sm90_heads else 0
         if dram_ratio < 0:
             raise ValueError(f"dram_ratio must be >= 0 (0: no DRAM floor), got {dram_ratio}")
         self.dram_ratio = dram_ratio
         if slack_div is None:
-            slack_div = SLACK_DIV if num_heads % ROWS_PER_TILE == 0 else 0
+            slack_div = SLACK_DIV if sm90_heads else 0
         if slack_div < 0:
             raise ValueError(f"slack_div must be >= 0 (0: no slack), got {slack_div}")
         self.slack_div = slack_div
