@@ -426,6 +426,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-metadata", action="store_true", help="skip the metadata build benchmark")
     ap.add_argument("--only", default=None,
                     help="only cases whose name contains one of these comma-separated strings (e.g. uniform,skewed)")
+    ap.add_argument("--heads", default=None, help="only these head counts (comma-separated, e.g. 16,64)")
     ap.add_argument("--sweep", action="store_true",
                     help="tile-config, plan-snapping, grid-size and merge sweeps, then exit")
     ap.add_argument("--min-chunk", type=int, default=None, help="PersistentMetadataBuilder min_chunk")
@@ -452,6 +453,12 @@ def main(argv=None) -> dict:
     if args.only:
         keys = [k for k in args.only.split(",") if k]
         shapes = [s for s in shapes if any(k in s.get("name", "uniform") for k in keys)]
+    if args.heads:
+        try:
+            heads = {int(h) for h in args.heads.split(",") if h}
+        except ValueError:
+            ap.error(f"--heads takes comma-separated integers, got {args.heads!r}")
+        shapes = [s for s in shapes if s["H"] in heads]
     kw = {} if args.min_chunk is None else {"min_chunk": args.min_chunk}
     result = {"ceilings": ceilings, "torch": torch.__version__,
               "flush": args.flush,

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import mla_decode_sm90 as sm90
 from kernels import reference as ref
 
 PLAN_BLOCK = 64  # KV tokens per plan unit
@@ -56,15 +57,18 @@ SPLIT_COST = 4  # plan units a cut request costs a part (partial write, merge re
 CUT_RATIO = 16  # a KV block in a part costs about 16 times what one cut row tile adds (H100, kernels/NOTES.md)
 # KV blocks the whole GPU reads from DRAM while a part computes one 64-row block on the sm90 kernel: H100, ~2.07 us
 # a block (the steady pair at H = 128) over 73.7 KB at 3.0 TB/s (kernels/NOTES.md, session 11); 0 drops the
-# DRAM floor. Builders for head counts that kernel does not serve (not a multiple of 64) leave it off: the
-# generic kernel's small tiles make cuts cheap (H = 16, 64 x 1k: 49 -> 61 us with the floor). Other GPUs get it
-# scaled by their DRAM bandwidth and SM clock against the H100 SXM it was measured on (``device_dram_ratio``)
+# DRAM floor. Builders default to it for whole 64-row tiles (a multiple of 64 heads) and leave it off otherwise:
+# a cut costs partials of the request's own rows only, so cuts are cheap below 64 heads, on the generic kernel's
+# small tiles (H = 16, 64 x 1k: 49 -> 61 us with the floor, session 9) and on the sm90 kernel's partial tiles (H =
+# 8-16, 8-32 requests of 1-4k: 1.2-2.0 us a layer faster without it, session 16). Other GPUs get it scaled by their
+# DRAM bandwidth and SM clock against the H100 SXM it was measured on (``device_dram_ratio``)
 DRAM_RATIO = 84
 DRAM_RATIO_BW, DRAM_RATIO_CLOCK = 3.352e12, 1.98e9  # H100 SXM: HBM3 2 x 2619 MHz x 5120 bits; SM clock 1980 MHz
 # The per-request plan counts as balanced up to this fraction (1 / SLACK_DIV) of a slice beyond the slice + overhead +
 # split_cost: where the slices would cut every one of many long requests once, whole pieces ~3% longer win (H100,
 # H = 128 and q_len 2 x 64 heads, 32-64 requests of 16k, 4-round A/B: 1-5% per call, 4-5% per layer; kernels/NOTES.md,
-# session 15). Builders default to it, as to the DRAM floor, for head counts the sm90 kernel serves, else 0 (no slack)
+# session 15). Builders default to it for 64-row tiles (a multiple of 64 heads, or any head count on an sm90 GPU with
+# page 64, whose kernel pads the rows: H = 16, 128 x 16k 825 -> 809 us a layer, session 16), else 0 (no slack)
 SLACK_DIV = 64
 
 
@@ -208,14 +212,16 @@ class PersistentMetadataBuilder:
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
         self.snap_div, self.snap_max = snap_div, snap_max
         self.split_cost, self.cut_ratio = split_cost, cut_ratio
-        sm90_heads = num_heads % ROWS_PER_TILE == 0  # the sm90 kernel's head counts get the measured defaults
+        # the measured defaults (the interpreter's plans at 64 or 128 heads match the H100's)
+        whole_tiles = num_heads % ROWS_PER_TILE == 0
+        tiles64 = whole_tiles or sm90.device_reason(self.device, page_size, plan_block) is None
         if dram_ratio is None:
-            dram_ratio = device_dram_ratio(self.device) if sm90_heads else 0
+            dram_ratio = device_dram_ratio(self.device) if whole_tiles else 0
         if dram_ratio < 0:
             raise ValueError(f"dram_ratio must be >= 0 (0: no DRAM floor), got {dram_ratio}")
         self.dram_ratio = dram_ratio
         if slack_div is None:
-            slack_div = SLACK_DIV if sm90_heads else 0
+            slack_div = SLACK_DIV if tiles64 else 0
         if slack_div < 0:
             raise ValueError(f"slack_div must be >= 0 (0: no slack), got {slack_div}")
         self.slack_div = slack_div

@@ -30,9 +30,13 @@ slower at small batches (kernels/NOTES.md). Rows of a request's last page past i
 (NaN included): they are zeroed in shared memory before they are used as values. Measurements and the
 version history: kernels/NOTES.md (sessions 3 to 7).
 
-Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, a multiple of 64 heads (whole row
-tiles), contiguous q, cache and output. ``supported`` says why not otherwise; ``kernels.mla_decode`` falls
-back to the generic kernel then. Gluon kernels do not run under the interpreter: tested on the GPU. Written
+Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, contiguous q, cache and output; any head
+count. A request's q_len x H rows are cut into 64-row tiles; with H not a multiple of 64 its last tile is partial:
+the rows past the request's (the next request's, read by the Q TMA, or zeros past the last) are computed and
+never stored, and that tile's output leaves by masked stores (``FULL`` = False; whole tiles compile to the same
+code as before, session 16). 8 to 32 heads (DeepSeek-V3 and Kimi-K2 at TP 4-8) run at the 64-head kernel's time:
+the KV read, not the wasted tensor rows, bounds them. ``supported`` says why not otherwise; ``kernels.mla_decode``
+falls back to the generic kernel then. Gluon kernels do not run under the interpreter: tested on the GPU. Written
 for Triton 3.6's Gluon; the few names newer Gluon renamed are looked up once below.
 """
 from __future__ import annotations
@@ -66,21 +70,27 @@ WORKER_REGS = 256
 RESCALE_TAU = 8.0
 
 
+def device_reason(device: torch.device, page_size: int, plan_block: int) -> Optional[str]:
+    """None when the Gluon kernel serves bf16 calls on ``device`` with this paging, else the reason (one line)."""
+    if _GLUON_ERROR is not None:
+        return _GLUON_ERROR
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "the Gluon kernel needs an sm90 GPU"
+    if page_size != BLOCK_N or plan_block != BLOCK_N:
+        return f"the Gluon kernel needs page size and plan block {BLOCK_N}"
+    return None
+
+
 def supported(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int,
               out: Optional[torch.Tensor] = None) -> Optional[str]:
     """None when the Gluon kernel can run this call, else the reason (one line)."""
-    if _GLUON_ERROR is not None:
-        return _GLUON_ERROR
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "the Gluon kernel needs an sm90 GPU"
+    reason = device_reason(q.device, meta.page_size, meta.plan_block)
+    if reason is not None:
+        return reason
     if q.dtype != torch.bfloat16:
         return f"the Gluon kernel needs bf16, got {q.dtype}"
     if q.shape[-1] != DV + DPE or kv_lora_rank != DV:
         return f"the Gluon kernel needs 576 = 512 + 64 wide vectors, got {q.shape[-1]} with rank {kv_lora_rank}"
-    if meta.page_size != BLOCK_N or meta.plan_block != BLOCK_N:
-        return f"the Gluon kernel needs page size and plan block {BLOCK_N}"
-    if meta.num_heads % BLOCK_H:
-        return f"the Gluon kernel needs a multiple of {BLOCK_H} heads (whole row tiles), got {meta.num_heads}"
     if not (q.is_contiguous() and kv_cache.is_contiguous() and (out is None or out.is_contiguous())):
         return "the Gluon kernel needs contiguous q, cache and output"
     return None
@@ -122,35 +132,48 @@ if _GLUON_ERROR is None:
         _tma_load(PE_DESC, [row, 2 * HALF], bar, pe)
 
     @gluon.jit
-    def _store_result(acc, l_i, m_i, o_smem, O_DESC, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b, p,
-                      tile, q_start, H, rows_max, stride_ls, COL0: gl.constexpr, BLOCK_H: gl.constexpr,
-                      HALF: gl.constexpr, DV: gl.constexpr, O_L: gl.constexpr):
+    def _store_result(acc, l_i, m_i, o_smem, O_DESC, O, O_PART, LSE_PART, FIRST_PART, SPLIT_INDPTR, n_split, b,
+                      p, tile, q_start, n_rows, H, rows_max, stride_ls, COL0: gl.constexpr, BLOCK_H: gl.constexpr,
+                      HALF: gl.constexpr, DV: gl.constexpr, O_L: gl.constexpr, FULL: gl.constexpr):
         """Normalize the tile's output columns [COL0, COL0 + acc's width) and write them. A request that is not
         split goes to the output by TMA from shared memory ``o_smem`` (a KV stage, free once the request's blocks
         are done; the caller waits for the store before refilling it); a split one to the part's fp32 partial
         slot with the rows' log2-sum-exp, by plain stores (through TMA they cost 3-4% at batches 1-8, where every
-        part writes a partial: kernels/NOTES.md, session 6). Tiles are whole (H is a multiple of 64)."""
+        part writes a partial: kernels/NOTES.md, session 6). ``FULL``: every tile is whole (H is a multiple of 64);
+        otherwise a request's last tile has rows past its own (``n_rows``), which are not stored, and an output
+        leaves by masked plain stores (a TMA box would write over the next request's rows)."""
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
         W: gl.constexpr = acc.type.shape[1]
         l_o = gl.convert_layout(l_i, ROW_O)
         has = l_o > 0.0
         out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
         if n_split == 1:
-            tma.store_wait(0)  # (a no-op after the stage's refill, which waited already)
-            o_smem.store(out.to(gl.bfloat16))
-            fence_async_shared()
-            _cta_barrier()
-            for c in gl.static_range(0, W, HALF):
-                _tma_store(O_DESC, [q_start * H + tile * BLOCK_H, COL0 + c], o_smem.slice(c, HALF, dim=1))
+            if FULL:
+                tma.store_wait(0)  # (a no-op after the stage's refill, which waited already)
+                o_smem.store(out.to(gl.bfloat16))
+                fence_async_shared()
+                _cta_barrier()
+                for c in gl.static_range(0, W, HALF):
+                    _tma_store(O_DESC, [q_start * H + tile * BLOCK_H, COL0 + c], o_smem.slice(c, HALF, dim=1))
+            else:
+                rows_t = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
+                cols_t = COL0 + gl.arange(0, W, layout=gl.SliceLayout(0, O_L))
+                pt = O + (q_start * H + rows_t).to(gl.int64) * DV
+                in_req = gl.expand_dims(rows_t < n_rows, 1) & gl.expand_dims(cols_t < DV, 0)
+                gl.store(gl.expand_dims(pt, 1) + gl.expand_dims(cols_t, 0), out.to(gl.bfloat16), mask=in_req)
         else:
             slot = (gl.load(SPLIT_INDPTR + b) + p - gl.load(FIRST_PART + b)).to(gl.int64)
             rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
             cols_o = COL0 + gl.arange(0, W, layout=gl.SliceLayout(0, O_L))
             po = O_PART + (slot * rows_max + rows_o) * DV
-            gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out)
+            if FULL:
+                gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out)
+            else:
+                in_req = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o < DV, 0)
+                gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=in_req)
             m_o = gl.convert_layout(m_i, ROW_O)
             lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
-            gl.store(LSE_PART + slot * stride_ls + rows_o, lse)
+            gl.store(LSE_PART + slot * stride_ls + rows_o, lse, mask=FULL or rows_o < n_rows)
 
     @gluon.jit
     def _load_part(KV_DESC, KV_PE_DESC, bars, stage, lat, pe, row_kv, part: gl.constexpr, HALF: gl.constexpr):
@@ -200,12 +223,12 @@ if _GLUON_ERROR is None:
 
     @gluon.jit
     def _seesaw_partition(
-        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
+        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
         QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
         stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-        ROLE: gl.constexpr, EARLY_SPLITS: gl.constexpr, TAU: gl.constexpr,
+        ROLE: gl.constexpr, EARLY_SPLITS: gl.constexpr, TAU: gl.constexpr, FULL: gl.constexpr,
     ):
         """One warpgroup of the seesaw (FlashMLA's schedule, see the module doc). Blocks 2i ("A", stage 0) are
         scored by warpgroup 0, blocks 2i + 1 ("B", stage 1) by warpgroup 1; warpgroup g owns value columns
@@ -393,18 +416,18 @@ if _GLUON_ERROR is None:
 
                 # each warpgroup writes its columns through its own stage (both are past their last block: the
                 # row-sum exchange above); both write the (identical) log-sum-exp of a split request
-                _store_result(acc, l_i, m_i, kv_lat.index(ROLE).slice(0, HALF, dim=1), O_DESC, O_PART, LSE_PART,
-                              FIRST_PART, SPLIT_INDPTR, gl.load(NUM_SPLITS + b), b, p, tile, q_start, H, rows_max,
-                              stride_ls, v_col, BLOCK_H, HALF, DV, O_L)
+                _store_result(acc, l_i, m_i, kv_lat.index(ROLE).slice(0, HALF, dim=1), O_DESC, O, O_PART,
+                              LSE_PART, FIRST_PART, SPLIT_INDPTR, gl.load(NUM_SPLITS + b), b, p, tile, q_start,
+                              n_rows, H, rows_max, stride_ls, v_col, BLOCK_H, HALF, DV, O_L, FULL)
         tma.store_wait(0)
 
     @gluon.jit
     def _mla_decode_sm90_seesaw(
-        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
+        Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O, O_PART, LSE_PART, BLOCK_TABLE,
         QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS, SPLIT_INDPTR,
         stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
         BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr, DPE: gl.constexpr, HALF: gl.constexpr,
-        WORKER_REGS: gl.constexpr, EARLY_SPLITS: gl.constexpr, TAU: gl.constexpr,
+        WORKER_REGS: gl.constexpr, EARLY_SPLITS: gl.constexpr, TAU: gl.constexpr, FULL: gl.constexpr,
     ):
         gl.static_assert(BLOCK_H == 64 and BLOCK_N == 64 and DV == 2 * HALF and DPE == BLOCK_N)
         LAT_SL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DV], gl.bfloat16)
@@ -421,16 +444,16 @@ if _GLUON_ERROR is None:
             mbarrier.init(bars.index(k), count=2 if k == 9 else 1)
         fence_async_shared()
         gl.warp_specialize([
-            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
-                                 QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
-                                 SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
+            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O, O_PART, LSE_PART,
+                                 BLOCK_TABLE, QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART,
+                                 NUM_SPLITS, SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
                                  q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 0,
-                                 EARLY_SPLITS, TAU)),
-            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O_PART, LSE_PART, BLOCK_TABLE,
-                                 QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART, NUM_SPLITS,
-                                 SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
+                                 EARLY_SPLITS, TAU, FULL)),
+            (_seesaw_partition, (Q_DESC, Q_PE_DESC, KV_DESC, KV_PE_DESC, O_DESC, O, O_PART, LSE_PART,
+                                 BLOCK_TABLE, QO_INDPTR, SEQ_LENS, CU_COST, PART_BOUNDS, PART_REQS, FIRST_PART,
+                                 NUM_SPLITS, SPLIT_INDPTR, stride_bt, stride_ls, rows_max, scale_log2, H, overhead,
                                  q_lat_ring, q_pe_ring, kv_lat, kv_pe, xch, bars, BLOCK_H, BLOCK_N, DV, DPE, HALF, 1,
-                                 EARLY_SPLITS, TAU)),
+                                 EARLY_SPLITS, TAU, FULL)),
         ], [4], [WORKER_REGS])
 
 
@@ -455,9 +478,9 @@ def mla_decode_sm90(q: torch.Tensor, kv_cache: torch.Tensor, meta, sm_scale: flo
              GluonDescriptor.from_tensor(out.view(T * H, DV), [BLOCK_H, HALF], lat_l))
     n_tiles = -(-meta.max_q_len * H // BLOCK_H)
     _mla_decode_sm90_seesaw[(n_tiles, meta.num_parts)](
-        *descs, o_part, lse_part, meta.block_table,
+        *descs, out, o_part, lse_part, meta.block_table,
         meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
         meta.num_splits, meta.split_indptr,
         meta.block_table.stride(0), lse_part.stride(0), o_part.shape[1], sm_scale * log2e, H, meta.overhead,
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, DV=DV, DPE=DPE, HALF=HALF, WORKER_REGS=WORKER_REGS,
-        EARLY_SPLITS=EARLY_LAUNCH_SPLITS, TAU=RESCALE_TAU, num_warps=4)
+        EARLY_SPLITS=EARLY_LAUNCH_SPLITS, TAU=RESCALE_TAU, FULL=H % BLOCK_H == 0, num_warps=4)

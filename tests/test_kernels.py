@@ -135,8 +135,9 @@ def test_bench_stream_read_reads_every_word_once(n, grid, block, iters):
     assert functools.reduce(operator.xor, out.tolist()) == functools.reduce(operator.xor, src.tolist())
 
 
-def test_bench_only_takes_several_case_names(monkeypatch):
-    # --only a,b keeps the cases whose name contains a or b (the full table in two commands of under 10 minutes)
+def test_bench_only_and_heads_filter_the_cases(monkeypatch):
+    # --only a,b keeps the cases whose name contains a or b, --heads 16,128 those head counts (the full table in
+    # commands of under 10 minutes); a bad head list is a usage error
     from kernels import bench
 
     seen = {}
@@ -145,12 +146,20 @@ def test_bench_only_takes_several_case_names(monkeypatch):
 
     def fake_run(shapes, *a, **k):
         seen["names"] = {s.get("name", "uniform") for s in shapes}
+        seen["heads"] = {s["H"] for s in shapes}
         raise SystemExit(0)
 
     monkeypatch.setattr(bench, "run_kernel_bench", fake_run)
     with pytest.raises(SystemExit):
         bench.main(["--only", "skewed,1x32k,random"])
     assert seen["names"] == {"skewed", "1x32k+63x512", "64 random in [1,8k]"}
+    assert seen["heads"] == {16, 64, 128}
+    with pytest.raises(SystemExit):
+        bench.main(["--heads", "16,128", "--only", "uniform"])
+    assert (seen["names"], seen["heads"]) == ({"uniform"}, {16, 128})
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--heads", "sixteen"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("strategy", ["persistent", "per_step"])

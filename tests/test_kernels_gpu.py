@@ -264,11 +264,15 @@ def test_sm90_kernel_mixed_q_len_and_unwritten_rows(H):
 
 
 @pytest.mark.parametrize("H,qls", [(64, [1, 3, 2, 1, 0, 2, 1]), (128, [1, 1, 1, 1, 0, 1, 1]),
-                                   (128, [2, 1, 3, 2, 0, 1, 2])])
+                                   (128, [2, 1, 3, 2, 0, 1, 2]), (16, [1, 3, 2, 1, 0, 2, 1]),
+                                   (8, [2, 1, 4, 2, 0, 1, 2]), (32, [3, 1, 2, 3, 0, 1, 1]), (5, [1, 2, 1, 1, 0, 3, 1]),
+                                   (1, [1, 1, 2, 1, 0, 1, 1]), (96, [1, 2, 1, 1, 0, 1, 2])])
 def test_sm90_kernel_block_counts_and_plans(H, qls):
     """The Gluon kernel against the reference and the Triton kernel on odd and even block counts per part (1 to
     many blocks), one-block requests, a padding slot (q_len 0), causal rows, NaN in every last page's unwritten
-    rows; the default plan and one at 8 parts that cuts the long requests."""
+    rows; the default plan and one at 8 parts that cuts the long requests. Head counts that are not a multiple of
+    64 leave a request's last row tile partial (its other rows are the next request's): only the request's own rows
+    may be written, so rows past the last token (a sentinel) stay untouched."""
     _sm90_or_skip()
     from kernels import mla_decode as md
     from kernels import mla_decode_sm90 as sm90
@@ -280,23 +284,27 @@ def test_sm90_kernel_block_counts_and_plans(H, qls):
         if L % 64:
             kv[bt[b, L // 64], L % 64:] = float("nan")
     ref = mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)
+    T = q.shape[0]
     for parts in (None, 8):
         meta = PersistentMetadataBuilder(num_heads=H, max_batch=len(lens), max_q_len=max(qls), num_parts=parts,
                                          max_pages_per_seq=bt.shape[1], page_size=64, device=DEV).build(sl, qo, bt)
         assert sm90.supported(q, kv, meta, DV) is None
-        out = torch.full((q.shape[0], H, DV), float("nan"), dtype=q.dtype, device=DEV)
-        sm90.mla_decode_sm90(q, kv, meta, (DV + DPE) ** -0.5, out, md.LOG2E)
-        mla_merge(out, meta)
+        assert parts is None or (meta.num_splits > 1).any()
+        out = torch.full((T + 3, H, DV), 7.0, dtype=q.dtype, device=DEV)  # 3 sentinel rows past the last token
+        sm90.mla_decode_sm90(q, kv, meta, (DV + DPE) ** -0.5, out[:T], md.LOG2E)
+        mla_merge(out[:T], meta)
+        assert (out[T:] == 7.0).all(), "rows past the last request were written"
         assert torch.isfinite(out).all()
-        assert rel_err(out, ref) < REL_TOL[torch.bfloat16], parts
+        assert rel_err(out[:T], ref) < REL_TOL[torch.bfloat16], parts
+        assert torch.equal(mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV), out[:T])  # the default path
+        assert md.mla_decode.last_impl == "gluon"
         tri = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, config=md.DecodeConfig(64, 64, 8, 2, gluon=False))
-        assert rel_err(out, tri) < REL_TOL[torch.bfloat16], parts
+        assert rel_err(out[:T], tri) < REL_TOL[torch.bfloat16], parts
 
 
 def test_sm90_kernel_packed_plan_and_fallbacks():
     """128 requests of about 1k at H = 128: the packed plan (no request cut, two or so a part) and outputs that
-    leave by TMA; a non-contiguous output or a head count that is not a multiple of 64 falls back to the Triton
-    kernel with the same result."""
+    leave by TMA; a non-contiguous output falls back to the Triton kernel with the same result."""
     _sm90_or_skip()
     from kernels import mla_decode as md
     from kernels import mla_decode_sm90 as sm90
@@ -316,15 +324,6 @@ def test_sm90_kernel_packed_plan_and_fallbacks():
     mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV, out=wide[..., :DV])
     assert md.mla_decode.last_impl == "triton"
     assert rel_err(wide[..., :DV], ref) < REL_TOL[torch.bfloat16]
-
-    lens, qls = [700, 64, 1500], [2, 1, 2]  # 32 heads, q_len 2: 64 rows, but not whole head tiles
-    q, kv, sl, qo, bt = gpu_problem(lens, qls, 32, 64)
-    meta = PersistentMetadataBuilder(num_heads=32, max_batch=3, max_q_len=2, max_pages_per_seq=bt.shape[1],
-                                     page_size=64, device=DEV).build(sl, qo, bt)
-    assert "multiple of 64 heads" in sm90.supported(q, kv, meta, DV)
-    out = mla_decode(q, kv, meta, (DV + DPE) ** -0.5, DV)
-    assert md.mla_decode.last_impl == "triton"
-    assert rel_err(out, mla_attention_reference(q, kv, qo, sl, bt, (DV + DPE) ** -0.5, DV)) < REL_TOL[torch.bfloat16]
 
 
 def test_kernel_bench_rows_and_the_per_layer_column(capsys):

@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels.metadata import (PerStepMetadataBuilder, PersistentMetadataBuilder, device_dram_ratio,  # noqa: E402
-                              make_metadata_builder, scaled_dram_ratio)
+from kernels.metadata import (SLACK_DIV, PerStepMetadataBuilder, PersistentMetadataBuilder,  # noqa: E402
+                              device_dram_ratio, make_metadata_builder, scaled_dram_ratio)
 from kernels.plan_kernels import build_kv_indices  # noqa: E402
 from kernels.reference import kv_indices_reference, narrowest_width, width_candidates  # noqa: E402
 from kernels.testing import make_problem, plan_reference  # noqa: E402
@@ -106,7 +106,12 @@ def test_slack_keeps_long_requests_whole():
         _check_plan(meta, seq_lens, q_lens, builder)
         bounds = meta.part_bounds.tolist()
         assert meta.num_merge.item() == merges and max(b - a for a, b in zip(bounds, bounds[1:])) == widest
-    assert PersistentMetadataBuilder(**dict(kw, num_heads=16)).slack_div == 0  # the generic kernel's head counts
+    # 16 heads: the sm90 kernel pads them to 64-row tiles on an H100 (the slack), the generic kernel's small tiles
+    # elsewhere (none); no DRAM floor either way
+    from kernels import mla_decode_sm90 as sm90
+    h16 = PersistentMetadataBuilder(**dict(kw, num_heads=16, dram_ratio=None))
+    sm90_tiles = sm90.device_reason(h16.device, 64, h16.plan_block) is None
+    assert (h16.slack_div, h16.dram_ratio) == (SLACK_DIV if sm90_tiles else 0, 0)
     with pytest.raises(ValueError, match="slack_div must be >= 0"):
         PersistentMetadataBuilder(**kw, slack_div=-1)
 
@@ -204,8 +209,8 @@ def test_narrowest_width_with_a_dram_floor(kv, tiles, parts, want):
 ])
 def test_dram_floor_keeps_requests_whole_where_the_dram_bounds_the_step(heads, dram_ratio, ratio, want):
     # H = 64, 64 x 1k: cut in two, the DRAM still needs 13 blocks of a part's time, so they run whole on 64
-    # parts; by default builders the sm90 kernel does not serve (H = 16) leave the floor off (their cuts are
-    # cheap), and the others take the device's ratio (the H100's off CUDA)
+    # parts; by default builders for head counts below whole 64-row tiles (H = 16) leave the floor off (their cuts
+    # write partials of their own rows only), and the others take the device's ratio (the H100's off CUDA)
     lens = [1024] * 64
     pb = make_problem(lens, [1] * 64, 1, 64, kv_lora_rank=16, rope_dim=0, device=DEVICE, dtype=torch.float32)
     builder = PersistentMetadataBuilder(num_heads=heads, max_batch=64, max_q_len=1, max_pages_per_seq=pb.max_pages,
