@@ -72,7 +72,7 @@ def kernel_time(fn: Callable[[], Any], rep: int = 50) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     graph, _ = capture(fn)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

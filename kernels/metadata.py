@@ -20,8 +20,8 @@ Strategies:
     tile adds about 1 / cut_ratio of a block (its fp32 partial written and merged), so of the widths
     1..min_chunk that fit, w_lo is the one with the least cut_ratio * (longest piece) + tiles * (pieces of cut
     requests): one 1k request runs over 16 parts of one block, a 4k one over 32 of two, a 16k one over 64 of
-    four (H = 64). With a DRAM floor (``dram_ratio``: by default ``device_dram_ratio`` for head counts the
-    sm90 kernel serves, else 0) no part is counted faster than the DRAM streams the step's KV (its blocks /
+    four (H = 64). With a DRAM floor (``dram_ratio``: by default ``device_dram_ratio`` for a multiple of 64
+    heads, else 0) no part is counted faster than the DRAM streams the step's KV (its blocks /
     dram_ratio), wider widths are weighed too and a per-request plan up to the floor counts as balanced:
     64 x 1k at H = 64 then runs whole on 64 parts instead of cut in two (H100: 56 -> 50 us), 128 x 16k whole
     on 128 parts instead of slices (879 -> 819 us); and a per-request plan up to 1 / ``slack_div`` of a slice
@@ -212,7 +212,8 @@ class PersistentMetadataBuilder:
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
         self.snap_div, self.snap_max = snap_div, snap_max
         self.split_cost, self.cut_ratio = split_cost, cut_ratio
-        # the measured defaults (the interpreter's plans at 64 or 128 heads match the H100's)
+        # the measured defaults: the DRAM floor for whole 64-row tiles, the slack for any 64-row tiles (the sm90
+        # kernel pads partial ones); the interpreter's plans at 64 or 128 heads match the H100's
         whole_tiles = num_heads % ROWS_PER_TILE == 0
         tiles64 = whole_tiles or sm90.device_reason(self.device, page_size, plan_block) is None
         if dram_ratio is None:
@@ -304,8 +305,7 @@ class PerStepMetadataBuilder:
                  snap_div: int | None = None, snap_max: int | None = None, split_cost: int | None = None,
                  cut_ratio: int | None = None, dram_ratio: int | None = None, slack_div: int | None = None):
         # num_parts / min_chunk / snap_div / snap_max / split_cost / cut_ratio / dram_ratio / slack_div belong to
-        # persistent
-        # (accepted so that both strategies take one set of kwargs)
+        # persistent (accepted so that both strategies take one set of kwargs)
         _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
         self.device = _device(device)
         self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len

@@ -147,6 +147,9 @@ if _GLUON_ERROR is None:
         l_o = gl.convert_layout(l_i, ROW_O)
         has = l_o > 0.0
         out = acc * gl.expand_dims(1.0 / gl.where(has, l_o, 1.0), 1)
+        rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
+        cols_o = COL0 + gl.arange(0, W, layout=gl.SliceLayout(0, O_L))
+        in_req = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o < DV, 0)  # (unused with FULL)
         if n_split == 1:
             if FULL:
                 tma.store_wait(0)  # (a no-op after the stage's refill, which waited already)
@@ -156,24 +159,15 @@ if _GLUON_ERROR is None:
                 for c in gl.static_range(0, W, HALF):
                     _tma_store(O_DESC, [q_start * H + tile * BLOCK_H, COL0 + c], o_smem.slice(c, HALF, dim=1))
             else:
-                rows_t = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
-                cols_t = COL0 + gl.arange(0, W, layout=gl.SliceLayout(0, O_L))
-                pt = O + (q_start * H + rows_t).to(gl.int64) * DV
-                in_req = gl.expand_dims(rows_t < n_rows, 1) & gl.expand_dims(cols_t < DV, 0)
-                gl.store(gl.expand_dims(pt, 1) + gl.expand_dims(cols_t, 0), out.to(gl.bfloat16), mask=in_req)
+                po_out = O + (q_start * H + rows_o).to(gl.int64) * DV
+                gl.store(gl.expand_dims(po_out, 1) + gl.expand_dims(cols_o, 0), out.to(gl.bfloat16), mask=in_req)
         else:
             slot = (gl.load(SPLIT_INDPTR + b) + p - gl.load(FIRST_PART + b)).to(gl.int64)
-            rows_o = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_O)
-            cols_o = COL0 + gl.arange(0, W, layout=gl.SliceLayout(0, O_L))
             po = O_PART + (slot * rows_max + rows_o) * DV
-            if FULL:
-                gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out)
-            else:
-                in_req = gl.expand_dims(rows_o < n_rows, 1) & gl.expand_dims(cols_o < DV, 0)
-                gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=in_req)
+            gl.store(gl.expand_dims(po, 1) + gl.expand_dims(cols_o, 0), out, mask=None if FULL else in_req)
             m_o = gl.convert_layout(m_i, ROW_O)
             lse = gl.where(has, m_o + gl.log2(gl.where(has, l_o, 1.0)), gl.full_like(m_o, float("-inf")))
-            gl.store(LSE_PART + slot * stride_ls + rows_o, lse, mask=FULL or rows_o < n_rows)
+            gl.store(LSE_PART + slot * stride_ls + rows_o, lse, mask=None if FULL else rows_o < n_rows)
 
     @gluon.jit
     def _load_part(KV_DESC, KV_PE_DESC, bars, stage, lat, pe, row_kv, part: gl.constexpr, HALF: gl.constexpr):

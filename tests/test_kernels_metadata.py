@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernels import mla_decode_sm90 as sm90  # noqa: E402
 from kernels.metadata import (SLACK_DIV, PerStepMetadataBuilder, PersistentMetadataBuilder,  # noqa: E402
                               device_dram_ratio, make_metadata_builder, scaled_dram_ratio)
 from kernels.plan_kernels import build_kv_indices  # noqa: E402
@@ -108,7 +109,6 @@ def test_slack_keeps_long_requests_whole():
         assert meta.num_merge.item() == merges and max(b - a for a, b in zip(bounds, bounds[1:])) == widest
     # 16 heads: the sm90 kernel pads them to 64-row tiles on an H100 (the slack), the generic kernel's small tiles
     # elsewhere (none); no DRAM floor either way
-    from kernels import mla_decode_sm90 as sm90
     h16 = PersistentMetadataBuilder(**dict(kw, num_heads=16, dram_ratio=None))
     sm90_tiles = sm90.device_reason(h16.device, 64, h16.plan_block) is None
     assert (h16.slack_div, h16.dram_ratio) == (SLACK_DIV if sm90_tiles else 0, 0)
