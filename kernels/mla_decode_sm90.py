@@ -22,7 +22,9 @@ one warpgroup each, over tiles of 64 rows (row = (query token, head)):
 - a row's running max moves only when a block's max is more than ``RESCALE_TAU`` = 8 (log2) above it, so P
   stays <= 2^8 and, after the first blocks, O is rarely rescaled: a warp whose 16 rows all kept their max
   votes to jump over the 128 multiplies a thread (FlashAttention-4's conditional rescaling; session 12:
-  2.5-3.3% at H = 128 in graphs of 8-16 layers, where the H100 runs at its power cap).
+  2.5-3.3% at H = 128 in graphs of 8-16 layers, where the H100 runs at its power cap);
+- only a block that reaches past a row's last visible token (a request's last block, or causal within its new
+  tokens) is masked, and S's scale rides in the exponent's FMA (session 17: 0.1-0.4 us at short calls).
 
 Session 6 retired the lockstep schedule (both warpgroups on the same block, tokens of S split between them):
 with the merge kernel and the TMA store it was nowhere faster than the seesaw at 64 rows, and up to 1.14x
@@ -182,12 +184,13 @@ if _GLUON_ERROR is None:
             _tma_load(KV_DESC, [row_kv, part * HALF], bar, lat.slice(part * HALF, HALF, dim=1))
 
     @gluon.jit
-    def _block_scores(q_lat_ring, q_pe_ring, zero, bars, stage, phase, k_lat, k_pe, n0, L, end_n, pos, scale_log2,
+    def _block_scores(q_lat_ring, q_pe_ring, zero, bars, stage, phase, k_lat, k_pe, n0, L, end_n, full_n, pos,
                       FIRST: gl.constexpr, BLOCK_H: gl.constexpr, BLOCK_N: gl.constexpr, DV: gl.constexpr,
                       HALF: gl.constexpr, S_L: gl.constexpr):
-        """Scaled, masked S = Q K^T [BLOCK_H, BLOCK_N] of one block (fp32, base 2), latent half FIRST first, each
-        part consumed as its TMA lands. Rows of the block past L (a last page's unwritten rows) are zeroed
-        first: both warpgroups use them as values."""
+        """S = Q K^T [BLOCK_H, BLOCK_N] of one block (fp32, unscaled), latent half FIRST first, each part consumed
+        as its TMA lands; -inf where a row may not see a token, computed only for a block that reaches past
+        ``full_n`` (every row of the tile sees every token before it). Rows of the block past L (a last page's
+        unwritten rows) are zeroed first: both warpgroups use them as values."""
         SECOND: gl.constexpr = 1 - FIRST
         if n0 + BLOCK_N > L:
             mbarrier.wait(bars.index(3 * stage + 0), phase)
@@ -211,9 +214,11 @@ if _GLUON_ERROR is None:
         mbarrier.wait(bars.index(3 * stage + 2), phase)
         s = warpgroup_mma(q_pe_ring.index(zero), k_pe.permute((1, 0)), s, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s])
-        toks = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
-        ok = (gl.expand_dims(toks, 0) < end_n) & (gl.expand_dims(toks, 0) <= gl.expand_dims(pos, 1))
-        return gl.where(ok, s * scale_log2, gl.full_like(s, float("-inf")))
+        if n0 + BLOCK_N > full_n:
+            toks = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, S_L))
+            ok = (gl.expand_dims(toks, 0) < end_n) & (gl.expand_dims(toks, 0) <= gl.expand_dims(pos, 1))
+            s = gl.where(ok, s, gl.full_like(s, float("-inf")))
+        return s
 
     @gluon.jit
     def _seesaw_partition(
@@ -268,6 +273,8 @@ if _GLUON_ERROR is None:
                 bt_row = BLOCK_TABLE + b * stride_bt + start_n // BLOCK_N
                 rows_s = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_S)
                 pos = L - q_len + rows_s // H
+                # a block ending at or before full_n is seen whole by every row of the tile: no mask
+                full_n = gl.minimum(end_n, L - q_len + (tile * BLOCK_H) // H + 1)
                 m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=ROW_S)
                 l_i = gl.zeros([BLOCK_H], gl.float32, layout=ROW_S)
                 acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=O_L)
@@ -309,14 +316,16 @@ if _GLUON_ERROR is None:
                         if ROLE == 0:
                             n0 = start_n + 2 * i * BLOCK_N
                             s = _block_scores(q_lat_ring, q_pe_ring, zero, bars, 0, ga & 1, kv_lat.index(0),
-                                              kv_pe.index(0), n0, L, end_n, pos, scale_log2, 0, BLOCK_H, BLOCK_N, DV,
+                                              kv_pe.index(0), n0, L, end_n, full_n, pos, 0, BLOCK_H, BLOCK_N, DV,
                                               HALF, S_L)
                             if i == n_pairs - 1:
                                 mbarrier.arrive(q_empty, count=1)
-                            mx = gl.max(s, 1)  # a row keeps its (stale) max unless this block's is TAU above it
+                            # a row keeps its (stale) max unless this block's is TAU above it; S is scaled
+                            # inside the exponent's FMA
+                            mx = gl.max(s, 1) * scale_log2
                             m0 = gl.where(mx > m_i + TAU, gl.maximum(m_i, mx), m_i)
                             sc0 = gl.exp2(m_i - m0)
-                            pr = gl.exp2(s - gl.expand_dims(m0, 1))
+                            pr = gl.exp2(gl.fma(s, scale_log2, -gl.expand_dims(m0, 1)))
                             l_i = l_i * sc0 + gl.sum(pr, 1)
                             kv_pe.index(0).store(pr.to(gl.bfloat16))  # P_A over A's rope part (scores are done)
                             xch.index(0).store(m0)
@@ -353,7 +362,7 @@ if _GLUON_ERROR is None:
                             sc1 = gl.full([BLOCK_H], 1.0, gl.float32, layout=ROW_S)
                             if has_b:
                                 s = _block_scores(q_lat_ring, q_pe_ring, zero, bars, 1, gb & 1, kv_lat.index(1),
-                                                  kv_pe.index(1), n1, L, end_n, pos, scale_log2, 1, BLOCK_H, BLOCK_N,
+                                                  kv_pe.index(1), n1, L, end_n, full_n, pos, 1, BLOCK_H, BLOCK_N,
                                                   DV, HALF, S_L)
                             if i == n_pairs - 1:
                                 mbarrier.arrive(q_empty, count=1)
@@ -367,10 +376,10 @@ if _GLUON_ERROR is None:
                                                 is_async=True)
                             m_i = m0
                             if has_b:  # softmax of B while P_A V_A,R runs
-                                mx = gl.max(s, 1)
+                                mx = gl.max(s, 1) * scale_log2
                                 m1 = gl.where(mx > m0 + TAU, gl.maximum(m0, mx), m0)
                                 sc1 = gl.exp2(m0 - m1)
-                                pr = gl.exp2(s - gl.expand_dims(m1, 1))
+                                pr = gl.exp2(gl.fma(s, scale_log2, -gl.expand_dims(m1, 1)))
                                 kv_pe.index(1).store(pr.to(gl.bfloat16))
                                 xch.index(2).store(m1)
                                 xch.index(3).store(sc1)
