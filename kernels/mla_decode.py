@@ -121,7 +121,7 @@ def _mla_decode_kernel(
     dpe_ok = offs_dpe < DPE
 
     for b in range(b_lo, b_hi):
-        active, q_start, q_len, n_rows, L, start_n, end_n = request_span(
+        active, q_start, q_len, n_rows, L, start_n, end_n, full_n = request_span(
             b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead, BLOCK_H, PLAN_BLOCK)
         if active:
             row_ok = offs_r < n_rows
@@ -135,8 +135,7 @@ def _mla_decode_kernel(
                 q_a = q_a.to(tl.float32)
                 q_b = q_b.to(tl.float32)
                 q_pe = q_pe.to(tl.float32)
-            # tokens before L - q_len + 1 exist and are seen by every row: whole blocks there need no mask
-            n_full = tl.maximum(tl.minimum(end_n, L - q_len + 1) - start_n, 0) // BLOCK_N
+            n_full = tl.maximum(full_n - start_n, 0) // BLOCK_N  # whole blocks every row sees: no mask
             bt_row = b * stride_bt
 
             m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)

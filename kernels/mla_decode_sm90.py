@@ -265,7 +265,7 @@ if _GLUON_ERROR is None:
         nb = 0
         nq = 0
         for b in range(b_lo, b_hi):
-            active, q_start, q_len, n_rows, L, start_n, end_n = request_span(
+            active, q_start, q_len, n_rows, L, start_n, end_n, full_n = request_span(
                 b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead, BLOCK_H, BLOCK_N)
             if active:
                 n_blocks = gl.maximum(end_n - start_n + BLOCK_N - 1, 0) // BLOCK_N
@@ -273,8 +273,6 @@ if _GLUON_ERROR is None:
                 bt_row = BLOCK_TABLE + b * stride_bt + start_n // BLOCK_N
                 rows_s = tile * BLOCK_H + gl.arange(0, BLOCK_H, layout=ROW_S)
                 pos = L - q_len + rows_s // H
-                # a block ending at or before full_n is seen whole by every row of the tile: no mask
-                full_n = gl.minimum(end_n, L - q_len + (tile * BLOCK_H) // H + 1)
                 m_i = gl.full([BLOCK_H], -1.0e30, gl.float32, layout=ROW_S)
                 l_i = gl.zeros([BLOCK_H], gl.float32, layout=ROW_S)
                 acc = gl.zeros([BLOCK_H, HALF], gl.float32, layout=O_L)

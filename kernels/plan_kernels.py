@@ -280,8 +280,9 @@ def part_range(p, PART_BOUNDS, PART_REQS):
 def request_span(b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead,
                  BLOCK_H: tl.constexpr, PLAN_BLOCK: tl.constexpr):
     """The share of request ``b`` that part [begin, end) of the plan runs for row tile ``tile``, for both
-    decode kernels: (active, q_start, q_len, n_rows, L, start_n, end_n). KV positions [start_n, end_n);
-    end_n stops at the last position any row of the tile may see (causal within the new tokens)."""
+    decode kernels: (active, q_start, q_len, n_rows, L, start_n, end_n, full_n). KV positions [start_n, end_n);
+    end_n stops at the last position any row of the tile may see (causal within the new tokens), full_n at the
+    last one every row sees (its first token's), so blocks ending at or before full_n need no mask."""
     cs = tl.load(CU_COST + b)
     ce = tl.load(CU_COST + b + 1)
     kv0 = cs + overhead  # the request's KV blocks occupy plan units [kv0, ce)
@@ -293,5 +294,6 @@ def request_span(b, tile, begin, end, CU_COST, QO_INDPTR, SEQ_LENS, H, overhead,
     L = tl.load(SEQ_LENS + b)
     last_tok = tl.minimum((tile * BLOCK_H + BLOCK_H - 1) // H, q_len - 1)
     end_n = tl.minimum(tl.minimum(hi * PLAN_BLOCK, L), L - q_len + last_tok + 1)
+    full_n = tl.minimum(end_n, L - q_len + (tile * BLOCK_H) // H + 1)
     active = (lo < hi) & (tile * BLOCK_H < n_rows)
-    return active, q_start, q_len, n_rows, L, lo * PLAN_BLOCK, end_n
+    return active, q_start, q_len, n_rows, L, lo * PLAN_BLOCK, end_n, full_n
