@@ -12,8 +12,9 @@ read floor (``read_floor_us``: a plain stream read of the same KV bytes timed th
 (profiler) and its graph replay timed as above, and wall time of the per-step build (host work + copies).
 ``--layers N`` adds the time per layer of a graph of N layers, each reading its own cache (as a model's step
 does; a replay's own ~5 us is then spread over the N layers), ours, FlashMLA's and the read floor's. ``--only``
-takes comma-separated case names (the full table fits two commands of under 10 minutes: ``--only uniform`` and
-``--only "skewed,1x32k,1x16k,random,B1 L65536,B256" --no-metadata``).
+takes comma-separated case names (the whole table with ``--triton-too --layers 8`` takes ~2.5 minutes on an
+H100). ``--split-floor`` times what a split-KV decode at B = 1, L = 16k costs with no arithmetic at all
+(``split_floor_us``).
 """
 from __future__ import annotations
 
@@ -117,6 +118,72 @@ def read_floor_us(nbytes: int, layers: int = 1, flush: str = "write") -> float:
 
         best = min(best, graph_time(fn, flush=flush) / layers)
     return best
+
+
+@functools.cache
+def _split_floor_kernels():
+    """Two Triton kernels that move a split-KV decode's bytes and compute nothing: each of P programs streams a
+    contiguous 1/P of the cache (int32 words, xor-reduced so that the loads stay) and writes a partial of W fp32
+    words (the xor plus the word's index); the second sums the partials over P, CB words a program."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _stream_piece(src, part, n_words, per, W, BLOCK: tl.constexpr, CB: tl.constexpr):
+        pid = tl.program_id(0)
+        lo = pid.to(tl.int64) * per
+        acc = tl.zeros([BLOCK], tl.int32)
+        for i in range(0, per, BLOCK):
+            offs = lo + i + tl.arange(0, BLOCK)
+            acc ^= tl.load(src + offs, mask=(offs < n_words) & (offs < lo + per), other=0)
+        v = tl.xor_sum(acc, 0).to(tl.float32)
+        for j in range(0, W, CB):
+            o = j + tl.arange(0, CB)
+            tl.store(part + pid.to(tl.int64) * W + o, v + o.to(tl.float32), mask=o < W)
+
+    @triton.jit
+    def _sum_pieces(part, out, W, P: tl.constexpr, CB: tl.constexpr):
+        cols = tl.program_id(0) * CB + tl.arange(0, CB)
+        acc = tl.zeros([CB], tl.float32)
+        for p in range(P):
+            acc += tl.load(part + p * W + cols, mask=cols < W, other=0.0)
+        tl.store(out + cols, acc, mask=cols < W)
+
+    return _stream_piece, _sum_pieces
+
+
+def split_floor_us(nbytes: int, pieces: int, partial_words: int, flush: str = "write") -> float:
+    """What a split-KV decode of ``nbytes`` of KV over ``pieces`` programs costs under the timing method before it
+    computes anything: us of a graph replay of the two ``_split_floor_kernels`` (each program streams its 1/pieces of
+    the bytes and writes ``partial_words`` fp32 words; the second kernel sums them, none when 0), timed as the decode
+    rows are, best of two load widths."""
+    stream_piece, sum_pieces = _split_floor_kernels()
+    n = -(-nbytes // 4)
+    src = torch.ones(n, dtype=torch.int32, device="cuda")
+    part = torch.empty(max(pieces * partial_words, 1), dtype=torch.float32, device="cuda")
+    out = torch.empty(max(partial_words, 1), dtype=torch.float32, device="cuda")
+    per = -(-n // pieces)
+    best = float("inf")
+    for block in (4096, 16384):
+        def fn():
+            stream_piece[(pieces,)](src, part, n, per, partial_words, BLOCK=block, CB=1024, num_warps=8)
+            if partial_words:
+                sum_pieces[(-(-partial_words // 256),)](part, out, partial_words, P=pieces, CB=256, num_warps=4)
+
+        best = min(best, graph_time(fn, flush=flush))
+    return best
+
+
+def run_split_floor(flush: str = "write") -> list[dict]:
+    """``split_floor_us`` at B = 1, L = 16k (the issue's small-batch target, 20 us a call) for 64 and 128 pieces
+    (64-row tiles: 64 x 512 fp32 words a piece), with fp32 partials, bf16-sized ones, an eighth of them (what an
+    on-chip reduction over clusters of 8 would leave) and none, beside the read floor."""
+    nbytes, words = 16384 * D * 2, 64 * DV
+    rows = [dict(pieces=0, partials="read floor", us=read_floor_us(nbytes, flush=flush))]
+    for pieces in (64, 128):
+        for name, w in (("none", 0), ("fp32", words), ("bf16", words // 2), ("fp32 / 8", words // 8)):
+            rows.append(dict(pieces=pieces, partials=name, us=split_floor_us(nbytes, pieces, w, flush)))
+    return rows
 
 
 def _problem(lens, q_len, H, page, dtype, seed=0):
@@ -422,7 +489,8 @@ def print_tables(result: dict) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset of the shapes, q_len 1 only")
-    ap.add_argument("--out", default="mla_bench.json", help="JSON file for all numbers")
+    ap.add_argument("--out", default=None,
+                    help="JSON file for all numbers (mla_bench.json; mla_split_floor.json with --split-floor)")
     ap.add_argument("--no-metadata", action="store_true", help="skip the metadata build benchmark")
     ap.add_argument("--only", default=None,
                     help="only cases whose name contains one of these comma-separated strings (e.g. uniform,skewed)")
@@ -434,6 +502,9 @@ def main(argv=None) -> dict:
                     help="also time the Triton kernel where the sm90 Gluon kernel runs (column 'triton')")
     ap.add_argument("--layers", type=int, default=1,
                     help="also time a graph of this many layers (own cache each), per layer, ours and FlashMLA's")
+    ap.add_argument("--split-floor", action="store_true",
+                    help="what a split-KV decode at B = 1, L = 16k costs with no arithmetic (stream + partials + "
+                         "their sum, kernels/NOTES.md session 18), then exit")
     ap.add_argument("--flush", choices=FLUSHES, default="write",
                     help="how L2 is emptied before every timed replay: write (do_bench's: zero 256 MB, L2 left "
                          "dirty) or read (read 256 MB, L2 left clean)")
@@ -442,6 +513,17 @@ def main(argv=None) -> dict:
         ap.error(f"--layers must be >= 1, got {args.layers}")
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench needs a CUDA GPU")
+    if args.out is None:
+        args.out = "mla_split_floor.json" if args.split_floor else "mla_bench.json"
+    if args.split_floor:
+        rows = run_split_floor(args.flush)
+        print(f"B = 1, L = 16k ({16384 * D * 2 / 1e6:.1f} MB of KV), {torch.cuda.get_device_name()}, "
+              f"{args.flush} flush: us a call with no arithmetic")
+        for r in rows:
+            print(f"{r['pieces'] or '-':>6} pieces  {r['partials']:>10}  {r['us']:7.1f}")
+        with open(args.out, "w") as f:
+            json.dump({"flush": args.flush, "split_floor": rows}, f, indent=1)
+        return {"split_floor": rows}
     ceilings = measure_ceilings()
     if args.sweep:
         rows = (run_config_sweep(ceilings) + run_snap_sweep(ceilings) + run_parts_sweep(ceilings)

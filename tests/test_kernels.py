@@ -135,6 +135,49 @@ def test_bench_stream_read_reads_every_word_once(n, grid, block, iters):
     assert functools.reduce(operator.xor, out.tolist()) == functools.reduce(operator.xor, src.tolist())
 
 
+@pytest.mark.parametrize("n, pieces, words, block", [(1000, 3, 40, 64), (777, 5, 0, 32), (4096, 4, 300, 256)])
+def test_bench_split_floor_moves_every_byte(n, pieces, words, block):
+    # the split floor's kernels (kernels.bench.split_floor_us): piece p reads words [p * per, (p + 1) * per) once and
+    # writes `words` partial words (its xor + the word's index); the sum kernel adds the pieces' partials up
+    import functools
+    import operator
+
+    from kernels.bench import _split_floor_kernels
+
+    stream_piece, sum_pieces = _split_floor_kernels()
+    src = torch.randint(-(1 << 31), 1 << 31, (n,), dtype=torch.int32, generator=torch.Generator().manual_seed(n))
+    per = -(-n // pieces)
+    part = torch.full((max(pieces * words, 1),), float("nan"))
+    out = torch.full((max(words, 1),), float("nan"))
+    stream_piece[(pieces,)](src, part, n, per, words, BLOCK=block, CB=16)
+    if words == 0:
+        assert part.isnan().all()  # nothing written
+        return
+    xors = [functools.reduce(operator.xor, src[p * per:(p + 1) * per].tolist(), 0) for p in range(pieces)]
+    want = torch.tensor(xors, dtype=torch.int32).float()[:, None] + torch.arange(words, dtype=torch.float32)
+    torch.testing.assert_close(part.view(pieces, words), want, rtol=0, atol=0)
+    sum_pieces[(-(-words // 64),)](part, out, words, P=pieces, CB=64)
+    torch.testing.assert_close(out, want.sum(0), rtol=1e-6, atol=1e-3)
+
+
+def test_bench_split_floor_command_writes_its_own_file(monkeypatch, tmp_path, capsys):
+    # --split-floor prints its table and writes mla_split_floor.json by default (not over a bench run's mla_bench.json)
+    import json
+
+    from kernels import bench
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda *a: "GPU")
+    rows = [dict(pieces=0, partials="read floor", us=14.5), dict(pieces=64, partials="fp32", us=22.4)]
+    monkeypatch.setattr(bench, "run_split_floor", lambda flush: rows)
+    assert bench.main(["--split-floor", "--flush", "read"]) == {"split_floor": rows}
+    assert json.loads((tmp_path / "mla_split_floor.json").read_text()) == {"flush": "read", "split_floor": rows}
+    assert not (tmp_path / "mla_bench.json").exists()
+    out = capsys.readouterr().out
+    assert "read flush" in out and "22.4" in out
+
+
 def test_bench_only_and_heads_filter_the_cases(monkeypatch):
     # --only a,b keeps the cases whose name contains a or b, --heads 16,128 those head counts (the full table in
     # commands of under 10 minutes); a bad head list is a usage error
