@@ -12,9 +12,9 @@ read floor (``read_floor_us``: a plain stream read of the same KV bytes timed th
 (profiler) and its graph replay timed as above, and wall time of the per-step build (host work + copies).
 ``--layers N`` adds the time per layer of a graph of N layers, each reading its own cache (as a model's step
 does; a replay's own ~5 us is then spread over the N layers), ours, FlashMLA's and the read floor's. ``--only``
-takes comma-separated case names (the whole table with ``--triton-too --layers 8`` takes ~2.5 minutes on an
-H100). ``--split-floor`` times what a split-KV decode at B = 1, L = 16k costs with no arithmetic at all
-(``split_floor_us``).
+(comma-separated case names) and ``--heads`` pick a part of the grid; the whole grid with ``--triton-too --layers 8``
+takes ~2.5 minutes on an H100. ``--split-floor`` times what a split-KV decode at B = 1, L = 16k costs with no
+arithmetic at all (``split_floor_us``).
 """
 from __future__ import annotations
 

@@ -179,8 +179,8 @@ def test_bench_split_floor_command_writes_its_own_file(monkeypatch, tmp_path, ca
 
 
 def test_bench_only_and_heads_filter_the_cases(monkeypatch):
-    # --only a,b keeps the cases whose name contains a or b, --heads 16,128 those head counts (the full table in
-    # commands of under 10 minutes); a bad head list is a usage error
+    # --only a,b keeps the cases whose name contains a or b, --heads 16,128 those head counts; a bad head list is a
+    # usage error
     from kernels import bench
 
     seen = {}
