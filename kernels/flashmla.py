@@ -3,7 +3,8 @@
 FlashMLA ships on PyPI as ``sgl-flash-mla`` (SGLang's build: compiled SM90 kernels; dense bf16 decode is
 its "legacy" path). Its scheduler runs on the GPU once per step from the sequence lengths
 (``get_mla_decoding_metadata``); every layer reuses the result, as with our persistent metadata. It needs
-the same q_len for every request, 64 or 128 heads, and a 576-wide latent (512 + 64 rope).
+the same q_len for every request and a 576-wide latent (512 + 64 rope); ``HEAD_COUNTS`` are the head counts whose
+outputs were checked against the reference on an H100 (q_len 1 and 2: tests/runner/attention/test_backends.py).
 """
 from __future__ import annotations
 
@@ -14,17 +15,17 @@ from typing import Any, Optional
 import torch
 
 PAGE_SIZE = 64
-HEAD_COUNTS = (64, 128)
+HEAD_COUNTS = (8, 16, 32, 64, 128)
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
-    """Why FlashMLA cannot run here, in one sentence; None when it can."""
+    """Why FlashMLA cannot run on ``device``, in one phrase ("needs ..."); None when it can."""
     if device.type != "cuda":
-        return "attention=flashmla needs a Hopper GPU (device=cuda)"
+        return "needs a Hopper GPU (device=cuda)"
     if torch.cuda.get_device_capability(device)[0] != 9:
-        return f"attention=flashmla needs a Hopper GPU (SM90); this is {torch.cuda.get_device_name(device)}"
+        return f"needs a Hopper GPU (SM90), this is {torch.cuda.get_device_name(device)}"
     if importlib.util.find_spec("flash_mla") is None:
-        return "attention=flashmla needs the flash_mla package: pip install sgl-flash-mla"
+        return "needs the flash_mla package: pip install 'mla-runner[flashmla]' (sgl-flash-mla)"
     return None
 
 
@@ -57,7 +58,7 @@ def flashmla_decode(q: torch.Tensor, kv_cache: torch.Tensor, step: FlashMLAPlan,
 
     T, H, D = q.shape
     if H not in HEAD_COUNTS:
-        raise ValueError(f"FlashMLA needs 64 or 128 heads, got {H}")
+        raise ValueError(f"FlashMLA runs {', '.join(map(str, HEAD_COUNTS))} heads, got {H}")
     if kv_cache.shape[1] != PAGE_SIZE:
         raise ValueError(f"FlashMLA needs page size {PAGE_SIZE}, got {kv_cache.shape[1]}")
     if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:

@@ -5,7 +5,7 @@ y[M, N] = x[M, K] @ W^T with W stored as float8_e4m3fn [N, K] and ``scale_inv`` 
 
 - ``act_quant`` (W8A8, DeepSeek's scheme; what models/fp8_linear.py uses for 16-bit runs): x quantized per row
   per 128 channels (s = max(amax, 1e-4) / 448, e4m3), fp8 x fp8 dots, each 128-wide K tile's product scaled by
-  s_x[m] * s_w. Three implementations (``impl``), chosen by M (measured, kernels/FP8_NOTES.md):
+  s_x[m] * s_w. Three implementations (``impl``), chosen by M (docs/fp8.md, section 4):
   ``small`` (M < 32): every program quantizes its [16 or 32, 128] x tile in registers, no extra launch;
   ``scaled_mm`` (M >= 32 where N % 128 == 0, K % 512 == 0, Hopper): ``quantize_act`` once, then
   torch._scaled_mm's cuBLASLt block-scaled GEMM; ``large`` (M >= 32 otherwise): ``quantize_act`` once, then
@@ -60,7 +60,7 @@ def _quant_rows(x, UPCAST: tl.constexpr):
     # '/' is approximate on the GPU (div.full.f32, <= 2 ulp): a code can differ from torch's IEEE division where
     # x / s lies within 2 ulp of a rounding boundary. Not tl.math.div_rn: it does not broadcast (Triton 3.6
     # builds the op on the raw [M, 128] and [M, 1] operands: wrong codes) and it made M = 1 2x slower
-    # (kernels/FP8_NOTES.md).
+    # (docs/fp8.md#3-numerics-w8a8-and-w8a16).
     xs = tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-4) / 448.0
     v = xf / xs[:, None]
     if UPCAST:
@@ -188,8 +188,9 @@ def _check(x, w, scale_inv, mode) -> None:
 # From this many rows on, act_quant quantizes x once in its own kernel and runs 64/128-row tiles whose two fp8
 # operands both come from shared memory (wgmma); below it, each program quantizes its few rows in registers.
 LARGE_M = 32
-# From this M on, torch._scaled_mm (cuBLASLt's block-scaled FP8 GEMM) where scaled_mm_ok: 1.1-1.5x faster than
-# the large Triton path at M = 32..128 on an H100, slower below 32 (kernels/FP8_NOTES.md).
+# From this M on, torch._scaled_mm (cuBLASLt's block-scaled FP8 GEMM) where scaled_mm_ok: 1.1-1.7x faster than
+# the large Triton path at M = 32..128 on an H100, slower or equal below 32
+# (docs/fp8.md#4-the-dense-gemm-three-implementations-chosen-by-m).
 SCALED_MM_M = 32
 IMPLS = ("small", "large", "scaled_mm")
 
@@ -305,7 +306,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor, mode: 
 def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor,
                          mode: str = "weight_only") -> torch.Tensor:
     """Dequantize, then matmul in fp32 (act_quant: x quantized and dequantized first): [..., N] fp32."""
-    from models.fp8 import dequantize_fp8_block
+    from mla_runner.kernels.fp8_block import dequantize_fp8_block
 
     wd = dequantize_fp8_block(w, scale_inv)
     xf = x.reshape(-1, x.shape[-1]).float()
@@ -313,68 +314,3 @@ def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tens
         q, s = act_quant_reference(xf)
         xf = q.float() * s.repeat_interleave(SCALE_BLOCK, 1)[:, : xf.shape[1]]
     return (xf @ wd.t()).view(*x.shape[:-1], w.shape[0])
-
-
-# (name, K, N) of the decode-step projections; DeepSeek-V3 (128 heads) and Kimi-K2 (64 heads) differ in q_b, o_proj.
-BENCH_SHAPES = (
-    ("q_a 7168->1536", 7168, 1536), ("q_b 1536->24576 (V3)", 1536, 24576), ("q_b 1536->12288 (K2)", 1536, 12288),
-    ("kv_a 7168->576", 7168, 576), ("o_proj 16384->7168 (V3)", 16384, 7168), ("o_proj 8192->7168 (K2)", 8192, 7168),
-    ("gate_up 7168->36864", 7168, 36864), ("down 18432->7168", 18432, 7168),
-)
-BENCH_M = (1, 4, 16, 32, 64, 128)
-
-
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy ceiling: bytes read + written per second."""
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=5, rep=50, return_mode="median")
-    return 2 * nbytes / ms / 1e6
-
-
-def run_bench(shapes=BENCH_SHAPES, ms=BENCH_M) -> list[dict]:
-    """Every FP8 implementation vs bf16 cuBLAS at decode shapes, one run; GB/s of FP8 weight bytes (default
-    path) against the copy ceiling measured in the same run."""
-    from kernels.cuda_graph import graph_time
-    from models.fp8 import quantize_fp8_block
-
-    ceiling = copy_bandwidth_gbs()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          f"copy ceiling {ceiling:.0f} GB/s; times: CUDA-graph replay, L2 flushed, median us", flush=True)
-    print("| shape | M | bf16 | W8A16 | W8A8 small | W8A8 large | scaled_mm | default | default vs bf16 | "
-          "GB/s | of copy | rel err |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    rows = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for name, K, N in shapes:
-        wb = torch.randn(N, K, device="cuda", generator=gen, dtype=torch.bfloat16) * K ** -0.5
-        wq, ws = quantize_fp8_block(wb)
-        for M in ms:
-            x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-            ref = fp8_linear_reference(x, wq, ws, mode="act_quant")
-            t = {"bf16": graph_time(lambda: x @ wb.t(), rep=30, warmup=5),
-                 "W8A16": graph_time(lambda: fp8_linear(x, wq, ws, mode="weight_only"), rep=30, warmup=5)}
-            err = {}
-            impls = ["small"] + (["large"] if M >= 16 else []) + (["scaled_mm"] if scaled_mm_ok(N, K, x.device)
-                                                                   else [])
-            for impl in impls + [None]:
-                try:
-                    y = fp8_linear(x, wq, ws, impl=impl)
-                    err[impl] = ((y.float() - ref).norm() / ref.norm()).item()
-                    t[impl] = graph_time(lambda: fp8_linear(x, wq, ws, impl=impl), rep=30, warmup=5)
-                except Exception as exc:  # e.g. a cuBLASLt layout it refuses
-                    print(f"  {name} M={M} {impl}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-            del ref
-            gbs = (wq.numel() + 4 * ws.numel()) / t[None] / 1e3
-            rows.append(dict(shape=name, M=M, us={str(k): v for k, v in t.items()}, gbs=gbs, copy_gbs=ceiling,
-                             rel_err={str(k): v for k, v in err.items()}))
-            cell = lambda k: f"{t[k]:.1f}" if k in t else "-"  # noqa: E731
-            print(f"| {name} | {M} | {cell('bf16')} | {cell('W8A16')} | {cell('small')} | {cell('large')} | "
-                  f"{cell('scaled_mm')} | {cell(None)} | {t['bf16'] / t[None]:.2f}x | {gbs:.0f} | "
-                  f"{gbs / ceiling:.0%} | {max(err.values()):.1e} |", flush=True)
-        del wb, wq, ws
-    return rows
-
-
-if __name__ == "__main__":
-    run_bench()

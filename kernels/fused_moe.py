@@ -12,7 +12,7 @@ from (T, k, E) and the block sizes alone, no host sync:
 
 Weights are stacked once at load: ``w13[e] = cat(gate_proj[e], up_proj[e])`` [E, 2*inter, hidden] and
 ``w2[e] = down_proj[e]`` [E, hidden, inter]. Expert ids outside [0, E) are dropped (contribute zero).
-Benchmark: ``python -m kernels.fused_moe`` (see kernels/moe_bench.py and kernels/MOE_NOTES.md).
+Benchmark: ``python benchmarks/bench_fused_moe.py``; design and measurements: docs/fused_moe.md.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels.moe_align import moe_align
-from kernels.moe_kernels import _down_kernel, _gate_up_kernel, _sum_slots_kernel
+from mla_runner.kernels.fp8_block import quantize_fp8_block, scale_grid
+from mla_runner.kernels.moe_align import moe_align
+from mla_runner.kernels.moe_kernels import _down_kernel, _gate_up_kernel, _sum_slots_kernel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -73,10 +74,10 @@ def _fit(block: int, dim: int) -> int:
     return max(16, min(block, triton.next_power_of_2(dim)))
 
 
-def _check_fp8(w13, w2, w13_scale, w2_scale, cfg: "MoEConfig | None", act_quant: bool) -> None:
+def _check_fp8(w13, w2, w13_scale, w2_scale, cfg: MoEConfig | None, act_quant: bool) -> None:
     E, inter2, hidden = w13.shape
     inter = inter2 // 2
-    nb = lambda d: -(-d // 128)  # noqa: E731
+    nb = lambda d: -(-d // 128)
     if w13_scale is None or w2_scale is None:
         raise ValueError("float8_e4m3fn expert weights need w13_scale and w2_scale")
     if tuple(w13_scale.shape) != (E, 2 * nb(inter), nb(hidden)) or w13_scale.dtype != torch.float32:
@@ -196,6 +197,24 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     return out
 
 
+def quantize_experts(w13: torch.Tensor, w2: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stacked expert weights -> (w13 e4m3, w13_scale, w2 e4m3, w2_scale) in this kernel's FP8 layout: gate and up
+    quantized separately (each its own 128x128 grid, partial edge blocks per matrix), scales stacked, as
+    ``MoE.stack_experts`` stacks a checkpoint's FP8 experts."""
+    E, inter, hidden = w13.shape[0], w13.shape[1] // 2, w13.shape[2]
+    rows = scale_grid((inter, hidden))[0]
+    q13 = torch.empty(w13.shape, dtype=torch.float8_e4m3fn, device=w13.device)
+    s13 = torch.empty(E, 2 * rows, scale_grid((inter, hidden))[1], device=w13.device)
+    q2 = torch.empty(w2.shape, dtype=torch.float8_e4m3fn, device=w2.device)
+    s2 = torch.empty(E, *scale_grid((hidden, inter)), device=w2.device)
+    for e in range(E):  # in place: the peak is the stacks plus one expert's temporaries
+        q13[e, :inter], s13[e, :rows] = quantize_fp8_block(w13[e, :inter])
+        q13[e, inter:], s13[e, rows:] = quantize_fp8_block(w13[e, inter:])
+        q2[e], s2[e] = quantize_fp8_block(w2[e])
+    return q13, s13, q2, s2
+
+
 def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
     """Plain torch, one (token, slot) at a time, all in fp32 (no intermediate rounding): [T, hidden] fp32.
@@ -205,7 +224,7 @@ def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
     Independent of the kernels on purpose (no sorting, no stacking tricks beyond slicing w13); it reads the
     expert ids on the host, so it is for tests only.
     """
-    from kernels.fp8_gemm import act_quant_reference
+    from mla_runner.kernels.fp8_gemm import act_quant_reference
 
     def quant(v: torch.Tensor) -> torch.Tensor:  # [K] -> its e4m3 values times their scales, fp32
         q, s = act_quant_reference(v[None])
@@ -225,18 +244,3 @@ def fused_moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, to
                 h = quant(h.to(x.dtype).float())
             out[t] += topk_weights[t, j].float() * (w2[e].float() @ h)
     return out
-
-
-def bench_fused_moe(sweep: bool = False) -> list[dict]:
-    """Fused vs eager per-expert loop at DeepSeek-V3 / Kimi-K2 expert shapes on a CUDA GPU (kernels/moe_bench.py)."""
-    from kernels.moe_bench import run_bench
-
-    return run_bench(sweep=sweep)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=bench_fused_moe.__doc__)
-    parser.add_argument("--sweep", action="store_true", help="also time a few MoEConfig variants per case")
-    bench_fused_moe(sweep=parser.parse_args().sweep)

@@ -36,8 +36,8 @@ Strategies:
     or lengths too uneven to pack, take this plan.
   ``max_kv_splits`` caps the parts any one request is cut into (the slices grow to fit), not the grid.
   Out-of-bounds requests (q_len > max_q_len, seq_len > block-table width * page_size) are found on the GPU:
-  planned as padding slots and flagged for ``check``, which raises (one int read: call it where the caller
-  synchronizes anyway).
+  planned as padding slots and flagged for ``check``, which raises (every build copies the flag to the host
+  asynchronously: call it where the caller synchronizes anyway).
 - ``per_step``: the baseline: the plan computed on the host from host lists with a fixed split count per
   request, fresh tensors copied to the device every step. Eager only. Out-of-bounds requests raise in ``build``.
 """
@@ -47,28 +47,31 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import mla_decode_sm90 as sm90
-from kernels import reference as ref
+from mla_runner.kernels import mla_decode_sm90 as sm90
+from mla_runner.kernels import reference as ref
 
 PLAN_BLOCK = 64  # KV tokens per plan unit
 OVERHEAD = 2  # plan units charged per request on top of its KV blocks (q load, output write)
 ROWS_PER_TILE = 64  # rows (q_len * H) per program the plan assumes when sizing the grid
 SPLIT_COST = 4  # plan units a cut request costs a part (partial write, merge read), when choosing the plan
-CUT_RATIO = 16  # a KV block in a part costs about 16 times what one cut row tile adds (H100, kernels/NOTES.md)
+# a KV block in a part costs about 16 times what one cut row tile adds (H100:
+# docs/mla_decode.md#33-the-per-request-width)
+CUT_RATIO = 16
 # KV blocks the whole GPU reads from DRAM while a part computes one 64-row block on the sm90 kernel: H100, ~2.07 us
-# a block (the steady pair at H = 128) over 73.7 KB at 3.0 TB/s (kernels/NOTES.md, session 11); 0 drops the
-# DRAM floor. Builders default to it for whole 64-row tiles (a multiple of 64 heads) and leave it off otherwise:
-# a cut costs partials of the request's own rows only, so cuts are cheap below 64 heads, on the generic kernel's
-# small tiles (H = 16, 64 x 1k: 49 -> 61 us with the floor, session 9) and on the sm90 kernel's partial tiles (H =
-# 8-16, 8-32 requests of 1-4k: 1.2-2.0 us a layer faster without it, session 16). Other GPUs get it scaled by their
-# DRAM bandwidth and SM clock against the H100 SXM it was measured on (``device_dram_ratio``)
+# a block (the steady pair at H = 128) over 73.7 KB at 3.0 TB/s; 0 drops the DRAM floor. Builders default to it for
+# whole 64-row tiles (a multiple of 64 heads) and leave it off otherwise: a cut costs partials of the request's own
+# rows only, so cuts are cheap below 64 heads, on the generic kernel's small tiles (H = 16, 64 x 1k: 49 us without the
+# floor, 61 with it) and on the sm90 kernel's partial tiles (H = 8-16, 8-32 requests of 1-4k: 1.2-2.0 us a layer faster
+# without it). Other GPUs get it scaled by their DRAM bandwidth and SM clock against the H100 SXM it was measured on
+# (``device_dram_ratio``). docs/mla_decode.md#4-the-dram-floor
 DRAM_RATIO = 84
 DRAM_RATIO_BW, DRAM_RATIO_CLOCK = 3.352e12, 1.98e9  # H100 SXM: HBM3 2 x 2619 MHz x 5120 bits; SM clock 1980 MHz
 # The per-request plan counts as balanced up to this fraction (1 / SLACK_DIV) of a slice beyond the slice + overhead +
 # split_cost: where the slices would cut every one of many long requests once, whole pieces ~3% longer win (H100,
-# H = 128 and q_len 2 x 64 heads, 32-64 requests of 16k, 4-round A/B: 1-5% per call, 4-5% per layer; kernels/NOTES.md,
-# session 15). Builders default to it for 64-row tiles (a multiple of 64 heads, or any head count on an sm90 GPU with
-# page 64, whose kernel pads the rows: H = 16, 128 x 16k 825 -> 809 us a layer, session 16), else 0 (no slack)
+# H = 128 and q_len 2 x 64 heads, 32-64 requests of 16k, 4-round A/B: 1-5% per call, 4-5% per layer). Builders default
+# to it for 64-row tiles (a multiple of 64 heads, or any head count on an sm90 GPU with page 64, whose kernel pads the
+# rows: H = 16, 128 x 16k 809 us a layer with it, 825 without), else 0 (no slack).
+# docs/mla_decode.md#5-the-slack-for-long-cut-requests
 SLACK_DIV = 64
 
 
@@ -97,7 +100,6 @@ class MLAMetadata:
     page_size: int
     plan_block: int = PLAN_BLOCK
     overhead: int = OVERHEAD
-    kv_indices: torch.Tensor | None = None  # [sum L] int32 flat slots, when asked for
     dropped: torch.Tensor | None = None  # [1] int32 (persistent): requests dropped as out of bounds, see check()
 
     @property
@@ -138,13 +140,11 @@ def scaled_dram_ratio(props: dict) -> int:
     return max(1, round(DRAM_RATIO * bw / DRAM_RATIO_BW * DRAM_RATIO_CLOCK / clock))
 
 
-def _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim):
+def _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank):
     for name, v in dict(num_heads=num_heads, max_batch=max_batch, max_q_len=max_q_len,
                         max_pages_per_seq=max_pages_per_seq, page_size=page_size, kv_lora_rank=kv_lora_rank).items():
         if int(v) < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
-    if rope_dim < 0:
-        raise ValueError(f"rope_dim must be >= 0, got {rope_dim}")
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
 
@@ -196,17 +196,14 @@ class PersistentMetadataBuilder:
     """Fixed buffers sized once; ``build`` refills them on the GPU (one Triton launch, graph-capturable)."""
 
     def __init__(self, *, num_heads: int, max_batch: int, max_q_len: int, max_pages_per_seq: int, page_size: int,
-                 device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
-                 num_parts: int | None = None, min_chunk: int = 4, with_kv_indices: bool = False,
-                 plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, num_kv_splits: int | None = None,
-                 snap_div: int = 2, snap_max: int = 4, split_cost: int = SPLIT_COST, cut_ratio: int = CUT_RATIO,
+                 device, kv_lora_rank: int = 512, max_kv_splits: int | None = None, num_parts: int | None = None,
+                 min_chunk: int = 4, plan_block: int = PLAN_BLOCK, overhead: int = OVERHEAD, snap_div: int = 2,
+                 snap_max: int = 4, split_cost: int = SPLIT_COST, cut_ratio: int = CUT_RATIO,
                  dram_ratio: int | None = None, slack_div: int | None = None):
-        # num_kv_splits belongs to per_step (accepted so both strategies take one set of kwargs)
-        _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
+        _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank)
         self.device = _device(device)
         self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len
-        self.max_pages, self.page_size = max_pages_per_seq, page_size
-        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
+        self.max_pages, self.page_size, self.kv_lora_rank = max_pages_per_seq, page_size, kv_lora_rank
         self.plan_block, self.overhead, self.min_chunk = plan_block, overhead, max(1, min_chunk)
         # a boundary inside a request shorter than a slice moves to an edge closer than
         # min(chunk // snap_div, snap_max) units: a cut request costs about 4 units of partial traffic
@@ -248,17 +245,17 @@ class PersistentMetadataBuilder:
         rows = max_q_len * num_heads
         self.o_partial = torch.empty(slots, rows, kv_lora_rank, dtype=torch.float32, device=self.device)
         self.lse_partial = torch.empty(slots, rows, dtype=torch.float32, device=self.device)
-        self.kv_indices = (torch.zeros(max_batch * max_pages_per_seq * page_size, **i32)
-                           if with_kv_indices else None)
+        # a host copy of the dropped-requests flag, refreshed by every build without a sync (check() reads it)
+        dropped = self.bufs["dropped"]
+        self._dropped_host = dropped.cpu().pin_memory() if dropped.is_cuda else dropped
 
-    def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor,
-              seq_lens_host: list[int] | None = None, q_lens_host: list[int] | None = None) -> MLAMetadata:
-        """Refill the plan for this step from device tensors only (the host lists are ignored).
+    def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor) -> MLAMetadata:
+        """Refill the plan for this step from device tensors only.
 
         Bounds the host cannot check without a sync are checked on the GPU: a request with q_len > max_q_len
         or seq_len > the block table's width * page_size is planned as a padding slot (its output rows are
         not written, nothing past its row is read) and recorded for ``check``."""
-        from kernels.plan_kernels import build_kv_indices, build_persistent_plan
+        from mla_runner.kernels.plan_kernels import build_persistent_plan
 
         _check_inputs(seq_lens, qo_indptr, block_table, self.max_batch, self.max_pages)
         if seq_lens.device != self.device:
@@ -270,8 +267,8 @@ class PersistentMetadataBuilder:
                               self.max_kv_splits, self.split_cost, self.tiles, self.cut_ratio, self.dram_ratio,
                               self.slack_div, self.max_q_len,
                               block_table.shape[1] * self.page_size)
-        if self.kv_indices is not None:
-            build_kv_indices(seq_lens, b["kv_indptr"], block_table, self.page_size, self.kv_indices)
+        if b["dropped"].is_cuda:
+            self._dropped_host.copy_(b["dropped"], non_blocking=True)
         return MLAMetadata(
             qo_indptr=qo_indptr, seq_lens=seq_lens, block_table=block_table,
             kv_indptr=b["kv_indptr"][: B + 1], max_qo_len=b["max_qo_len"], cu_cost=b["cu_cost"][: B + 1],
@@ -280,16 +277,17 @@ class PersistentMetadataBuilder:
             num_merge=b["num_merge"], o_partial=self.o_partial, lse_partial=self.lse_partial,
             num_parts=self.num_parts, max_merges=self.num_parts, max_q_len=self.max_q_len,
             num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank, page_size=self.page_size,
-            plan_block=self.plan_block, overhead=self.overhead, kv_indices=self.kv_indices,
-            dropped=b["dropped"],
+            plan_block=self.plan_block, overhead=self.overhead, dropped=b["dropped"],
         )
 
     def check(self) -> None:
         """Raise ValueError if a build since the last check dropped a request as out of bounds (see ``build``).
-        Reads one int from the GPU: call it where the caller synchronizes anyway (e.g. after sampling)."""
-        code = int(self.bufs["dropped"].item())
+        Reads the flag's host copy, which every build refreshes asynchronously: call it once the stream has
+        passed the builds to check (where the caller synchronizes anyway, e.g. after sampling)."""
+        code = int(self._dropped_host.item())
         if code:
             self.bufs["dropped"].zero_()
+            self._dropped_host.zero_()
             why = [w for bit, w in ((1, f"a q_len over max_q_len={self.max_q_len}"),
                                     (2, "a seq_len over its block-table row's capacity")) if code & bit]
             raise ValueError(f"MLA metadata dropped requests (outputs not written): {' and '.join(why)}")
@@ -299,26 +297,20 @@ class PerStepMetadataBuilder:
     """The baseline: plan computed on the host from host lists, ``num_kv_splits`` parts per request."""
 
     def __init__(self, *, num_heads: int, max_batch: int, max_q_len: int, max_pages_per_seq: int, page_size: int,
-                 device, kv_lora_rank: int = 512, rope_dim: int = 64, max_kv_splits: int | None = None,
-                 num_kv_splits: int = 4, with_kv_indices: bool = False, plan_block: int = PLAN_BLOCK,
-                 overhead: int = OVERHEAD, num_parts: int | None = None, min_chunk: int | None = None,
-                 snap_div: int | None = None, snap_max: int | None = None, split_cost: int | None = None,
-                 cut_ratio: int | None = None, dram_ratio: int | None = None, slack_div: int | None = None):
-        # num_parts / min_chunk / snap_div / snap_max / split_cost / cut_ratio / dram_ratio / slack_div belong to
-        # persistent (accepted so that both strategies take one set of kwargs)
-        _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank, rope_dim)
+                 device, kv_lora_rank: int = 512, num_kv_splits: int = 4, plan_block: int = PLAN_BLOCK,
+                 overhead: int = OVERHEAD):
+        _check_common(num_heads, max_batch, max_q_len, max_pages_per_seq, page_size, kv_lora_rank)
+        if num_kv_splits < 1:
+            raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
         self.device = _device(device)
         self.num_heads, self.max_batch, self.max_q_len = num_heads, max_batch, max_q_len
-        self.max_pages, self.page_size = max_pages_per_seq, page_size
-        self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
-        self.num_kv_splits = max(1, min(num_kv_splits, max_kv_splits or num_kv_splits))
-        self.plan_block, self.overhead, self.with_kv_indices = plan_block, overhead, with_kv_indices
-
-    def check(self) -> None:
-        """Nothing to check: ``build`` raises on out-of-bounds requests itself (it has the host lists)."""
+        self.max_pages, self.page_size, self.kv_lora_rank = max_pages_per_seq, page_size, kv_lora_rank
+        self.num_kv_splits, self.plan_block, self.overhead = num_kv_splits, plan_block, overhead
 
     def build(self, seq_lens: torch.Tensor, qo_indptr: torch.Tensor, block_table: torch.Tensor,
-              seq_lens_host: list[int] | None = None, q_lens_host: list[int] | None = None) -> MLAMetadata:
+              seq_lens_host: list[int], q_lens_host: list[int]) -> MLAMetadata:
+        """The plan of this step from the host lists (the same lengths as the device tensors); raises ValueError on
+        an out-of-bounds request."""
         _check_inputs(seq_lens, qo_indptr, block_table, self.max_batch, self.max_pages)
         B = seq_lens.shape[0]
         if seq_lens_host is None or q_lens_host is None or len(seq_lens_host) != B or len(q_lens_host) != B:
@@ -340,10 +332,6 @@ class PerStepMetadataBuilder:
         rows = max_q * self.num_heads
         slots = max(plan["num_slots"], 1)
         kv_indptr = t(ref.kv_indptr_reference(seq_lens_host))
-        kv_indices = None
-        if self.with_kv_indices:
-            kv_indices = ref.kv_indices_reference(torch.tensor(seq_lens_host), block_table.cpu(),
-                                                  self.page_size).to(dev)
         return MLAMetadata(
             qo_indptr=qo_indptr, seq_lens=seq_lens, block_table=block_table, kv_indptr=kv_indptr,
             max_qo_len=t([max(q_lens_host)]), cu_cost=t(plan["cu_cost"]), part_bounds=t(plan["part_bounds"]),
@@ -354,14 +342,6 @@ class PerStepMetadataBuilder:
             lse_partial=torch.empty(slots, rows, dtype=torch.float32, device=dev),
             num_parts=P, max_merges=plan["num_merge"], max_q_len=max_q, num_heads=self.num_heads,
             kv_lora_rank=self.kv_lora_rank, page_size=self.page_size, plan_block=self.plan_block,
-            overhead=self.overhead, kv_indices=kv_indices,
+            overhead=self.overhead,
         )
 
-
-def make_metadata_builder(strategy: str, **kwargs):
-    """``persistent`` -> PersistentMetadataBuilder, ``per_step`` -> PerStepMetadataBuilder."""
-    if strategy == "persistent":
-        return PersistentMetadataBuilder(**kwargs)
-    if strategy == "per_step":
-        return PerStepMetadataBuilder(**kwargs)
-    raise ValueError(f"unknown metadata strategy {strategy!r}: use 'persistent' or 'per_step'")

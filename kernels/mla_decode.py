@@ -8,7 +8,7 @@ is loaded once per row tile (two value halves + the rope part; through TMA tenso
 block lies in one page) and used both for the scores (q . kv over all 576) and as the value (first
 ``kv_lora_rank`` entries). Online softmax in fp32, base 2. A request handled by one part is written
 straight to the output; a request cut over several parts writes normalized fp32 partials and their
-log2-sum-exp, merged by ``kernels.mla_merge``. Design, measurements and history: kernels/NOTES.md.
+log2-sum-exp, merged by ``kernels.mla_merge``. Design and measurements: docs/mla_decode.md#7-the-triton-kernel.
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import mla_decode_sm90 as sm90
-from kernels.mla_merge import EARLY_LAUNCH_SPLITS, dependent_launch, gdc_launch_dependents, mla_merge
-from kernels.plan_kernels import part_range, request_span
+from mla_runner.kernels import mla_decode_sm90 as sm90
+from mla_runner.kernels.mla_merge import EARLY_LAUNCH_SPLITS, dependent_launch, gdc_launch_dependents, mla_merge
+from mla_runner.kernels.plan_kernels import part_range, request_span
 
 LOG2E = 1.4426950408889634
 # Grid = (row tiles, parts): the row tiles of a part are launched next to each other, so the CTAs that read the
 # same KV (H = 128 has two 64-row tiles) start together and share it through L2: 3-5% faster at H = 128 on an H100
-# than (parts, row tiles) (kernels/NOTES.md, session 9). Parts are on the second axis, at most 65535.
+# than (parts, row tiles). Parts are on the second axis, at most 65535.
 MAX_PARTS = 65535
 
 
@@ -183,7 +183,7 @@ class DecodeConfig:
     gluon: bool = True  # on sm90, the Gluon kernel (kernels.mla_decode_sm90) where it supports the call
 
 
-# Chosen by measurement on H100 (kernels/NOTES.md, `python -m kernels.bench --sweep`).
+# Chosen by measurement on H100: docs/mla_decode.md#7-the-triton-kernel, `python benchmarks/bench_mla_decode.py --sweep`
 def default_config(rows: int, elem_size: int, kv_lora_rank: int = 512, on_gpu: bool = True) -> DecodeConfig:
     """Tile sizes for ``rows`` = max q_len * H rows per request (the interpreter gets small, quick ones)."""
     big = kv_lora_rank > 128
@@ -261,15 +261,32 @@ def mla_decode(
     if meta.num_parts == 0 or T == 0:
         return out
     cfg = config or default_config(meta.max_q_len * H, q.element_size(), kv_lora_rank, q.is_cuda)
-    if cfg.gluon and q.is_cuda and sm90.supported(q, kv_cache, meta, kv_lora_rank, out) is None:
+    if decode_impl(q, kv_cache, meta, kv_lora_rank, out, cfg) == "gluon":
         sm90.mla_decode_sm90(q, kv_cache, meta, sm_scale, out, LOG2E)
-        mla_decode.last_impl = "gluon"
     else:
         _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg)
-        mla_decode.last_impl = "triton"
     if meta.max_merges > 0:
         mla_merge(out, meta)
     return out
+
+
+def decode_impl(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int = 512,
+                out: torch.Tensor | None = None, config: DecodeConfig | None = None) -> str:
+    """Which kernel ``mla_decode`` runs for this call: "gluon" (sm90, ``kernels.mla_decode_sm90``) or "triton"."""
+    cfg = config or default_config(meta.max_q_len * q.shape[1], q.element_size(), kv_lora_rank, q.is_cuda)
+    if cfg.gluon and q.is_cuda and sm90.supported(q, kv_cache, meta, kv_lora_rank, out) is None:
+        return "gluon"
+    return "triton"
+
+
+def uses_tma(q: torch.Tensor, kv_cache: torch.Tensor, meta, kv_lora_rank: int, cfg: DecodeConfig) -> bool:
+    """Whether the Triton kernel fetches whole in-page KV blocks through tensor descriptors for this call."""
+    rope_dim = q.shape[-1] - kv_lora_rank
+    half = max(32, triton.next_power_of_2(kv_lora_rank)) // 2
+    block_dpe = max(16, triton.next_power_of_2(max(rope_dim, 1)))
+    return (cfg.use_tma and kv_cache.is_contiguous() and kv_lora_rank == 2 * half and rope_dim == block_dpe
+            and half <= 256 and meta.page_size % cfg.block_n == 0 and meta.plan_block % cfg.block_n == 0
+            and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9))
 
 
 def _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg) -> None:
@@ -277,9 +294,7 @@ def _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg) -> None:
     rope_dim = D - kv_lora_rank
     half = max(32, triton.next_power_of_2(kv_lora_rank)) // 2
     block_dpe = max(16, triton.next_power_of_2(max(rope_dim, 1)))
-    use_tma = (cfg.use_tma and kv_cache.is_contiguous() and kv_lora_rank == 2 * half and rope_dim == block_dpe
-               and half <= 256 and meta.page_size % cfg.block_n == 0 and meta.plan_block % cfg.block_n == 0
-               and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9))
+    use_tma = uses_tma(q, kv_cache, meta, kv_lora_rank, cfg)
     kv_desc = kv_desc_pe = kv_cache
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -289,8 +304,7 @@ def _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg) -> None:
         kv_desc_pe = TensorDescriptor.from_tensor(kv2d, [cfg.block_n, block_dpe])
     n_tiles = triton.cdiv(meta.max_q_len * H, cfg.block_h)
     o_part, lse_part = meta.o_partial, meta.lse_partial
-    # (last_compiled / last_used_tma: diagnostics read by the tile sweep and the tests)
-    mla_decode.last_compiled = _mla_decode_kernel[(n_tiles, meta.num_parts)](
+    _mla_decode_kernel[(n_tiles, meta.num_parts)](
         q, kv_cache, kv_desc, kv_desc_pe, out, o_part, lse_part, meta.block_table,
         meta.qo_indptr, meta.seq_lens, meta.cu_cost, meta.part_bounds, meta.part_reqs, meta.first_part,
         meta.num_splits, meta.split_indptr,
@@ -303,4 +317,3 @@ def _launch_triton(q, kv_cache, meta, sm_scale, kv_lora_rank, out, cfg) -> None:
         UPCAST=not q.is_cuda, USE_TMA=use_tma, PDL=dependent_launch(q.device), EARLY_SPLITS=EARLY_LAUNCH_SPLITS,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    mla_decode.last_used_tma = use_tma

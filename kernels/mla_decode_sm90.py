@@ -18,25 +18,23 @@ one warpgroup each, over tiles of 64 rows (row = (query token, head)):
   once their first request's loads are issued, unless that request is cut more than
   ``EARLY_LAUNCH_SPLITS`` ways);
 - at a CTA's first request (every CTA loads at once) stage B's loads wait for Q and A's first part, so the
-  first scores start sooner (session 7);
+  first scores start sooner;
 - a row's running max moves only when a block's max is more than ``RESCALE_TAU`` = 8 (log2) above it, so P
   stays <= 2^8 and, after the first blocks, O is rarely rescaled: a warp whose 16 rows all kept their max
-  votes to jump over the 128 multiplies a thread (FlashAttention-4's conditional rescaling; session 12:
-  2.5-3.3% at H = 128 in graphs of 8-16 layers, where the H100 runs at its power cap);
+  votes to jump over the 128 multiplies a thread (FlashAttention-4's conditional rescaling: 2.5-3.3% at H = 128
+  in graphs of 8-16 layers, where the H100 runs at its power cap);
 - only a block that reaches past a row's last visible token (a request's last block, or causal within its new
-  tokens) is masked, and S's scale rides in the exponent's FMA (session 17: 0.1-0.4 us at short calls).
+  tokens) is masked, and S's scale rides in the exponent's FMA (0.1-0.4 us at short calls).
 
-Session 6 retired the lockstep schedule (both warpgroups on the same block, tokens of S split between them):
-with the merge kernel and the TMA store it was nowhere faster than the seesaw at 64 rows, and up to 1.14x
-slower at small batches (kernels/NOTES.md). Rows of a request's last page past its length may hold anything
-(NaN included): they are zeroed in shared memory before they are used as values. Measurements and the
-version history: kernels/NOTES.md (sessions 3 to 7).
+Rows of a request's last page past its length may hold anything (NaN included): they are zeroed in shared memory
+before they are used as values. The design, the measurements behind it and the schedules measured and rejected
+(among them "lockstep", both warpgroups on the same block): docs/mla_decode.md#8-the-gluon-sm90-kernel.
 
 Supported: sm90, bf16, 576 = 512 + 64, page size 64, plan block 64, contiguous q, cache and output; any head
 count. A request's q_len x H rows are cut into 64-row tiles; with H not a multiple of 64 its last tile is partial:
 the rows past the request's (the next request's, read by the Q TMA, or zeros past the last) are computed and
 never stored, and that tile's output leaves by masked stores (``FULL`` = False; whole tiles compile to the same
-code as before, session 16). 8 to 32 heads (DeepSeek-V3 and Kimi-K2 at TP 4-8) run at the 64-head kernel's time:
+code as without the masks). 8 to 32 heads (DeepSeek-V3 and Kimi-K2 at TP 4-8) run at the 64-head kernel's time:
 the KV read, not the wasted tensor rows, bounds them. ``supported`` says why not otherwise; ``kernels.mla_decode``
 falls back to the generic kernel then. Gluon kernels do not run under the interpreter: tested on the GPU. Written
 for Triton 3.6's Gluon; the few names newer Gluon renamed are looked up once below.
@@ -47,14 +45,19 @@ from typing import Optional
 
 import torch
 
-from kernels.mla_merge import EARLY_LAUNCH_SPLITS
-from kernels.plan_kernels import part_range, request_span
+from mla_runner.kernels.mla_merge import EARLY_LAUNCH_SPLITS
+from mla_runner.kernels.plan_kernels import part_range, request_span
 
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     _GLUON_ERROR = None
     # Triton 3.6 names (the GPU image) and their newer spellings
@@ -141,9 +144,10 @@ if _GLUON_ERROR is None:
         split goes to the output by TMA from shared memory ``o_smem`` (a KV stage, free once the request's blocks
         are done; the caller waits for the store before refilling it); a split one to the part's fp32 partial
         slot with the rows' log2-sum-exp, by plain stores (through TMA they cost 3-4% at batches 1-8, where every
-        part writes a partial: kernels/NOTES.md, session 6). ``FULL``: every tile is whole (H is a multiple of 64);
-        otherwise a request's last tile has rows past its own (``n_rows``), which are not stored, and an output
-        leaves by masked plain stores (a TMA box would write over the next request's rows)."""
+        part writes a partial: docs/mla_decode.md#83-start-up-request-boundaries-and-outputs). ``FULL``: every tile
+        is whole (H is a multiple of 64); otherwise a request's last tile has rows past its own (``n_rows``), which
+        are not stored, and an output leaves by masked plain stores (a TMA box would write over the next request's
+        rows)."""
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
         W: gl.constexpr = acc.type.shape[1]
         l_o = gl.convert_layout(l_i, ROW_O)

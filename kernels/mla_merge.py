@@ -14,7 +14,7 @@ may start while the decode kernel runs (the decode CTAs signal it, see ``EARLY_L
 then wait (griddepcontrol.wait) for the decode grid to finish before reading the partials. Programs with nothing
 to merge leave at once, except program (0, 0, 0), which always waits: the merge grid never ends before the
 decode kernel, so work after it in the stream still sees the decode kernel's outputs. Measurements:
-kernels/NOTES.md, sessions 7 and 10.
+docs/mla_decode.md#9-the-merge-kernel.
 """
 from __future__ import annotations
 
@@ -84,10 +84,9 @@ def merge_tiles(batch_size: int, num_parts: int, dv: int) -> tuple[int, int, int
     """(BLOCK_R, BLOCK_D, BLOCK_S) of a merge program, from the splits a request gets when all lengths are equal
     (parts / batch): tiles of 8k fp32 values (64 registers a thread) with about that many splits a load, so most
     jobs take one round of loads. Many requests: 2 whole rows, 8 splits a load, so a long request cut dozens of
-    ways among short ones spreads over many programs (4 rows x 4 splits, the tile until session 10, took 4-6 us
-    more at 1 x 32k + 63 x 512, H = 64, and 1-2.5 us less where 32-64 requests are cut in 2-4); a few requests:
-    one row, 16 splits a load; one or two: half a row, 32. Measured on H100 (kernels/NOTES.md, sessions 5 and
-    10)."""
+    ways among short ones spreads over many programs (a fixed 4 rows x 4 splits took 4-6 us more at 1 x 32k +
+    63 x 512, H = 64, and 1-2.5 us less where 32-64 requests are cut in 2-4); a few requests: one row, 16 splits a
+    load; one or two: half a row, 32. Measured on H100 (docs/mla_decode.md#9-the-merge-kernel)."""
     d = max(16, triton.next_power_of_2(dv))
     per_request = num_parts // max(batch_size, 1)
     if per_request >= 32:
@@ -104,7 +103,7 @@ def merge_tiles(batch_size: int, num_parts: int, dv: int) -> tuple[int, int, int
 EARLY_LAUNCH_SPLITS = 32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dependent_launch(device: torch.device) -> bool:
     """Whether the merge is launched as a programmatic dependent of the decode kernel (sm90+ with a Triton that
     has griddepcontrol): its programs then start while the decode kernel's last CTAs run, read the plan and

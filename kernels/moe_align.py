@@ -24,7 +24,7 @@ Two implementations build the same (deterministic) layout:
   over a [T*k, E+1] one-hot comparison.
 
 Both do O(T*k*E) comparisons: nothing for decode (T*k = 1024, E = 384: 0.4 M), but one program for a
-prefill-sized T would be slow; see kernels/MOE_NOTES.md.
+prefill-sized T would be slow (docs/fused_moe.md#3-the-align-step).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ to fp32: the Triton 3.9 interpreter computes bf16 dots on the raw bits.
 ``FP8_W``: the expert weights are float8_e4m3fn with 128x128 block scales (S13 [E, 2*ceil(inter/128),
 ceil(hidden/128)]: gate's grid, then up's; S2 [E, ceil(hidden/128), ceil(inter/128)]); each tile is converted to
 the activation dtype in registers and its fp32 product scaled by its block's scale (weight-only dequantization,
-see kernels/FP8_NOTES.md). Off, the scale pointers are unused. ``ACT_QUANT`` (with FP8_W, BLOCK_K = 128): W8A8,
+docs/fused_moe.md#6-fp8-experts). Off, the scale pointers are unused. ``ACT_QUANT`` (with FP8_W, BLOCK_K = 128): W8A8,
 DeepSeek's scheme and that of models/fp8_linear.py for 16-bit runs: each [BLOCK_M, 128] activation tile (x in
 gate_up, h in down) is quantized per row in registers (s = max(amax, 1e-4) / 448, e4m3, as kernels/fp8_gemm.py),
 the dots are fp8 x fp8, and each product is scaled by s_row * s_block.
@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.fp8_gemm import _quant_rows, _round_bf16
+from mla_runner.kernels.fp8_gemm import _quant_rows, _round_bf16
 
 
 @triton.jit

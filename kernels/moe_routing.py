@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # Below every real key: key(-inf) has high word -2139095041, so its key is about -9.187e18.
 _NO_KEY = tl.constexpr(-9200000000000000000)
 
@@ -186,9 +185,3 @@ def routing_reference(logits: torch.Tensor, bias: torch.Tensor | None, top_k: in
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scale, indices
-
-
-if __name__ == "__main__":
-    from kernels.moe_bench import bench_routing
-
-    bench_routing()

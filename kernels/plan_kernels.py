@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 # parts a program of the plan kernel fills: every program recomputes the per-request scans, so many small
 # programs beat a few large ones (H100, B = 256 over 66 parts: 9.6 us with 32 a program, 5.0 us with 2)
 PLAN_PARTS = 2
@@ -97,7 +96,7 @@ def _persistent_plan_kernel(
     # tile adds about 1 / cut_ratio of a block (its fp32 partial written, then merged). Of the candidate widths
     # that fit the parts (kernels.reference.width_candidates), the one with the least
     # cut_ratio * max(longest piece, dram_floor) + tiles * (pieces of cut requests) (the smaller on a tie;
-    # kernels/NOTES.md, sessions 7 and 11)
+    # docs/mla_decode.md#33-the-per-request-width, #4-the-dram-floor)
     dram_floor = tl.where(dram_ratio > 0, (tl.sum(kv, 0) + dram_ratio - 1) // tl.maximum(dram_ratio, 1), 0)
     # the narrowest width that fits the parts (binary search; any wider one fits too)
     fit = n_active * 0 + 1

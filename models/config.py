@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.errors import CheckpointError
+from mla_runner.models.errors import CheckpointError
 
 MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 

@@ -13,18 +13,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelArgs
-from models.context import ForwardContext
-from models.layers import MLP, RMSNorm, VocabParallelEmbedding
-from models.mla import MLA
-from models.moe import MoE
-from models.parallel import Parallel
-from models.rope import RotaryEmbedding
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.context import ForwardContext
+from mla_runner.models.layers import MLP, RMSNorm, VocabParallelEmbedding
+from mla_runner.models.mla import MLA
+from mla_runner.models.moe import MoE
+from mla_runner.models.parallel import Parallel
+from mla_runner.models.rope import RotaryEmbedding
 
 # Tensors kept in fp32 whatever the run dtype: the router bias is added to sigmoid scores near 1 whose
 # differences decide the routing, and the router computes its logits in fp32 (as DeepSeek-V3 and transformers
 # do): a weight kept in fp32 spares the conversion of 7168 x 256 values on every call (H100: the Gate's GEMM
-# 20.8 -> 15.6 us at T = 1; kernels/MOE_NOTES.md). Values are those of the checkpoint's bf16 weight.
+# 20.8 -> 15.6 us at T = 1; docs/fused_moe.md#7-the-router). Values are those of the checkpoint's bf16 weight.
 FP32_TENSOR_SUFFIXES = ("e_score_correction_bias", "mlp.gate.weight")
 
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fp8 import DEFAULT_BLOCK, scale_grid
+from mla_runner.kernels.fp8_block import DEFAULT_BLOCK, scale_grid
 
 # Linear layers that stay in the run dtype even with FP8 weights: kv_b_proj is never applied as a linear
-# layer (its halves W_UK / W_UV are absorbed into the attention, in the run dtype: kernels/FP8_NOTES.md).
+# layer (its halves W_UK / W_UV are absorbed into the attention, in the run dtype: docs/fp8.md#2-where-fp8-runs).
 KEEP_DEQUANTIZED = ("kv_b_proj",)
 
 
@@ -67,7 +67,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor | None
     block scales as ``FP8Linear`` runs it."""
     if scale_inv is None:
         return F.linear(x, weight)
-    from kernels.fp8_gemm import fp8_linear
+    from mla_runner.kernels.fp8_gemm import fp8_linear
 
     # 16-bit runs: DeepSeek's W8A8 scheme (faster at every measured shape; kernels/fused_moe.py chooses the
     # same); fp32 runs (the CPU reference dtype): weight-only dequantization, exact up to summation order.

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.parallel import Parallel
+from mla_runner.models.parallel import Parallel
 
 
 class RMSNorm(nn.Module):

@@ -16,20 +16,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
-from models.config import ModelArgs
-from models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
-from models.errors import CheckpointError
-from models.fp8 import DEFAULT_BLOCK, dequantize_fp8_block, scale_grid
-from models.fp8_linear import convert_to_fp8
-from models.parallel import Parallel, foreign_expert, fp8_aligned, read_fp8_shard, read_shard, shard_dim
+from mla_runner.kernels.fp8_block import DEFAULT_BLOCK, dequantize_fp8_block, scale_grid
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
+from mla_runner.models.errors import CheckpointError
+from mla_runner.models.fp8_linear import convert_to_fp8
+from mla_runner.models.parallel import Parallel, foreign_expert, fp8_aligned, read_fp8_shard, read_shard, shard_dim
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -91,7 +92,7 @@ def load_model(
     return model.eval()
 
 
-def _load_tensor(model: nn.Module, reader: "_TensorReader", name: str, expected: dict[str, torch.Size],
+def _load_tensor(model: nn.Module, reader: _TensorReader, name: str, expected: dict[str, torch.Size],
                  par: Parallel, block: tuple[int, int], dtype: torch.dtype, device: torch.device | str) -> None:
     """Read this rank's part of tensor ``name``, dequantize it unless its module keeps FP8, put it in place."""
     dim = shard_dim(name, par)

@@ -11,19 +11,20 @@ latent cache are replicated: the latent vector is shared by all heads, so each r
 
 q_a_proj and kv_a_proj_with_mqa read the same x: after loading, ``fuse_input_projections`` concatenates their
 weights into one [q_lora_rank + kv_cache_dim, hidden] GEMM (decode runs one call instead of two, each on the
-~12-19 us floor of a graph-replayed GEMM: kernels/FP8_NOTES.md); the modules keep their names as views of it.
+~12-19 us floor of a graph-replayed GEMM: docs/fp8.md#5-one-gemm-for-the-two-input-projections); the modules keep
+their names as views of it.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from models.config import ModelArgs
-from models.context import ForwardContext
-from models.fp8_linear import fuse_linears, linear
-from models.layers import RMSNorm
-from models.parallel import Parallel
-from models.rope import apply_rope
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.context import ForwardContext
+from mla_runner.models.fp8_linear import fuse_linears, linear
+from mla_runner.models.layers import RMSNorm
+from mla_runner.models.parallel import Parallel
+from mla_runner.models.rope import apply_rope
 
 
 class MLA(nn.Module):

@@ -8,15 +8,15 @@ routed plus its slice of the shared expert, that the decoder layer joins with on
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from models.config import ModelArgs
-from models.fp8_linear import FP8Linear
-from models.layers import MLP
-from models.parallel import Parallel
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.fp8_linear import FP8Linear
+from mla_runner.models.layers import MLP
+from mla_runner.models.parallel import Parallel
 
 
 class Gate(nn.Module):
@@ -46,7 +46,9 @@ class Gate(nn.Module):
         """x [T, hidden] -> (weights [T, k] fp32, expert ids [T, k] int64)."""
         logits = x.float() @ self.weight.float().t()
         if logits.is_cuda and self.fused:
-            from kernels.moe_routing import fused_routing  # imported on a GPU only: no Triton interpreter involved
+            from mla_runner.kernels.moe_routing import (
+                fused_routing,  # imported on a GPU only: no Triton interpreter involved
+            )
 
             return fused_routing(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
                                  self.topk_group, self.normalize, self.scale)
@@ -150,7 +152,7 @@ class MoE(nn.Module):
             local = indices - self.first_expert
             indices = local.masked_fill((local < 0) | (local >= len(self.experts)), -1)
         if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS and self.w13 is not None:
-            from kernels.fused_moe import fused_moe  # imported on a GPU only: no Triton interpreter involved
+            from mla_runner.kernels.fused_moe import fused_moe  # imported on a GPU only: no Triton interpreter involved
 
             routed = fused_moe(x, self.w13, self.w2, weights, indices, w13_scale=self.w13_scale,
                                w2_scale=self.w2_scale)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.config import ModelArgs
-from models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
-from models.fp8 import DEFAULT_BLOCK, dequantize_fp8_block, quantize_fp8_block
-from models.fp8_linear import FP8Linear, convert_to_fp8
-from models.layers import RMSNorm
-from models.loader import set_tensor
-from models.parallel import Parallel, fp8_aligned, read_fp8_shard, read_shard, shard_dim
+from mla_runner.kernels.fp8_block import DEFAULT_BLOCK, dequantize_fp8_block, quantize_fp8_block
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
+from mla_runner.models.fp8_linear import FP8Linear, convert_to_fp8
+from mla_runner.models.layers import RMSNorm
+from mla_runner.models.loader import set_tensor
+from mla_runner.models.parallel import Parallel, fp8_aligned, read_fp8_shard, read_shard, shard_dim
 
 
 @torch.no_grad()

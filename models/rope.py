@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from models.config import ModelArgs, YarnScaling
+from mla_runner.models.config import ModelArgs, YarnScaling
 
 
 def yarn_inv_freq(dim: int, theta: float, yarn: YarnScaling | None) -> torch.Tensor:

@@ -22,10 +22,10 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from models.config import ModelArgs
-from models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM
-from models.fp8 import quantize_fp8_block
-from models.tiny_tokenizer import write_tokenizer
+from mla_runner.kernels.fp8_block import quantize_fp8_block
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM
+from mla_runner.models.tiny_tokenizer import write_tokenizer
 
 ShardStyle = Literal["deepseek", "kimi"]
 FORMAT_VERSION = 2  # part of the cache key: bump when the files written here change

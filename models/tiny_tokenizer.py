@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from models.config import ModelArgs
-from models.errors import UserError
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.errors import UserError
 
 SPECIAL_TOKENS = {
     "deepseek_v3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),

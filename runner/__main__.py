@@ -1,3 +1,3 @@
-from runner.cli import run
+from mla_runner.cli import run
 
 run()

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
-from runner.compose import CONF_DIR, compose_config, override
-from runner.config import RunConfig
-from runner.engine import Engine
-from runner.errors import UserError
-from runner.prompts import encode, parse_prompt
-from runner.request import Request
-from runner.sampling import SamplingParams
+from mla_runner.compose import CONF_DIR, compose_config, override
+from mla_runner.config import RunConfig
+from mla_runner.engine import LLMEngine
+from mla_runner.engine.request import Request
+from mla_runner.errors import UserError
+from mla_runner.prompts import encode, parse_prompt
+from mla_runner.sampling import SamplingParams
 
 PromptType = Union[str, dict]
 
@@ -35,7 +36,7 @@ class RequestOutput:
     latency: float
 
     @classmethod
-    def from_request(cls, req: Request) -> "RequestOutput":
+    def from_request(cls, req: Request) -> RequestOutput:
         completion = CompletionOutput(0, req.text, list(req.output_token_ids), req.finish_reason)
         return cls(req.index, req.prompt, req.prompt_token_ids, [completion],
                    req.first_token_time - req.arrival_time, req.finish_time - req.arrival_time)
@@ -51,7 +52,7 @@ class LLM:
 
     def __init__(self, model: str = "tiny_deepseek_v3", **overrides: Any):
         self.config: RunConfig = compose_config(model_overrides(model) + [override(k, v) for k, v in overrides.items()])
-        self.engine = Engine(self.config)
+        self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

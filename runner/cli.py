@@ -1,4 +1,4 @@
-"""``python -m runner``: the Hydra entry point.
+"""``python -m mla_runner``: the Hydra entry point.
 
 Every job writes ``resolved_config.yaml`` and ``result.json`` into its output directory. A user error
 (bad config value, missing checkpoint, ...) is one line on stderr; in a single run it ends the process
@@ -6,9 +6,9 @@ with exit code 1, in a multirun it is recorded in the job's result.json and the 
 jobs of a multirun (one process, Hydra's basic launcher) the engine, its CUDA graphs and its cache are
 dropped and the allocator's cache emptied.
 
-Under ``torchrun --nproc-per-node N -m runner ...`` every process runs the same jobs (runner/distributed.py);
-rank 0 alone writes the output directory: the other ranks' Hydra writes nothing (no run dir, no logs, no
-sweep summary) and their tasks print nothing.
+Under ``torchrun --nproc-per-node N -m mla_runner ...`` every process runs the same jobs
+(``mla_runner.engine.distributed``); rank 0 alone writes the output directory: the other ranks' Hydra writes nothing
+(no run dir, no logs, no sweep summary) and their tasks print nothing.
 """
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runner.compose import CONF_DIR, compose_config, to_run_config
-from runner.config import register_configs
-from runner.distributed import rank, shutdown
-from runner.errors import ConfigError, UserError
-from runner.sweep.result import RESULT_FILE, hydra_job_info, make_result, write_result
+from mla_runner.compose import CONF_DIR, compose_config, to_run_config
+from mla_runner.config import register_configs
+from mla_runner.engine.distributed import rank, shutdown
+from mla_runner.errors import ConfigError, UserError
+from mla_runner.sweep.result import RESULT_FILE, hydra_job_info, make_result, write_result
 
-log = logging.getLogger("runner")
+log = logging.getLogger(__name__)
 
 register_configs()
 
@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> None:
     run, outcome, error = None, {}, None
     try:
         run = to_run_config(cfg)
-        from runner.tasks import TASKS
+        from mla_runner.tasks import TASKS
 
         outcome = TASKS[run.task.name](run, output_dir)
     except UserError as e:

@@ -1,6 +1,6 @@
 """Composing a ``RunConfig`` from the YAML configs, for the Python API and for tests.
 
-The command line goes through ``@hydra.main`` (runner/cli.py); everything else composes the same files
+The command line goes through ``@hydra.main`` (mla_runner.cli); everything else composes the same files
 with Hydra's compose API, so a value is validated the same way wherever it comes from.
 """
 from __future__ import annotations
@@ -13,10 +13,10 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.config import RunConfig, register_configs
-from runner.errors import ConfigError
+from mla_runner.config import RunConfig, register_configs
+from mla_runner.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).parent / "conf"  # the package data mla_runner/conf (conf/ of the repository)
 GROUPS = ("model", "attention", "metadata", "task")
 
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from runner.errors import ConfigError
-from runner.sampling import check_sampling_values
+from mla_runner.attention import BACKENDS, TRITON_STRATEGIES, check_choice
+from mla_runner.errors import ConfigError
+from mla_runner.sampling import check_sampling_values
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("auto", *TORCH_DTYPES)
 DEVICES = ("auto", "cuda", "cpu")
-ATTENTION_BACKENDS = ("torch", "triton", "flashmla", "aiter")
-METADATA_STRATEGIES = ("persistent", "per_step")
 WEIGHTS = ("auto", "fp8", "bf16")
 MOE_LAYOUTS = ("ep", "tp")
 
@@ -60,17 +61,17 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    """The attention backend that runs MLA decode."""
+    """The attention backend that runs MLA decode (mla_runner.attention)."""
 
     name: str = MISSING
 
     def __post_init__(self) -> None:
-        _check_choice("attention.name", self.name, ATTENTION_BACKENDS)
+        _check_choice("attention.name", self.name, tuple(BACKENDS))
 
 
 @dataclass
 class MetadataConfig:
-    """How the per-step attention metadata is built.
+    """How ``attention=triton`` builds its per-step metadata (the other backends build their own).
 
     ``persistent``: fixed buffers sized once, filled on the device every step (no sync, graph-safe).
     ``per_step``: fresh tensors built on the host every step and copied in (the baseline).
@@ -83,7 +84,7 @@ class MetadataConfig:
     dram_ratio: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_choice("metadata.strategy", self.strategy, METADATA_STRATEGIES)
+        _check_choice("metadata.strategy", self.strategy, tuple(TRITON_STRATEGIES))
         _check_positive("metadata.num_kv_splits", self.num_kv_splits, allow_none=True)
         if self.dram_ratio is not None and self.dram_ratio < 0:
             raise ConfigError(f"metadata.dram_ratio={self.dram_ratio!r} is not valid: it must be >= 0 (0: no floor)")
@@ -134,7 +135,7 @@ class BenchTaskConfig:
 
 @dataclass
 class ParallelConfig:
-    """How a ``torchrun --nproc-per-node N -m runner ...`` launch splits the model over its N processes (one GPU
+    """How a ``torchrun --nproc-per-node N -m mla_runner ...`` launch splits the model over its N processes (one GPU
     each, or CPU processes over gloo): attention heads, dense MLPs, embedding and lm_head always tensor
     parallel; ``moe`` picks the routed experts' layout. A single process ignores ``moe``.
 
@@ -183,10 +184,16 @@ class RunConfig:
         _check_positive("max_batch_size", self.max_batch_size)
         _check_positive("max_model_len", self.max_model_len)
         _check_positive("page_size", self.page_size)
+        if self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size={self.page_size} is not valid: it must be a power of two")
         _check_positive("num_pages", self.num_pages, allow_none=True)
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} is not valid: "
                               "it must be in (0, 1]")
+        # what the backend declares it supports, as far as it is known before the model's config.json is read
+        check_choice(self.attention.name, self.metadata.strategy, cuda_graphs=self.cuda_graphs,
+                     device=None if self.device == "auto" else self.device,
+                     dtype=TORCH_DTYPES.get(self.dtype), page_size=self.page_size)
 
 
 def register_configs() -> None:

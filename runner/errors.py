@@ -1,5 +1,5 @@
 """User-facing errors: printed as one line, never as a traceback."""
-from models.errors import CheckpointError, UserError
+from mla_runner.models.errors import CheckpointError, UserError
 
 
 class ConfigError(UserError):

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from runner.errors import UserError
-from runner.sampling import SamplingParams
+from mla_runner.errors import UserError
+from mla_runner.sampling import SamplingParams
 
 BUILTIN_PROMPTS = [
     "The capital of France is",

@@ -16,15 +16,37 @@ class Ceilings:
     device: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure_ceilings(device: torch.device) -> Ceilings:
     """Measured once per device and process: the jobs of a multirun share one measurement."""
     if device.type == "cuda":
-        from kernels.bench import measure_ceilings as measure_gpu
-
-        d = measure_gpu()
-        return Ceilings(d["copy_GBps"], d["matmul_bf16_TFLOPs"], d["device"])
+        return _measure_gpu(device)
     return _measure_cpu()
+
+
+def _measure_gpu(device: torch.device) -> Ceilings:
+    """A 1 GiB device-to-device copy (GB/s of bytes read + written) and a bf16 8192^3 matmul (TFLOP/s), medians of
+    ``triton.testing.do_bench`` (L2 flushed before every call)."""
+    with torch.cuda.device(device):
+        return Ceilings(_copy_gbps(device), _matmul_tflops(device), torch.cuda.get_device_name(device))
+
+
+def _copy_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    from triton.testing import do_bench
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    from triton.testing import do_bench
+
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def _measure_cpu(reps: int = 5) -> Ceilings:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks and the benchmarks behind the README's tables, in one command on a CUDA machine:
-#   bash scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel]      (no stage named: all three)
-# GPU-only tests (they skip on a CPU), then the sweeps; each sweep writes summary.md / summary.csv / plots.
+#   bash scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel] [benchmarks]   (no stage named: the first three)
+# The GPU tests (marked gpu; they skip on a CPU), then the sweeps; each sweep writes summary.md / summary.csv / plots.
+# benchmarks (only when named; several minutes): the scripts of benchmarks/ (benchmarks/README.md), their tables in
+# OUT_DIR/bench_*.md (the MLA decode grid's: bench_mla_decode.txt, its JSON: mla_decode.json).
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel]}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel] [benchmarks]}
 shift
 stages=${*:-tests decode kernel}
 mkdir -p "$out"
@@ -11,32 +13,41 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 stage() { [[ " $stages " == *" $1 "* ]]; }
 
-stage tests && python -m pytest -q -rs tests/test_engine_gpu.py tests/test_backends.py tests/test_fused_moe.py \
-  "tests/test_e2e.py::test_batched_greedy_equals_transformers" 2>&1 | tee "$out/gpu_tests.log" | tail -n 15
+stage tests && python -m pytest -q -rs -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -n 15
 
 model="model=deepseek_v3 model.random_weights=true"
 if stage decode; then
 # The whole decode step of DeepSeek-V3 / Kimi-K2 widths truncated to their dense layers plus one MoE layer, with
 # our attention and FlashMLA's (where sgl-flash-mla is installed: its jobs fail and are recorded otherwise), bf16
 # and FP8 weights.
-python -m runner -m hydra.sweep.dir="$out/decode_deepseek_v3" task=bench task.mode=decode $model model.num_layers=4 \
+python -m mla_runner -m hydra.sweep.dir="$out/decode_deepseek_v3" task=bench task.mode=decode $model model.num_layers=4 \
   attention=triton,flashmla metadata=persistent weights=auto,fp8 task.batch=1,64,128 task.context=1024,4096,16384 \
   progress=false 2>&1 | tail -n 2
-python -m runner -m hydra.sweep.dir="$out/decode_kimi_k2" task=bench task.mode=decode model=kimi_k2 \
+python -m mla_runner -m hydra.sweep.dir="$out/decode_kimi_k2" task=bench task.mode=decode model=kimi_k2 \
   model.random_weights=true model.num_layers=2 attention=triton,flashmla metadata=persistent weights=auto,fp8 \
   task.batch=1,64 task.context=4096 progress=false 2>&1 | tail -n 2
-python -m runner -m hydra.sweep.dir="$out/decode_eager" task=bench task.mode=decode $model model.num_layers=4 \
+python -m mla_runner -m hydra.sweep.dir="$out/decode_eager" task=bench task.mode=decode $model model.num_layers=4 \
   attention=triton metadata=persistent,per_step cuda_graphs=false task.batch=1,64 task.context=4096 \
   progress=false 2>&1 | tail -n 2
 fi
 
 # One layer's MLA decode: our Triton path with both metadata strategies beside FlashMLA.
 if stage kernel; then
-python -m runner -m hydra.sweep.dir="$out/kernel" task=bench task.mode=kernel $model \
+python -m mla_runner -m hydra.sweep.dir="$out/kernel" task=bench task.mode=kernel $model \
   attention=triton,flashmla metadata=persistent,per_step task.heads=64,128 task.batch=1,64,128 \
   task.context=4096,16384 progress=false 2>&1 | tail -n 2
-python -m runner -m hydra.sweep.dir="$out/metadata" +sweep=metadata_grid $model task.context=16384 \
+python -m mla_runner -m hydra.sweep.dir="$out/metadata" +sweep=metadata_grid $model task.context=16384 \
   progress=false 2>&1 | tail -n 2
+fi
+# The benchmark scripts: one layer's MLA decode over the whole grid beside FlashMLA (the README's table), the fused
+# MoE and its router, the FP8 GEMM, MLA's fused input projections.
+if stage benchmarks; then
+python benchmarks/bench_mla_decode.py --triton-too --layers 8 --out "$out/mla_decode.json" \
+  > "$out/bench_mla_decode.txt" 2>&1 || echo "bench_mla_decode failed: see $out/bench_mla_decode.txt"
+for cmd in "bench_fused_moe" "bench_fused_moe --routing" "bench_fp8_gemm" "bench_mla_proj"; do
+  script=${cmd%% *} name=${cmd// --/_}
+  python "benchmarks/$script.py" ${cmd#"$script"} > "$out/$name.md" 2>&1 || echo "$cmd failed: see $out/$name.md"
+done
 fi
 for d in decode_deepseek_v3 decode_kimi_k2 decode_eager kernel metadata; do
   [ -f "$out/$d/summary.md" ] && { echo "== $d"; cat "$out/$d/summary.md"; }

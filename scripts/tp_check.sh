@@ -19,11 +19,11 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 n=${TP_GPUS:-$(nvidia-smi -L | wc -l)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 stage() { [[ " $stages " == *" $1 "* ]]; }
-tprun() { local tp=$1; shift; torchrun --standalone --nproc-per-node "$tp" -m runner "$@" progress=false; }
+tprun() { local tp=$1; shift; torchrun --standalone --nproc-per-node "$tp" -m mla_runner "$@" progress=false; }
 sizes=$(for tp in 1 2 4 8; do [ "$tp" -le "$n" ] && echo "$tp"; done)
 
-stage tests && python -m pytest -q -rs tests/test_parallel.py tests/test_parallel_gloo.py tests/test_engine_gpu.py \
-  2>&1 | tee "$out/tests.log" | tail -n 5
+stage tests && python -m pytest -q -rs tests/models/test_parallel.py tests/runner/engine/test_parallel_gloo.py \
+  tests/runner/engine/test_engine_gpu.py 2>&1 | tee "$out/tests.log" | tail -n 5
 
 if stage greedy; then
   python -c "import json; [print(json.dumps({'prompt_token_ids': [(7 * i + 3 * j) % 500 + 2 for j in range(n)]}))

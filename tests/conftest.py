@@ -5,23 +5,30 @@
   ``rotary_emb.inv_freq`` tensors, bos/eos at the end of the vocabulary.
 - ``dsv3_oracle`` / ``kimi_oracle``: transformers' DeepseekV3ForCausalLM (fp32) on a dequantized copy.
 - ``dsv3_model`` / ``kimi_model``: ours, fp32 on CPU, loaded from the FP8 checkpoint.
+
+GPU-only tests carry ``@pytest.mark.gpu`` (``gpu(count=2)`` for two GPUs): skipped where fewer CUDA GPUs are
+visible. Without a GPU, ``import mla_runner`` (the first import here) has switched Triton's interpreter on.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-# Without a GPU, Triton kernels run under its interpreter, whose switch must be on before triton is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from mla_runner.models.loader import load_model
+from mla_runner.models.presets import TINY_DEEPSEEK_V3_CONFIG, TINY_KIMI_K2_CONFIG
+from mla_runner.models.tiny import make_tiny_checkpoint
+from mla_testing.oracle import load_oracle
 
-from models.loader import load_model  # noqa: E402
-from models.presets import TINY_DEEPSEEK_V3_CONFIG, TINY_KIMI_K2_CONFIG  # noqa: E402
-from models.tiny import make_tiny_checkpoint  # noqa: E402
-from oracle import load_oracle  # noqa: E402
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        need = marker.kwargs.get("count", 1) if marker is not None else 0
+        if gpus < need:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU{'s' if need > 1 else ''}"))
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner.sweep.report import SUMMARY_MD, collect, write_summary
-from runner.sweep.result import one_line
+from mla_runner.sweep.report import SUMMARY_MD, collect, write_summary
+from mla_runner.sweep.result import one_line
 
 log = logging.getLogger(__name__)
 

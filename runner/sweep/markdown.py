@@ -8,10 +8,11 @@ separately with their one-line error instead of as rows of empty cells.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from runner.sweep.table import Table
+from mla_runner.sweep.table import Table
 
 
 def _sig3(value: float) -> str:

@@ -1,6 +1,6 @@
 """A sweep directory's summary: every job's ``result.json`` into ``summary.csv``, ``summary.md`` and plots.
 
-The multirun callback calls this when a sweep ends; ``python -m runner.sweep.report SWEEP_DIR`` does the
+The multirun callback calls this when a sweep ends; ``python -m mla_runner.sweep.report SWEEP_DIR`` does the
 same for an existing directory (a sweep that was interrupted, or job directories gathered from several
 machines). A job directory is one holding a ``result.json`` or Hydra's ``.hydra/`` record, so a job that
 died without writing its result still shows up, as ``missing``; an unreadable file shows up as ``corrupt``.
@@ -18,9 +18,9 @@ from typing import Optional
 
 import yaml
 
-from runner.sweep.markdown import render_markdown
-from runner.sweep.result import RESULT_FILE, SCHEMA_VERSION, one_line
-from runner.sweep.table import Table, make_table
+from mla_runner.sweep.markdown import render_markdown
+from mla_runner.sweep.result import RESULT_FILE, SCHEMA_VERSION, one_line
+from mla_runner.sweep.table import Table, make_table
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def write_summary(sweep_dir: str | os.PathLike, results: list[dict]) -> list[Pat
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runner.sweep.report",
+    parser = argparse.ArgumentParser(prog="python -m mla_runner.sweep.report",
                                      description="Summarise a sweep directory's result.json files.")
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
     args = parser.parse_args(argv)
@@ -116,7 +116,7 @@ def _write_csv(path: Path, table: Table) -> None:
 def _write_plots(sweep_dir: Path, table: Table, device: str) -> list[Path]:
     """The plots, or none with a warning: a missing matplotlib or an odd row must not cost the tables."""
     try:
-        from runner.sweep.plots import write_plots  # matplotlib is the optional `plot` extra
+        from mla_runner.sweep.plots import write_plots  # matplotlib is the optional `plot` extra
 
         return write_plots(sweep_dir, table.lines, device)
     except Exception as e:  # noqa: BLE001 - reported, and the CSV and Markdown are still written

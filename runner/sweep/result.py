@@ -36,7 +36,7 @@ from typing import Any, Optional
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from runner.environment import environment
+from mla_runner.environment import environment
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"

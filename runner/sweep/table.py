@@ -7,10 +7,10 @@ and the job's own columns win over all of them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from runner.sweep.result import KEY_ORDER
+from mla_runner.sweep.result import KEY_ORDER
 
 JOB_COLUMNS = ("job", "status")
 TAIL_COLUMNS = ("error", "override_dirname", "output_dir")

@@ -16,29 +16,29 @@ import dataclasses
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from kernels.testing import make_problem
-from runner.attention import make_backend
-from runner.checkpoint import ModelSource
-from runner.config import BenchTaskConfig, RunConfig
-from runner.distributed import rank
-from runner.engine import Engine, resolve_device, resolve_dtype
-from runner.metadata import make_metadata_builder
-from runner.errors import ConfigError
-from runner.request import Request, Status
-from runner.roofline import measure_ceilings
-from runner.sampling import SamplingParams
+from mla_runner.attention import AttentionBackend, AttentionSpec, StepInputs, make_backend
+from mla_runner.config import BenchTaskConfig, RunConfig
+from mla_runner.engine import LLMEngine, Request, Status, resolve_device, resolve_dtype
+from mla_runner.engine.checkpoint import ModelSource
+from mla_runner.engine.distributed import rank
+from mla_runner.errors import ConfigError
+from mla_runner.kernels.cuda_graph import graph_time
+from mla_runner.kernels.synthetic import make_problem
+from mla_runner.roofline import measure_ceilings
+from mla_runner.sampling import SamplingParams
 
 
 def run_bench(cfg: RunConfig, output_dir: Path) -> dict:
     task: BenchTaskConfig = cfg.task
     modes: dict[str, Callable[[RunConfig], dict]] = {
         "decode": bench_decode, "kernel": bench_kernel, "metadata": bench_metadata}
-    row = {"backend": cfg.attention.name, "strategy": cfg.metadata.strategy, **modes[task.mode](cfg)}
+    strategy = cfg.metadata.strategy if cfg.attention.name == "triton" else "-"  # the others build their own
+    row = {"backend": cfg.attention.name, "strategy": strategy, **modes[task.mode](cfg)}
     if rank() == 0:
         print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
     return {"metrics": row, "rows": [row]}
@@ -51,26 +51,27 @@ def bench_decode(cfg: RunConfig) -> dict:
     cfg = dataclasses.replace(
         cfg, max_batch_size=B, max_model_len=max(cfg.max_model_len, L + steps + 2), num_pages=None,
     )
-    engine = Engine(cfg)
-    ceilings = measure_ceilings(engine.device)
+    engine = LLMEngine(cfg)
+    runner = engine.runner
+    ceilings = measure_ceilings(runner.device)
     fill_running(engine, [L] * B, max_tokens=steps + 2)
     experts = count_experts(engine)
     times = []
     for i in range(steps):
-        _sync(engine.device)
+        _sync(runner.device)
         start = time.perf_counter()
         engine.step()
-        _sync(engine.device)
+        _sync(runner.device)
         if i >= task.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    weight_bytes = engine.par.agree(touched_weight_bytes(engine.model, B, experts), engine.device, largest=True)
-    kv_bytes = B * (L + steps // 2) * engine.kv_cache[0, 0, 0].numel() * engine.kv_cache.element_size() \
-        * engine.kv_cache.shape[0]
+    weight_bytes = engine.par.agree(touched_weight_bytes(runner.model, B, experts), runner.device, largest=True)
+    cache = runner.kv_cache
+    kv_bytes = B * (L + steps // 2) * cache[0, 0, 0].numel() * cache.element_size() * cache.shape[0]
     floor_s = (weight_bytes + kv_bytes) / (ceilings.copy_gbps * 1e9)
     return {
         "mode": "decode", "tp": engine.par.world, "moe": cfg.parallel.moe, "batch": B, "context": L,
-        "cuda_graphs": engine.graphs is not None,
+        "cuda_graphs": runner.graphs is not None,
         "step_ms": step_s * 1e3, "tokens_per_s": B / step_s,
         "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
         "gb_s": (weight_bytes + kv_bytes) / step_s / 1e9,
@@ -90,12 +91,11 @@ def bench_kernel(cfg: RunConfig) -> dict:
     lens = request_lengths(task)
     p = make_problem(lens, [task.q_len] * len(lens), H, cfg.page_size, kv_lora_rank=args.kv_lora_rank,
                      rope_dim=args.qk_rope_head_dim, dtype=dtype, device=device)
-    builder = _builder(cfg, H, len(lens), p.max_pages, args, device)
-    backend = make_backend(cfg.attention.name, device, args.kv_lora_rank, H, cfg.page_size)
-    meta = builder.build(p.seq_lens, p.qo_indptr, p.block_table, p.seq_lens_host, p.q_lens_host)
-    meta = backend.plan(meta, task.q_len)
-    call = lambda: backend.forward(p.q, p.kv_cache, meta, args.softmax_scale)  # noqa: E731
-    seconds = time_call(call, device, task, graph=cfg.attention.name != "torch")
+    backend = _backend(cfg, H, len(lens), p.max_pages, args, dtype, device)
+    meta = backend.build_metadata(StepInputs(p.seq_lens, p.qo_indptr, p.block_table, task.q_len, p.seq_lens_host,
+                                             p.q_lens_host))
+    call = lambda: backend.forward(p.q, p.kv_cache, meta, args.softmax_scale)
+    seconds = time_call(call, device, task, graph=backend.capabilities.graph_forward)
     ceilings = measure_ceilings(device)
     D = args.kv_lora_rank + args.qk_rope_head_dim
     nbytes = sum(lens) * D * p.kv_cache.element_size()
@@ -110,8 +110,8 @@ def bench_kernel(cfg: RunConfig) -> dict:
 
 
 def bench_metadata(cfg: RunConfig) -> dict:
-    """The metadata build of one step: GPU time for ``persistent`` (what a CUDA graph replays) and wall
-    time for both (``per_step`` is host work plus copies)."""
+    """The configured backend's metadata build of one step: wall time (host work plus copies where it builds on the
+    host), and on a GPU the device time of its graph replay where the build can be captured."""
     task: BenchTaskConfig = cfg.task
     device = resolve_device(cfg.device)
     args = ModelSource.resolve(cfg.model).args
@@ -123,15 +123,16 @@ def bench_metadata(cfg: RunConfig) -> dict:
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     qo_indptr = torch.arange(0, task.q_len * task.batch + 1, task.q_len, dtype=torch.int32, device=device)
     block_table = torch.randint(0, 1 << 20, (task.batch, max_pages), generator=gen, dtype=torch.int32).to(device)
-    builder = _builder(cfg, H, task.batch, max_pages, args, device)
+    backend = _backend(cfg, H, task.batch, max_pages, args, resolve_dtype(cfg.dtype, device), device)
+    inputs = StepInputs(seq_lens, qo_indptr, block_table, task.q_len, lens, q_lens)
 
     def build():
-        return builder.build(seq_lens, qo_indptr, block_table, lens, q_lens)
+        return backend.build_metadata(inputs)
 
     wall = time_call(build, device, task, wall=True)
     row = {"mode": "metadata", "heads": H, "batch": task.batch, "context": task.context,
            "metadata_wall_us": wall * 1e6, "metadata_us": wall * 1e6}
-    if device.type == "cuda" and cfg.metadata.strategy == "persistent":
+    if device.type == "cuda" and backend.capabilities.graph_metadata:
         row["metadata_us"] = time_call(build, device, task, graph=True) * 1e6
     return row
 
@@ -149,8 +150,6 @@ def time_call(fn: Callable[[], object], device: torch.device, task: BenchTaskCon
     if device.type == "cuda" and not wall:
         from triton.testing import do_bench
 
-        from kernels.cuda_graph import graph_time
-
         if graph:
             return graph_time(fn) * 1e-6
         return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
@@ -166,16 +165,20 @@ def time_call(fn: Callable[[], object], device: torch.device, task: BenchTaskCon
     return statistics.median(times)
 
 
-def _builder(cfg: RunConfig, heads: int, batch: int, max_pages: int, args, device: torch.device):
-    return make_metadata_builder(cfg.metadata, num_heads=heads, max_batch=batch, max_pages_per_seq=max_pages,
-                                 page_size=cfg.page_size, kv_lora_rank=args.kv_lora_rank,
-                                 rope_dim=args.qk_rope_head_dim, device=device, max_q_len=cfg.task.q_len)
+def _backend(cfg: RunConfig, heads: int, batch: int, max_pages: int, args, dtype: torch.dtype,
+             device: torch.device) -> AttentionBackend:
+    spec = AttentionSpec(num_heads=heads, kv_lora_rank=args.kv_lora_rank, rope_dim=args.qk_rope_head_dim,
+                         page_size=cfg.page_size, dtype=dtype, device=device, max_batch=batch,
+                         max_pages_per_seq=max_pages, max_q_len=cfg.task.q_len)
+    return make_backend(cfg.attention.name, cfg.metadata.strategy, spec, num_kv_splits=cfg.metadata.num_kv_splits,
+                        dram_ratio=cfg.metadata.dram_ratio)
 
 
-def fill_running(engine: Engine, contexts: list[int], max_tokens: int) -> list[Request]:
+def fill_running(engine: LLMEngine, contexts: list[int], max_tokens: int) -> list[Request]:
     """Running requests whose first ``contexts[i]`` tokens are already in the (random-filled) cache, as if
     prefilled: decode steps can be measured at any context without running the prefill."""
-    if sum(engine.blocks.pages_needed(c + max_tokens) for c in contexts) > engine.blocks.num_free:
+    blocks = engine.scheduler.blocks
+    if sum(blocks.pages_needed(c + max_tokens) for c in contexts) > blocks.num_free:
         raise ConfigError(f"the KV cache cannot hold {len(contexts)} requests of up to {max(contexts)} tokens: "
                           "raise num_pages")
     gen = torch.Generator().manual_seed(0)
@@ -183,16 +186,17 @@ def fill_running(engine: Engine, contexts: list[int], max_tokens: int) -> list[R
     requests = []
     for i, context in enumerate(contexts):
         ids = torch.randint(0, engine.args.vocab_size, (context + 1,), generator=gen).tolist()
-        req = Request(i, None, ids[:context], params, output_token_ids=ids[context:], status=Status.RUNNING)
-        engine.blocks.allocate(req, context)
+        req = engine.make_request(i, ids[:context], params)
+        req.output_token_ids, req.status = ids[context:], Status.RUNNING
+        blocks.allocate(req, context)
         req.num_cached = context
         engine.scheduler.running.append(req)
         requests.append(req)
-    engine.kv_cache.normal_()
+    engine.runner.kv_cache.normal_()
     return requests
 
 
-def count_experts(engine: Engine) -> list[int]:
+def count_experts(engine: LLMEngine) -> list[int]:
     """The distinct experts of this rank that each MoE layer routes to in one eager decode step (router hooks;
     graph replays would not call them)."""
     unique: list[int] = []
@@ -202,12 +206,13 @@ def count_experts(engine: Engine) -> list[int]:
         ids = out[1].unique()
         unique.append(int(((ids >= owned.start) & (ids < owned.stop)).sum()))
 
-    hooks = [m.register_forward_hook(record) for name, m in engine.model.named_modules() if name.endswith("mlp.gate")]
-    graphs, engine.graphs = engine.graphs, None
+    runner = engine.runner
+    hooks = [m.register_forward_hook(record) for name, m in runner.model.named_modules() if name.endswith("mlp.gate")]
+    graphs, runner.graphs = runner.graphs, None
     try:
         engine.step()
     finally:
-        engine.graphs = graphs
+        runner.graphs = graphs
         for h in hooks:
             h.remove()
     return unique

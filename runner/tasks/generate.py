@@ -9,13 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
-from runner.config import RunConfig
-from runner.distributed import rank
-from runner.engine import Engine
-from runner.errors import UserError
-from runner.prompts import BUILTIN_PROMPTS, PromptSpec, encode, read_prompt_file
-from runner.request import Request
-from runner.sampling import SamplingParams
+from mla_runner.config import RunConfig
+from mla_runner.engine import LLMEngine
+from mla_runner.engine.distributed import rank
+from mla_runner.engine.request import Request
+from mla_runner.errors import UserError
+from mla_runner.prompts import BUILTIN_PROMPTS, PromptSpec, encode, read_prompt_file
+from mla_runner.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 SHOWN = 8  # completions printed; all of them are in the output file
@@ -25,7 +25,7 @@ def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
     """Generate for every prompt; the metrics are a summary (requests, errors, tokens, seconds, tokens/s)."""
     task = cfg.task
     specs = read_prompt_file(task.prompts) if task.prompts else [PromptSpec(prompt=p) for p in BUILTIN_PROMPTS]
-    engine = Engine(cfg)
+    engine = LLMEngine(cfg)
     defaults = SamplingParams(temperature=task.temperature, top_p=task.top_p, top_k=task.top_k,
                               max_tokens=task.max_tokens, seed=task.seed)
     writer = rank() == 0  # under torchrun every rank generates the same tokens; rank 0 writes and prints them
@@ -57,7 +57,7 @@ def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
     return {"metrics": summary}
 
 
-def _request(engine: Engine, index: int, spec: PromptSpec, defaults: SamplingParams, chat: bool) -> Request:
+def _request(engine: LLMEngine, index: int, spec: PromptSpec, defaults: SamplingParams, chat: bool) -> Request:
     try:
         params = replace(defaults, **spec.sampling)
     except (TypeError, ValueError) as e:

@@ -1,0 +1,88 @@
+"""Attention backends: one per choice, each building its own per-step metadata and declaring what it supports.
+
+| choice | metadata it builds per step | CUDA graphs | runs on |
+|---|---|---|---|
+| ``attention=torch`` | lengths and block table (what the reference reads) | no | CPU, GPU |
+| ``attention=triton metadata=persistent`` | the work plan, on the device, fixed buffers | yes | GPU, CPU interpreter |
+| ``attention=triton metadata=per_step`` | the work plan, on the host, copied in | no | GPU, CPU interpreter |
+| ``attention=flashmla`` | FlashMLA's schedule, on the device | yes | Hopper |
+| ``attention=aiter`` | per-token kv indices, on the device | no | ROCm |
+
+``metadata=`` picks the strategy of ``attention=triton``; the other backends build their own metadata and leave it
+unused. The engine asks the backend (``capabilities``) rather than testing names, and config validation
+(``check_choice``) reads the same declarations, so a run that cannot work stops before any weights load.
+"""
+from __future__ import annotations
+
+import torch
+
+from mla_runner.attention.aiter_backend import AiterBackend
+from mla_runner.attention.base import AttentionBackend, AttentionSpec, Capabilities, StepInputs
+from mla_runner.attention.flashmla_backend import FlashMLABackend
+from mla_runner.attention.torch_backend import TorchBackend
+from mla_runner.attention.triton_backend import TritonPersistentBackend, TritonPerStepBackend
+from mla_runner.errors import ConfigError
+
+BACKENDS: dict[str, type[AttentionBackend]] = {
+    "torch": TorchBackend, "triton": TritonPersistentBackend, "flashmla": FlashMLABackend, "aiter": AiterBackend}
+TRITON_STRATEGIES: dict[str, type[AttentionBackend]] = {
+    "persistent": TritonPersistentBackend, "per_step": TritonPerStepBackend}
+
+__all__ = ["AttentionBackend", "AttentionSpec", "Capabilities", "StepInputs", "BACKENDS", "TRITON_STRATEGIES",
+           "backend_class", "check_choice", "make_backend"]
+
+
+def backend_class(name: str, strategy: str) -> type[AttentionBackend]:
+    """The backend of ``attention=name`` (``metadata=strategy`` for triton)."""
+    if name not in BACKENDS:
+        raise ConfigError(f"attention={name!r} is not valid: choose one of {', '.join(BACKENDS)}")
+    if name != "triton":
+        return BACKENDS[name]
+    if strategy not in TRITON_STRATEGIES:
+        raise ConfigError(f"metadata={strategy!r} is not valid: choose one of {', '.join(TRITON_STRATEGIES)}")
+    return TRITON_STRATEGIES[strategy]
+
+
+def check_choice(name: str, strategy: str, *, cuda_graphs: bool | None = None, device: str | None = None,
+                 dtype: torch.dtype | None = None, page_size: int | None = None, num_heads: int | None = None,
+                 kv_lora_rank: int | None = None, rope_dim: int | None = None) -> type[AttentionBackend]:
+    """The backend class of this choice, or a one-line ``ConfigError`` naming what it does not support. Settings left
+    at None are not checked (at config time the model's heads and the resolved device may be unknown)."""
+    cls = backend_class(name, strategy)
+    unmet = cls.capabilities.unmet(device=device, dtype=dtype, page_size=page_size, num_heads=num_heads,
+                                   kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
+    if unmet:
+        other = "attention=torch" if name == "triton" else "attention=triton"
+        raise ConfigError(f"attention={name} needs {' and '.join(unmet)}; use {other}")
+    if cuda_graphs and not cls.capabilities.cuda_graphs:
+        capturable = " or ".join(_label(n, s) for n, s in _choices() if backend_class(n, s).capabilities.cuda_graphs)
+        raise ConfigError(f"cuda_graphs=true needs a backend whose step can be captured ({capturable}): "
+                          f"{_label(name, strategy)} builds its metadata or reads lengths on the host")
+    if cuda_graphs and device == "cpu":
+        raise ConfigError("cuda_graphs=true needs device=cuda")
+    return cls
+
+
+def make_backend(name: str, strategy: str, spec: AttentionSpec, *, num_kv_splits: int | None = None,
+                 dram_ratio: int | None = None) -> AttentionBackend:
+    """The backend of this choice for ``spec``; a one-line ``ConfigError``, before any work, where it cannot run.
+    ``num_kv_splits`` and ``dram_ratio`` are the metadata options of ``attention=triton`` (see MetadataConfig)."""
+    cls = backend_class(name, strategy)
+    reason = cls.unavailable(spec.device)
+    if reason is not None:
+        raise ConfigError(reason)
+    check_choice(name, strategy, device=spec.device.type, dtype=spec.dtype, page_size=spec.page_size,
+                 num_heads=spec.num_heads, kv_lora_rank=spec.kv_lora_rank, rope_dim=spec.rope_dim)
+    if cls is TritonPersistentBackend:
+        return cls(spec, max_kv_splits=num_kv_splits, dram_ratio=dram_ratio)
+    if cls is TritonPerStepBackend:
+        return cls(spec, **({} if num_kv_splits is None else {"num_kv_splits": num_kv_splits}))
+    return cls(spec)
+
+
+def _choices() -> list[tuple[str, str | None]]:
+    return [("triton", s) for s in TRITON_STRATEGIES] + [(n, None) for n in BACKENDS if n != "triton"]
+
+
+def _label(name: str, strategy: str | None) -> str:
+    return f"attention={name} metadata={strategy}" if name == "triton" else f"attention={name}"

@@ -1,0 +1,28 @@
+"""``attention=flashmla``: FlashMLA's dense MLA decode (``mla_runner.kernels.flashmla``, from ``pip install
+sgl-flash-mla``). Its metadata is FlashMLA's own split-KV schedule, computed on the GPU once per step from the lengths
+(no sync: captured with the step). Hopper only, page size 64, bf16, one q_len for every request of a step."""
+from __future__ import annotations
+
+import torch
+
+from mla_runner.attention.base import AttentionBackend, Capabilities, StepInputs
+from mla_runner.kernels import flashmla
+
+
+class FlashMLABackend(AttentionBackend):
+    name = "flashmla"
+    capabilities = Capabilities(graph_forward=True, graph_metadata=True, devices=("cuda",), dtypes=(torch.bfloat16,),
+                                page_sizes=(flashmla.PAGE_SIZE,), head_counts=flashmla.HEAD_COUNTS,
+                                kv_lora_ranks=(512,), rope_dims=(64,), varlen_q=False)
+
+    @classmethod
+    def unavailable(cls, device: torch.device) -> str | None:
+        reason = flashmla.unavailable_reason(device)
+        return None if reason is None else f"attention=flashmla {reason}; use attention=triton"
+
+    def build_metadata(self, inputs: StepInputs) -> flashmla.FlashMLAPlan:
+        return flashmla.plan(inputs.seq_lens, inputs.block_table, inputs.q_len, self.spec.num_heads)
+
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: flashmla.FlashMLAPlan,
+                sm_scale: float) -> torch.Tensor:
+        return flashmla.flashmla_decode(q, kv_cache, metadata, sm_scale, self.spec.kv_lora_rank)

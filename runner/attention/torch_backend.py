@@ -1,0 +1,31 @@
+"""``attention=torch``: plain PyTorch over the gathered pages (``mla_runner.kernels.reference``), the reference every
+kernel is checked against; runs anywhere. Its metadata is what the reference reads: lengths and the block table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mla_runner.attention.base import AttentionBackend, Capabilities, StepInputs
+from mla_runner.kernels.reference import mla_attention_reference
+
+
+@dataclass
+class TorchMetadata:
+    qo_indptr: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    block_table: torch.Tensor  # [B, max_pages] int32
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+    # forward reads the lengths on the host (a sync per layer), so a step cannot be captured
+    capabilities = Capabilities(graph_forward=False, graph_metadata=True, devices=("cuda", "cpu"))
+
+    def build_metadata(self, inputs: StepInputs) -> TorchMetadata:
+        return TorchMetadata(inputs.qo_indptr, inputs.seq_lens, inputs.block_table)
+
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TorchMetadata,
+                sm_scale: float) -> torch.Tensor:
+        return mla_attention_reference(q, kv_cache, metadata.qo_indptr, metadata.seq_lens, metadata.block_table,
+                                       sm_scale, self.spec.kv_lora_rank)

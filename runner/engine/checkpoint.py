@@ -1,0 +1,90 @@
+"""Where a model comes from: a checkpoint directory, the embedded tiny checkpoint, or random weights."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mla_runner.config import ModelConfig
+from mla_runner.errors import ConfigError
+from mla_runner.models import presets
+from mla_runner.models.config import ModelArgs
+from mla_runner.models.deepseek_v3 import DeepseekV3ForCausalLM
+from mla_runner.models.errors import CheckpointError
+from mla_runner.models.loader import load_model, load_tokenizer
+from mla_runner.models.parallel import Parallel
+from mla_runner.models.random_weights import random_model
+from mla_runner.models.tiny import ensure_tiny_checkpoint
+
+PRESETS = {
+    "deepseek_v3": presets.DEEPSEEK_V3_CONFIG,
+    "kimi_k2": presets.KIMI_K2_CONFIG,
+    "tiny_deepseek_v3": presets.TINY_DEEPSEEK_V3_CONFIG,
+    "tiny_kimi_k2": presets.TINY_KIMI_K2_CONFIG,
+}
+TINY_PRESETS = ("tiny_deepseek_v3", "tiny_kimi_k2")  # small enough to generate on first use
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """The architecture of the configured model, and where its weights will come from."""
+
+    cfg: ModelConfig
+    args: ModelArgs  # truncated to cfg.num_layers when set
+    path: Optional[Path]  # None: random weights
+
+    @classmethod
+    def resolve(cls, cfg: ModelConfig) -> ModelSource:
+        if cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset={cfg.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+        if cfg.random_weights:
+            path, args = None, ModelArgs.from_dict(PRESETS[cfg.preset], source=f"preset {cfg.preset}")
+        else:
+            path = checkpoint_dir(cfg)
+            args = ModelArgs.from_dir(path)
+        if cfg.num_layers is not None:
+            if cfg.num_layers > args.num_hidden_layers:
+                raise ConfigError(f"model.num_layers={cfg.num_layers} is more than the model's "
+                                  f"{args.num_hidden_layers}")
+            args = dataclasses.replace(args, num_hidden_layers=cfg.num_layers)
+        return cls(cfg, args, path)
+
+    def use_fp8(self, weights: str, device: torch.device) -> bool:
+        """Resolve RunConfig.weights: keep FP8 weights in FP8 (True) or dequantize them at load (False)."""
+        if weights == "bf16":
+            return False
+        fp8_checkpoint = self.path is not None and self.args.fp8_block is not None
+        if weights == "auto":
+            return fp8_checkpoint and device.type == "cuda"
+        if self.path is not None and not fp8_checkpoint:
+            raise ConfigError(f"weights=fp8 needs an FP8 checkpoint: {self.path} has no fp8 quantization_config")
+        if fp8_checkpoint and tuple(self.args.fp8_block) != (128, 128):
+            raise ConfigError(f"weights=fp8 supports 128x128 blocks only, {self.path} has {self.args.fp8_block}")
+        return True
+
+    def load(self, dtype: torch.dtype, device: torch.device, progress: bool,
+             fp8: bool = False, par: Parallel = Parallel()) -> DeepseekV3ForCausalLM:
+        """The model, or this rank's shard of it (``par``)."""
+        if self.path is None:
+            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8, par=par)
+        return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress,
+                          fp8=fp8, par=par)
+
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer; None for random weights (prompts are token ids then)."""
+        return None if self.path is None else load_tokenizer(self.path, trust_remote_code=self.cfg.trust_remote_code)
+
+
+def checkpoint_dir(cfg: ModelConfig) -> Path:
+    """The checkpoint directory to load: ``cfg.path``, or the tiny preset generated into the cache."""
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint directory does not exist")
+        return path
+    if cfg.preset in TINY_PRESETS:
+        return ensure_tiny_checkpoint(cfg.preset, PRESETS[cfg.preset], seed=cfg.seed)
+    raise ConfigError(f"model={cfg.name} needs its checkpoint: pass model.path=/path/to/checkpoint "
+                      "(or model.random_weights=true for a benchmark)")

@@ -1,0 +1,72 @@
+"""Several processes, one GPU each: the torchrun launch read from its environment, and the process group.
+
+``torchrun --nproc-per-node N -m mla_runner ...`` starts N copies of the runner with ``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK`` and the rendezvous address in their environment (the launcher's protocol, the one place the
+runner reads the environment). Every rank builds the same engine over its shard of the model and runs the
+same scheduler on the same requests: the steps agree because every collective leaves all ranks the same
+bits (hidden states after each all-reduce, logits after the all-gather) and sampling is deterministic given
+them (greedy is argmax; seeded or unseeded sampling draws from generators seeded alike on every rank).
+Only rank 0 prints, writes files and shows progress bars. A single process creates no process group.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mla_runner.config import ParallelConfig
+from mla_runner.errors import ConfigError
+from mla_runner.models.parallel import Parallel
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What torchrun said about this process: the world size, its rank, and its rank on this node."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Launch:
+        env = os.environ
+        return cls(int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)))
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun): rank 0 alone writes files and prints."""
+    return Launch.from_env().rank
+
+
+def setup(cfg: ParallelConfig, device: torch.device) -> tuple[Parallel, torch.device]:
+    """The layout of this process and its device (``cuda:LOCAL_RANK`` under torchrun); joins the process group
+    (NCCL on GPUs, gloo on CPUs) unless there is one process or a group already exists."""
+    launch = Launch.from_env()
+    if cfg.size is not None and cfg.size != launch.world:
+        how = "without torchrun" if launch.world == 1 else f"with {launch.world} processes"
+        raise ConfigError(f"parallel.size={cfg.size} but the runner was started {how}: launch it with "
+                          f"torchrun --nproc-per-node {cfg.size} -m mla_runner ...")
+    par = Parallel(launch.rank, launch.world, cfg.moe)
+    if launch.world == 1:
+        return par, device
+    if device.type == "cuda":
+        if launch.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {launch.local_rank} has no GPU: {torch.cuda.device_count()} visible, "
+                              "start at most that many processes per node")
+        device = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast (NVLS) stays off: NCCL reads this
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    if dist.get_world_size() != launch.world:
+        raise ConfigError(f"the process group has {dist.get_world_size()} ranks, torchrun launched {launch.world}")
+    return par, device
+
+
+def shutdown() -> None:
+    """Leave the process group (end of a torchrun job); nothing without one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

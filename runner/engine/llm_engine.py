@@ -1,0 +1,147 @@
+"""The engine loop: requests in, outputs out.
+
+It checks each prompt, queues requests, asks the scheduler for each step's batch (a prefill of newly admitted
+requests or a decode of every running one), hands the batch to the model runner and books the sampled tokens: how
+many tokens of each request are cached, its output, and whether it is done (EOS, a stop string, ``max_tokens``, the
+context). It holds no tensor: the model, its cache and the step's buffers are the model runner's.
+
+Under torchrun every rank runs this same loop over its shard of the model (``mla_runner.engine.distributed``): the
+same scheduler steps on the same requests, its own heads' attention, the whole latent cache.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from mla_runner.config import RunConfig
+from mla_runner.engine.block_manager import BlockManager
+from mla_runner.engine.checkpoint import ModelSource
+from mla_runner.engine.distributed import setup
+from mla_runner.engine.model_runner import ModelRunner, resolve_device
+from mla_runner.engine.request import Request
+from mla_runner.engine.scheduler import Scheduler
+from mla_runner.errors import ConfigError, UserError
+from mla_runner.models.parallel import layout_problem
+from mla_runner.sampling import SamplingParams
+
+# A stop string that first shows up at a step ends in the text of that step's token, so each step decodes only the
+# last (longest stop string's length + STOP_WINDOW) generated tokens to look for one (tokens that decode to no
+# character of their own, byte pieces of one character, are what the margin is for); the whole output is decoded
+# once, when one shows, to cut it.
+STOP_WINDOW = 8
+
+
+class LLMEngine:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.par, device = setup(cfg.parallel, resolve_device(cfg.device))
+        self.progress = cfg.progress and self.par.rank == 0
+        source = ModelSource.resolve(cfg.model)
+        self.args = args = source.args
+        problem = layout_problem(args, self.par)
+        if problem is not None:
+            raise ConfigError(f"model={cfg.model.name} cannot be split over {self.par.world} processes: {problem}")
+        if cfg.max_model_len > args.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={cfg.max_model_len} is larger than the model's "
+                f"max_position_embeddings={args.max_position_embeddings}"
+            )
+        self.runner = ModelRunner(cfg, source, self.par, device, self.progress)
+        self.tokenizer = source.tokenizer()
+        eos = args.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.scheduler = Scheduler(BlockManager(self.runner.num_pages, cfg.page_size), cfg.max_batch_size,
+                                   max_prefill_tokens=max(cfg.max_model_len, 2048))
+        self._request_ids = itertools.count()
+
+    # ----------------------------------------------------------------------------------------- requests
+    def make_request(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                     prompt: Optional[str] = None) -> Request:
+        """A request, or a ``UserError`` saying why this prompt cannot run (nothing is queued then)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise UserError(f"prompt {index} is empty")
+        if n >= self.cfg.max_model_len:
+            raise UserError(
+                f"prompt {index} has {n} tokens, max_model_len={self.cfg.max_model_len} leaves no room to generate"
+            )
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise UserError(f"prompt {index} has token id {bad[0]} outside the vocabulary "
+                            f"(size {self.args.vocab_size})")
+        return Request(next(self._request_ids), index, prompt, list(prompt_token_ids), params)
+
+    def run(self, requests: Iterable[Request], on_finish: Callable[[Request], None] | None = None,
+            progress: bool | None = None) -> list[Request]:
+        """Run requests to completion, all batched together; returns them in the order given."""
+        requests = list(requests)
+        for req in requests:
+            self.scheduler.add(req)
+        show = self.progress if progress is None else progress and self.par.rank == 0
+        bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not show or not requests, leave=False)
+        start, generated = time.perf_counter(), 0
+        while self.scheduler.has_work():
+            finished, n_new = self.step()
+            generated += n_new
+            for req in finished:
+                bar.update(1)
+                if on_finish is not None:
+                    on_finish(req)
+            bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}")
+        bar.close()
+        return requests
+
+    # --------------------------------------------------------------------------------------------- step
+    def step(self) -> tuple[list[Request], int]:
+        """One prefill or decode step; returns the requests it finished and the tokens it generated."""
+        batch, is_prefill = self.scheduler.schedule()
+        tokens = self.runner.prefill(batch) if is_prefill else self.runner.decode(batch)
+        now = time.perf_counter()
+        finished = []
+        for req, token in zip(batch, tokens):
+            req.num_cached = req.num_tokens  # every token the step fed the model is in the cache now
+            req.output_token_ids.append(token)
+            req.first_token_time = req.first_token_time or now
+            if self._check_finished(req):
+                req.finish_time = now
+                self.scheduler.finish(req)
+                self.runner.release(req)
+                finished.append(req)
+        return finished, len(batch)
+
+    def _check_finished(self, req: Request) -> bool:
+        """Set the finish reason and final text of a request that is done; False while it goes on."""
+        params, token = req.params, req.output_token_ids[-1]
+        cut = self._cut_at_stop_string(req) if params.stop else None
+        if not params.ignore_eos and token in self.eos_token_ids:
+            req.finish_reason = "stop"
+        elif cut is not None:
+            req.finish_reason, req.text = "stop", cut
+            return True
+        elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.cfg.max_model_len:
+            req.finish_reason = "length"
+        else:
+            return False
+        req.text = self.detokenize(req.output_token_ids)
+        return True
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """Text of generated tokens ('' for a model without a tokenizer)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _cut_at_stop_string(self, req: Request) -> Optional[str]:
+        """The text before the first stop string, if the text so far contains one (checked every step, so only
+        the newest tokens need decoding: see STOP_WINDOW)."""
+        stops = [s for s in req.params.stop if s]
+        if not stops:
+            return None
+        tail = self.detokenize(req.output_token_ids[-(max(map(len, stops)) + STOP_WINDOW):])
+        if not any(s in tail for s in stops):
+            return None
+        text = self.detokenize(req.output_token_ids)
+        cuts = [text.find(s) for s in stops if s in text]
+        return text[: min(cuts)] if cuts else None

@@ -1,0 +1,218 @@
+"""The model runner: the model on its device and everything a step needs there.
+
+It owns the weights, the paged latent KV cache, the decode step's input buffers, the attention backend (which builds
+the step's metadata), the CUDA graphs of the decode step and the sampling call. The engine loop hands it a batch of
+requests (their tokens, pages and how many of their tokens are cached) and gets one sampled token per request back;
+it keeps no queue and never changes a request.
+
+Prefill writes the latent vector of every token of each request and takes the logits of each request's last token; its
+attention goes through the torch reference. Decode writes one token per request into buffers sized once for
+``max_batch_size``, so the positions the layers read are the step's input buffer itself, and runs the configured
+backend, whose metadata every layer shares; with CUDA graphs, the metadata build, the model and the logits of a decode
+step are one graph replay per batch bucket.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mla_runner.attention import AttentionSpec, StepInputs, check_choice, make_backend
+from mla_runner.attention.torch_backend import TorchBackend
+from mla_runner.config import TORCH_DTYPES, RunConfig
+from mla_runner.engine.block_manager import BlockTable
+from mla_runner.engine.checkpoint import ModelSource
+from mla_runner.engine.cuda_graphs import DecodeGraphs
+from mla_runner.engine.request import Request
+from mla_runner.engine.sampler import sample
+from mla_runner.errors import ConfigError
+from mla_runner.models.context import ForwardContext
+from mla_runner.models.parallel import Parallel
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return TORCH_DTYPES[name]
+
+
+@dataclass
+class DecodeBuffers:
+    """The decode step's inputs, allocated once at their largest size and filled in place every step."""
+
+    input_ids: torch.Tensor  # [max_batch] int64
+    positions: torch.Tensor  # [max_batch] int64
+    slot_mapping: torch.Tensor  # [max_batch] int64
+    seq_lens: torch.Tensor  # [max_batch] int32
+    qo_indptr: torch.Tensor  # [max_batch + 1] int32
+    block_table: torch.Tensor  # [max_batch, max_pages_per_seq] int32
+
+    @classmethod
+    def allocate(cls, max_batch: int, max_pages_per_seq: int, device: torch.device) -> DecodeBuffers:
+        def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(
+            input_ids=zeros(max_batch, dtype=torch.int64),
+            positions=zeros(max_batch, dtype=torch.int64),
+            slot_mapping=zeros(max_batch, dtype=torch.int64),
+            seq_lens=zeros(max_batch),
+            qo_indptr=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
+            block_table=zeros(max_batch, max_pages_per_seq),
+        )
+
+
+class ModelRunner:
+    def __init__(self, cfg: RunConfig, source: ModelSource, par: Parallel, device: torch.device, progress: bool):
+        self.cfg, self.par, self.device = cfg, par, device
+        self.args = args = source.args
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        torch.manual_seed(cfg.seed)
+        self.page_size = cfg.page_size
+        self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
+        spec = AttentionSpec(num_heads=par.part(args.num_attention_heads), kv_lora_rank=args.kv_lora_rank,
+                             rope_dim=args.qk_rope_head_dim, page_size=cfg.page_size, dtype=self.dtype,
+                             device=device, max_batch=cfg.max_batch_size, max_pages_per_seq=self.max_pages_per_seq)
+        # the backend and the graph decision come before the weights load: a combination that cannot run fails fast
+        self.backend = make_backend(cfg.attention.name, cfg.metadata.strategy, spec,
+                                    num_kv_splits=cfg.metadata.num_kv_splits, dram_ratio=cfg.metadata.dram_ratio)
+        self.prefill_backend = TorchBackend(spec)
+        use_graphs = self._use_cuda_graphs()
+        self.fp8 = source.use_fp8(cfg.weights, device)
+        self.model = source.load(self.dtype, device, progress, fp8=self.fp8, par=par)
+
+        attention_layers = self.model.attention_layers
+        latent_dim = args.kv_lora_rank + args.qk_rope_head_dim
+        bytes_per_page = len(attention_layers) * cfg.page_size * latent_dim * self.dtype.itemsize
+        self.num_pages = cfg.num_pages or par.agree(self._default_num_pages(bytes_per_page), device)
+        if self.num_pages < self.max_pages_per_seq:
+            raise ConfigError(
+                f"the KV cache holds {self.num_pages * cfg.page_size} tokens ({self.num_pages} pages), fewer than "
+                f"max_model_len={cfg.max_model_len}: raise num_pages or kv_cache_memory_fraction, or lower "
+                "max_model_len"
+            )
+        # One page more than the block manager hands out: CUDA-graph padding slots write their latent there.
+        self.kv_cache = torch.zeros(len(attention_layers), self.num_pages + 1, cfg.page_size, latent_dim,
+                                    dtype=self.dtype, device=device)
+        self.scratch_slot = self.num_pages * cfg.page_size
+        for attn, cache in zip(attention_layers, self.kv_cache):
+            attn.kv_cache = cache
+        self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, device)
+        self.block_table = BlockTable(cfg.max_batch_size, self.max_pages_per_seq)
+        self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress) if use_graphs else None
+        self._generators: dict[int, torch.Generator] = {}  # request id -> its seeded generator
+
+    def _default_num_pages(self, bytes_per_page: int) -> int:
+        """Pages for max_batch_size full-length requests, capped on a GPU by the configured fraction of the
+        memory left free by the weights."""
+        wanted = self.cfg.max_batch_size * self.max_pages_per_seq
+        if self.device.type != "cuda":
+            return wanted
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return min(wanted, int(free * self.cfg.kv_cache_memory_fraction) // bytes_per_page)
+
+    def _use_cuda_graphs(self) -> bool:
+        """Graphs wherever the backend's step can be captured; ``cuda_graphs=true`` where it cannot is a config
+        error (checked again here, with the device resolved)."""
+        cfg = self.cfg
+        check_choice(cfg.attention.name, cfg.metadata.strategy, cuda_graphs=cfg.cuda_graphs, device=self.device.type)
+        possible = self.device.type == "cuda" and self.backend.capabilities.cuda_graphs
+        return possible if cfg.cuda_graphs is None else cfg.cuda_graphs
+
+    # ----------------------------------------------------------------------------------------------- steps
+    @torch.inference_mode()
+    def prefill(self, batch: list[Request]) -> list[int]:
+        """Write the latent vectors of every token of each request (prompt and any output, for a request that
+        comes back from preemption); one sampled token per request."""
+        ids, positions, slots, qo_indptr, seq_lens = [], [], [], [0], []
+        for req in batch:
+            n = req.num_tokens
+            ids.extend(req.token_ids)
+            positions.extend(range(n))
+            slots.extend(self._slot(req, p) for p in range(n))
+            qo_indptr.append(qo_indptr[-1] + n)
+            seq_lens.append(n)
+        device = self.device
+        block_table = torch.zeros(len(batch), self.max_pages_per_seq, dtype=torch.int32)
+        for i, req in enumerate(batch):
+            block_table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
+        inputs = StepInputs(seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+                            qo_indptr=torch.tensor(qo_indptr, dtype=torch.int32, device=device),
+                            block_table=block_table.to(device), q_len=max(seq_lens),
+                            seq_lens_host=seq_lens, q_lens_host=seq_lens)
+        ctx = ForwardContext(
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            backend=self.prefill_backend,
+            attn_metadata=self.prefill_backend.build_metadata(inputs),
+        )
+        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=device), ctx)
+        last = torch.tensor(qo_indptr[1:], device=device) - 1
+        return self._sample(self.model.compute_logits(hidden[last]), batch)
+
+    @torch.inference_mode()
+    def decode(self, batch: list[Request]) -> list[int]:
+        """One new token per request (its newest, at position ``num_cached``) through the configured backend."""
+        return self._sample(self.decode_logits(batch), batch)
+
+    def decode_logits(self, batch: list[Request]) -> torch.Tensor:
+        """The decode step up to its logits [B, vocab] fp32: a graph replay where there are graphs."""
+        B = len(batch)
+        seq_lens = [req.num_cached + 1 for req in batch]
+        buf = self.buffers
+        buf.input_ids[:B].copy_(torch.tensor([req.last_token_id for req in batch]), non_blocking=True)
+        buf.positions[:B].copy_(torch.tensor([req.num_cached for req in batch]), non_blocking=True)
+        buf.slot_mapping[:B].copy_(torch.tensor([self._slot(req, req.num_cached) for req in batch]), non_blocking=True)
+        buf.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        buf.block_table[:B].copy_(self.block_table.update(batch), non_blocking=True)
+        if self.graphs is None:
+            return self._decode_forward(B, seq_lens_host=seq_lens)
+        bs = self.graphs.bucket(B)
+        buf.input_ids[B:bs].zero_()
+        buf.positions[B:bs].zero_()
+        buf.slot_mapping[B:bs].fill_(self.scratch_slot)
+        buf.seq_lens[B:bs].zero_()
+        return self.graphs.replay(B)
+
+    def _decode_forward(self, bs: int, seq_lens_host: list[int] | None = None) -> torch.Tensor:
+        """Metadata, model and logits over the first ``bs`` decode slots: the part CUDA graphs capture (host
+        lengths only in eager steps)."""
+        buf = self.buffers
+        inputs = StepInputs(seq_lens=buf.seq_lens[:bs], qo_indptr=buf.qo_indptr[: bs + 1],
+                            block_table=buf.block_table[:bs], seq_lens_host=seq_lens_host,
+                            q_lens_host=None if seq_lens_host is None else [1] * bs)
+        ctx = ForwardContext(positions=buf.positions[:bs], slot_mapping=buf.slot_mapping[:bs], backend=self.backend,
+                             attn_metadata=self.backend.build_metadata(inputs))
+        return self.model.compute_logits(self.model(buf.input_ids[:bs], ctx))
+
+    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> list[int]:
+        """One token per request, on the device; the copy to the host is the step's one synchronization, after
+        which the backend reports a request its metadata had to drop."""
+        tokens = sample(logits, [r.params for r in batch], [self._generator(r) for r in batch]).tolist()
+        self.backend.check()
+        return tokens
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        """The request's own generator when it has a seed (made at its first token, kept through preemption)."""
+        if req.params.seed is None:
+            return None
+        g = self._generators.get(req.request_id)
+        if g is None:
+            g = self._generators[req.request_id] = torch.Generator(device=self.device)
+            g.manual_seed(req.params.seed)
+        return g
+
+    def release(self, req: Request) -> None:
+        """Forget a finished request's generator."""
+        self._generators.pop(req.request_id, None)
+
+    def _slot(self, req: Request, position: int) -> int:
+        return req.pages[position // self.page_size] * self.page_size + position % self.page_size

@@ -1,0 +1,47 @@
+"""A request as the engine tracks it, from prompt to finished output."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from mla_runner.sampling import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: int  # unique in the engine that made it
+    index: int  # position in the caller's list of prompts
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    pages: list[int] = field(default_factory=list)  # KV-cache pages, in order
+    num_cached: int = 0  # tokens whose latent vectors are in the cache
+    finish_reason: Optional[str] = None  # "stop" | "length"
+    text: str = ""
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: Optional[float] = None
+    finish_time: Optional[float] = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Prompt plus generated tokens: what a (re)computed prefill feeds the model."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def last_token_id(self) -> int:
+        """The newest token (what a decode step feeds the model), without building ``token_ids``."""
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)

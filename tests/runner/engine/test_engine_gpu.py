@@ -1,0 +1,59 @@
+"""On a GPU: the CUDA-graphed decode step equals eager execution on full-width truncated models, and the fused MoE
+in the model equals the expert loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mla_runner.compose import compose_config
+from mla_runner.engine import LLMEngine
+from mla_runner.tasks.bench import fill_running
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("model,layers", [("deepseek_v3", 4), ("kimi_k2", 2)])
+def test_graph_replay_equals_eager_full_width(model, layers):
+    cfg = compose_config([f"model={model}", "model.random_weights=true", f"model.num_layers={layers}",
+                          "attention=triton", "metadata=persistent", "dtype=bfloat16", "device=cuda",
+                          "max_batch_size=16", "max_model_len=8192", "progress=false"])
+    engine = LLMEngine(cfg)
+    runner = engine.runner
+    assert runner.graphs is not None
+    # 5 requests (padded to the bucket of 8) of uneven lengths, one long among short ones
+    batch = fill_running(engine, [4000, 17, 1, 640, 129], max_tokens=8)
+    for _ in range(3):  # new lengths every replay: each step appends a token to every request
+        for req in batch:
+            engine.scheduler.blocks.allocate(req, req.num_cached + 1)
+        graph_logits = runner.decode_logits(batch).clone()
+        # the same (padded) buffers, eager: the same bucket, so the same work plan
+        eager_logits = runner._decode_forward(runner.graphs.bucket(len(batch)))[: len(batch)]
+        err = (graph_logits - eager_logits).abs().max() / eager_logits.abs().max()
+        assert err < 1e-5, err
+        assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
+        for req, token in zip(batch, graph_logits.argmax(-1).tolist()):
+            req.num_cached = req.num_tokens
+            req.output_token_ids.append(token)
+    del engine, runner, batch
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_in_the_model_equals_the_expert_loop(dtype):
+    from mla_runner.models.config import ModelArgs
+    from mla_runner.models.moe import MoE
+    from mla_runner.models.presets import DEEPSEEK_V3_CONFIG
+    from mla_runner.models.random_weights import random_model
+
+    # DeepSeek-V3 widths, one MoE layer with 64 of its 256 experts (memory)
+    args = ModelArgs.from_dict({**DEEPSEEK_V3_CONFIG, "num_hidden_layers": 1, "first_k_dense_replace": 0,
+                                "n_routed_experts": 64})
+    model = random_model(args, dtype=dtype, device="cuda")
+    moe = model.model.layers[0].mlp
+    assert isinstance(moe, MoE)
+    x = torch.randn(37, args.hidden_size, device="cuda", dtype=dtype)
+    fused = moe(x)
+    weights, ids = moe.gate(x)
+    loop = moe.routed(x, weights, ids).to(dtype) + moe.shared_experts(x)
+    err = (fused.float() - loop.float()).norm() / loop.float().norm()
+    assert err < (1e-4 if dtype == torch.float32 else 2e-2), err

@@ -1,0 +1,49 @@
+"""task=bench on the CPU (or the GPU where there is one): every mode yields a consistent row, and the roofline
+bookkeeping is right."""
+from __future__ import annotations
+
+import pytest
+
+from mla_runner.compose import compose_config
+from mla_runner.engine import LLMEngine
+from mla_runner.tasks.bench import count_experts, fill_running, run_bench, touched_weight_bytes
+
+
+@pytest.mark.parametrize("mode", ["decode", "kernel", "metadata"])
+@pytest.mark.parametrize("attention,metadata", [("torch", "per_step"), ("triton", "persistent"),
+                                                ("triton", "per_step")])
+def test_bench_modes(tmp_path, mode, attention, metadata):
+    cfg = compose_config(["task=bench", f"task.mode={mode}", "task.batch=3", "task.context=70", "task.iters=2",
+                          "task.warmup=1", f"attention={attention}", f"metadata={metadata}", "page_size=16",
+                          "device=auto", "dtype=float32", "progress=false"])  # the interpreter, or a GPU
+    out = run_bench(cfg, tmp_path)
+    (row,) = out["rows"]
+    strategy = metadata if attention == "triton" else "-"  # the torch backend has no metadata strategy
+    assert (row["backend"], row["strategy"], row["mode"], row["batch"]) == (attention, strategy, mode, 3)
+    if mode == "kernel":
+        kv_bytes = 3 * 70 * (32 + 8) * 4  # tiny model: 40-wide latent, float32
+        assert row["gb_s"] == pytest.approx(kv_bytes / (row["time_us"] * 1e-6) / 1e9)
+        assert row["roofline_fraction"] == pytest.approx(row["floor_us"] / row["time_us"])
+    elif mode == "decode":
+        assert row["tokens_per_s"] == pytest.approx(3 / (row["step_ms"] * 1e-3))
+        assert 0 < row["roofline_fraction"] < 1
+    else:
+        assert row["metadata_us"] > 0
+
+
+def test_decode_bytes_count_the_experts_routed_to():
+    engine = LLMEngine(compose_config(["device=auto", "dtype=float32", "weights=bf16", "progress=false",
+                                    "page_size=16"]))  # dequantized: 4 bytes per weight below
+    fill_running(engine, [40, 3], max_tokens=4)
+    unique = count_experts(engine)
+    args = engine.args
+    moe_layers = args.num_hidden_layers - args.first_k_dense_replace
+    assert len(unique) == moe_layers and all(args.num_experts_per_tok <= u <= 2 * args.num_experts_per_tok
+                                             for u in unique)
+    expert = 3 * args.hidden_size * args.moe_intermediate_size * 4
+    model = engine.runner.model
+    every_param = sum(p.numel() * 4 for p in model.parameters())
+    all_experts = moe_layers * args.n_routed_experts * expert
+    embedding = args.vocab_size * args.hidden_size * 4
+    expected = every_param - all_experts - embedding + 2 * args.hidden_size * 4 + sum(unique) * expert
+    assert touched_weight_bytes(model, 2, unique) == expected
