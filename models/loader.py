@@ -140,6 +140,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Any:
             str(root), config=PretrainedConfig(), trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
+        if not trust_remote_code and "trust_remote_code" in str(e):
+            raise CheckpointError(f"{root}: its tokenizer ships its own Python code, which runs only when asked: "
+                                  "pass model.trust_remote_code=true to run it") from None
         raise CheckpointError(f"{root}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import torch
 
 MOE_MODES = ("ep", "tp")
+T = TypeVar("T")
 
 # Module name (its last part) -> the weight dimension split across ranks: 0 column parallel, 1 row parallel.
 SPLIT_DIM = {
@@ -78,6 +79,14 @@ class Parallel:
         op = torch.distributed.ReduceOp
         torch.distributed.all_reduce(t, op=op.MAX if largest else op.MIN)
         return int(t.item())
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` (any picklable object) on every rank: for what rank 0 alone reads from its disk."""
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
 
 def layout_problem(args: Any, par: Parallel) -> Optional[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +30,8 @@ from mla_runner.models.tiny_tokenizer import write_tokenizer
 
 ShardStyle = Literal["deepseek", "kimi"]
 FORMAT_VERSION = 2  # part of the cache key: bump when the files written here change
+MANIFEST = "mla-runner-manifest.json"  # the sizes and hashes of a cached checkpoint's files
+log = logging.getLogger(__name__)
 
 
 def make_tiny_checkpoint(
@@ -75,22 +78,28 @@ def ensure_tiny_checkpoint(
     cache_root: str | Path | None = None,
     **options: Any,
 ) -> Path:
-    """The checkpoint for (config, seed, options) in the cache, written once.
+    """The checkpoint for (config, seed, options) in the cache, written once, checked every time.
 
     Lives in ``cache_root`` (default ``$XDG_CACHE_HOME/mla-runner`` or ``~/.cache/mla-runner``) under
-    ``<name>-<hash of config, seed, options and FORMAT_VERSION>``. It is written into a temporary sibling and
-    renamed into place, so concurrent or interrupted runs never see half a checkpoint. ``options`` are
-    ``make_tiny_checkpoint``'s keywords.
+    ``<name>-<hash of config, seed, options and FORMAT_VERSION>``. It is written into a temporary sibling with a
+    manifest of its files' sizes and SHA-256 (``MANIFEST``) and renamed into place, so concurrent or interrupted
+    runs never see half a checkpoint; one that no longer matches its manifest (a file damaged or missing) is
+    written again. ``options`` are ``make_tiny_checkpoint``'s keywords.
     """
     key = json.dumps({"config": config, "seed": seed, "options": options, "format": FORMAT_VERSION}, sort_keys=True)
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
     final = root / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if final.is_dir():
-        return final
+        damage = manifest_problem(final)
+        if damage is None:
+            return final
+        log.warning("%s is damaged (%s): writing it again", final, damage)
+        _remove(final, root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         make_tiny_checkpoint(tmp, config, seed=seed, **options)
+        write_manifest(tmp)
         os.rename(tmp, final)
     except OSError:
         if not final.is_dir():  # a concurrent writer did not win the race: a real failure
@@ -98,6 +107,42 @@ def ensure_tiny_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_manifest(directory: Path) -> None:
+    """``MANIFEST``: the size and SHA-256 of every file in ``directory``."""
+    files = {p.name: _fingerprint(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(files, indent=1) + "\n")
+
+
+def manifest_problem(directory: Path) -> str | None:
+    """What differs from the directory's manifest (a missing manifest or file, another size or hash); None if
+    nothing does."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST}"
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _fingerprint(path) != want:
+            return f"{name} differs from the one written"
+    return None
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _remove(directory: Path, root: Path) -> None:
+    """Move ``directory`` aside (one rename, so no reader sees it half deleted), then delete it."""
+    doomed = Path(tempfile.mkdtemp(prefix=f".{directory.name}.damaged.", dir=root))
+    try:
+        os.rename(directory, doomed / directory.name)
+    except OSError:
+        pass  # another process moved it first
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def default_cache_root() -> Path:

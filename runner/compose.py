@@ -5,6 +5,8 @@ with Hydra's compose API, so a value is validated the same way wherever it comes
 """
 from __future__ import annotations
 
+import secrets
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,11 @@ GROUPS = ("model", "attention", "metadata", "task")
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """The one conversion from Hydra's DictConfig to the typed dataclasses library code receives."""
+    """The one conversion from Hydra's DictConfig to the typed dataclasses library code receives. A key no schema
+    has (``+foo=1`` on the command line) is an error rather than a setting that silently does nothing."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} is not a setting of this run (mla-runner --help lists them)")
     try:
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -30,8 +36,32 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def register_resolvers() -> None:
+    """``${run_id:}`` in conf/config.yaml: six random hex digits, one value per process (Hydra gives every job of a
+    multirun its resolver cache), so that runs started together never share an output directory."""
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", lambda: secrets.token_hex(3), use_cache=True)
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` that its schema dataclasses do not declare."""
+    schema = OmegaConf.get_type(cfg)
+    if not (isinstance(schema, type) and is_dataclass(schema)):
+        return []
+    declared = {f.name for f in fields(schema)}
+    out = []
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if key not in declared:
+            out.append(f"{prefix}{key}")
+        elif isinstance(node, DictConfig):
+            out.extend(unknown_keys(node, f"{prefix}{key}."))
+    return out
+
+
 def compose_config(overrides: list[str]) -> RunConfig:
     register_configs()
+    register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="runner"):
             cfg = compose(config_name="config", overrides=overrides)

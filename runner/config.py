@@ -53,7 +53,10 @@ class ModelConfig:
     seed: int = 0
     num_layers: Optional[int] = None  # keep only the first N decoder layers (studies, benchmarks)
     random_weights: bool = False  # the preset's shapes with random weights made on the device (no checkpoint)
-    trust_remote_code: bool = False  # for tokenizers that ship code (Kimi-K2's tiktoken tokenizer)
+    # run the Python code a checkpoint's tokenizer ships (Kimi-K2's tiktoken tokenizer): only when asked
+    trust_remote_code: bool = False
+    # where the tiny presets are written on first use; unset: $XDG_CACHE_HOME/mla-runner, else ~/.cache/mla-runner
+    cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_positive("model.num_layers", self.num_layers, allow_none=True)
@@ -100,9 +103,10 @@ class GenerateTaskConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
-    seed: Optional[int] = None
+    seed: Optional[int] = None  # each prompt samples with its own seed, made from this one and its index
     chat: bool = False  # apply the tokenizer's chat template
     output: str = "completions.jsonl"  # written into the run's output directory
+    resume: bool = False  # with hydra.run.dir=<an earlier run>: run only the prompts its output has no line for
 
     def __post_init__(self) -> None:
         check_sampling_values("task", self.temperature, self.top_p, self.top_k, self.max_tokens)

@@ -1,4 +1,9 @@
-"""Prompts in: built-in examples, prompt files (.jsonl or .txt), and tokenization with optional chat template."""
+"""Prompts in: built-in examples, prompt files (.jsonl or .txt), and tokenization with optional chat template.
+
+A prompts file is read line by line: a line that cannot run (not JSON, a wrong field or type, bad UTF-8) becomes a
+``PromptSpec`` with its ``error`` set, so the run reports it in its output and every good line still runs. A UTF-8
+byte-order mark, CRLF line ends and blank lines are accepted; a file with no prompt at all is an error.
+"""
 from __future__ import annotations
 
 import json
@@ -17,52 +22,107 @@ BUILTIN_PROMPTS = [
 ]
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+# What a prompts-file field may hold, as JSON gives it, and how the check names it.
+_NUMBER, _INT = (int, float), (int,)
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "temperature": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"), "top_k": (_INT, "an integer"),
+    "max_tokens": (_INT, "an integer"), "seed": ((*_INT, type(None)), "an integer or null"),
+    "stop": ((str, list), "a string or a list of strings"), "ignore_eos": ((bool,), "true or false"),
+}
 
 
 @dataclass
 class PromptSpec:
-    """One prompt as given: text or token ids, and sampling fields that override the task's."""
+    """One prompt as given: text or token ids, and sampling fields that override the task's; or, for a line of a
+    prompts file that cannot run, why (``error``)."""
 
     prompt: Optional[str] = None
     prompt_token_ids: Optional[list[int]] = None
     sampling: dict[str, Any] = field(default_factory=dict)
+    line: Optional[int] = None  # 1-based line of the prompts file
+    error: Optional[str] = None
 
 
 def read_prompt_file(path: str | Path) -> list[PromptSpec]:
-    """A .jsonl file ({"prompt": ...} or {"prompt_token_ids": [...]}, optional sampling fields) or a .txt
-    file with one prompt per line."""
+    """The prompts of a .jsonl file ({"prompt": ...} or {"prompt_token_ids": [...]}, optional sampling fields) or a
+    .txt file (one prompt per line), one spec per non-blank line, in file order."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: prompts file does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix != ".jsonl":
-        return [PromptSpec(prompt=line) for line in lines if line.strip()]
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     specs = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        specs.append(parse_prompt(row, f"{path}:{n}"))
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UserError("not valid UTF-8") from None
+            if path.suffix == ".jsonl":
+                spec = parse_prompt(_json_line(line), "line")
+            else:
+                spec = PromptSpec(prompt=line)
+        except UserError as e:
+            spec = PromptSpec(error=f"{path}:{n}: {e}")
+        spec.line = n
+        specs.append(spec)
+    if not specs:
+        raise UserError(f"{path}: no prompts (the file is empty)")
     return specs
 
 
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+
+
 def parse_prompt(item: Any, where: str) -> PromptSpec:
-    """A prompt given as a string or as a dict with "prompt" or "prompt_token_ids"."""
+    """A prompt given as a string or as a dict with "prompt" or "prompt_token_ids"; a ``UserError`` that names the
+    field at fault otherwise (prefixed by ``where``, except for a line of a file, whose caller says where)."""
+    try:
+        return _parse(item)
+    except UserError as e:
+        raise UserError(str(e) if where == "line" else f"{where}: {e}") from None
+
+
+def _parse(item: Any) -> PromptSpec:
     if isinstance(item, str):
         return PromptSpec(prompt=item)
-    if not isinstance(item, dict) or ("prompt" in item) == ("prompt_token_ids" in item):
-        raise UserError(f"{where}: give either \"prompt\" or \"prompt_token_ids\"")
-    unknown = set(item) - {"prompt", "prompt_token_ids"} - SAMPLING_FIELDS
+    if not isinstance(item, dict):
+        raise UserError(f'expected {{"prompt": ...}} or {{"prompt_token_ids": [...]}}, got {_json_type(item)}')
+    if ("prompt" in item) == ("prompt_token_ids" in item):
+        raise UserError('give either "prompt" or "prompt_token_ids"')
+    unknown = sorted(set(item) - {"prompt", "prompt_token_ids"} - SAMPLING_FIELDS)
     if unknown:
-        raise UserError(f"{where}: unknown field {sorted(unknown)[0]!r}")
-    ids = item.get("prompt_token_ids")
-    if ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
-        raise UserError(f"{where}: prompt_token_ids must be a list of integers")
+        raise UserError(f"unknown field {unknown[0]!r} (fields: prompt, prompt_token_ids, "
+                        f"{', '.join(sorted(SAMPLING_FIELDS))})")
+    prompt, ids = item.get("prompt"), item.get("prompt_token_ids")
+    if "prompt" in item and not isinstance(prompt, str):
+        raise UserError(f"field 'prompt' must be a string, got {_json_type(prompt)}")
+    if "prompt_token_ids" in item and not (isinstance(ids, list) and all(_is_int(t) for t in ids)):
+        raise UserError("field 'prompt_token_ids' must be a list of integers")
     sampling = {k: v for k, v in item.items() if k in SAMPLING_FIELDS}
-    return PromptSpec(prompt=item.get("prompt"), prompt_token_ids=ids, sampling=sampling)
+    for name, value in sampling.items():
+        types, what = FIELD_TYPES.get(name, ((object,), "any value"))
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if name == "stop" and isinstance(value, list):
+            ok = all(isinstance(s, str) for s in value)
+        if not ok:
+            raise UserError(f"field {name!r} must be {what}, got {_json_type(value)} {json.dumps(value)}")
+    return PromptSpec(prompt=prompt, prompt_token_ids=ids, sampling=sampling)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def encode(tokenizer, prompt: str, chat: bool) -> list[int]:

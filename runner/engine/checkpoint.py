@@ -44,6 +44,11 @@ class ModelSource:
         else:
             path = checkpoint_dir(cfg)
             args = ModelArgs.from_dir(path)
+            expected = PRESETS[cfg.preset]["model_type"]
+            if args.model_type != expected:
+                raise ConfigError(f"model={cfg.name} runs {expected} checkpoints, {path} holds a {args.model_type} "
+                                  f"one: use model={args.model_type} (or pass the directory to LLM(), which "
+                                  "picks it)")
         if cfg.num_layers is not None:
             if cfg.num_layers > args.num_hidden_layers:
                 raise ConfigError(f"model.num_layers={cfg.num_layers} is more than the model's "
@@ -85,6 +90,6 @@ def checkpoint_dir(cfg: ModelConfig) -> Path:
             raise CheckpointError(f"{path}: checkpoint directory does not exist")
         return path
     if cfg.preset in TINY_PRESETS:
-        return ensure_tiny_checkpoint(cfg.preset, PRESETS[cfg.preset], seed=cfg.seed)
+        return ensure_tiny_checkpoint(cfg.preset, PRESETS[cfg.preset], seed=cfg.seed, cache_root=cfg.cache_dir)
     raise ConfigError(f"model={cfg.name} needs its checkpoint: pass model.path=/path/to/checkpoint "
                       "(or model.random_weights=true for a benchmark)")

@@ -24,7 +24,7 @@ from mla_runner.engine.distributed import setup
 from mla_runner.engine.model_runner import ModelRunner, resolve_device
 from mla_runner.engine.request import Request
 from mla_runner.engine.scheduler import Scheduler
-from mla_runner.errors import ConfigError, UserError
+from mla_runner.errors import ConfigError, Interrupted, UserError
 from mla_runner.models.parallel import layout_problem
 from mla_runner.sampling import SamplingParams
 
@@ -33,6 +33,9 @@ from mla_runner.sampling import SamplingParams
 # character of their own, byte pieces of one character, are what the margin is for); the whole output is decoded
 # once, when one shows, to cut it.
 STOP_WINDOW = 8
+# Under torchrun the ranks agree on a stop (one all-reduce of an int) every this many steps, so that all of them
+# stop at the same step.
+STOP_CHECK_STEPS = 8
 
 
 class LLMEngine:
@@ -76,15 +79,25 @@ class LLMEngine:
         return Request(next(self._request_ids), index, prompt, list(prompt_token_ids), params)
 
     def run(self, requests: Iterable[Request], on_finish: Callable[[Request], None] | None = None,
-            progress: bool | None = None) -> list[Request]:
-        """Run requests to completion, all batched together; returns them in the order given."""
+            progress: bool | None = None, should_stop: Callable[[], bool] | None = None) -> list[Request]:
+        """Run requests to completion, all batched together; returns them in the order given.
+
+        ``should_stop`` is asked between steps: when it says yes, the requests still running are dropped and
+        ``Interrupted`` is raised (the finished ones have been handed to ``on_finish``)."""
         requests = list(requests)
         for req in requests:
             self.scheduler.add(req)
         show = self.progress if progress is None else progress and self.par.rank == 0
         bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not show or not requests, leave=False)
-        start, generated = time.perf_counter(), 0
+        start, generated, steps = time.perf_counter(), 0, 0
         while self.scheduler.has_work():
+            if should_stop is not None and self._stop_agreed(should_stop(), steps):
+                bar.close()
+                for req in self.scheduler.abort_all():
+                    self.runner.release(req)
+                done = sum(r.finish_reason is not None for r in requests)
+                raise Interrupted(f"stopped after {done} of {len(requests)} requests finished")
+            steps += 1
             finished, n_new = self.step()
             generated += n_new
             for req in finished:
@@ -94,6 +107,12 @@ class LLMEngine:
             bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}")
         bar.close()
         return requests
+
+    def _stop_agreed(self, asked: bool, step: int) -> bool:
+        """Whether every rank stops now (one process: whether a stop was asked for)."""
+        if self.par.world == 1:
+            return asked
+        return step % STOP_CHECK_STEPS == 0 and self.par.agree(int(asked), self.runner.device, largest=True) > 0
 
     # --------------------------------------------------------------------------------------------- step
     def step(self) -> tuple[list[Request], int]:

@@ -59,6 +59,15 @@ class Scheduler:
         self.running.extend(batch)
         return batch, False
 
+    def abort_all(self) -> list[Request]:
+        """Drop every waiting and running request (their pages freed); returns them."""
+        dropped = [*self.running, *self.waiting]
+        for req in self.running:
+            self.blocks.free(req)
+        self.running.clear()
+        self.waiting.clear()
+        return dropped
+
     def finish(self, req: Request) -> None:
         self.running.remove(req)
         self.blocks.free(req)

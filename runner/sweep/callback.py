@@ -18,17 +18,21 @@ from mla_runner.sweep.report import SUMMARY_MD, collect, write_summary
 from mla_runner.sweep.result import one_line
 
 log = logging.getLogger(__name__)
+# Jobs of the last multirun of this process whose result says they failed: the command line exits non-zero then
+# (jobs a launcher ran in other processes count too, as the summary reads them from disk).
+failed_jobs = 0
 
 
 class SweepSummary(Callback):
     """``on_multirun_end``: summarise every job's ``result.json`` under ``hydra.sweep.dir``."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global failed_jobs
         try:
             sweep_dir = Path(config.hydra.sweep.dir)
             results = collect(sweep_dir)
+            failed = failed_jobs = sum(result["status"] != "ok" for result in results)
             write_summary(sweep_dir, results)
-            failed = sum(result["status"] != "ok" for result in results)
             if failed:
                 log.warning("%d of %d jobs failed: see %s", failed, len(results), sweep_dir / SUMMARY_MD)
             else:

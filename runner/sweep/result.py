@@ -5,8 +5,9 @@ the process that measured them is gone, and so that a job that failed still says
 and why::
 
     {"schema": 1,
-     "status": "ok" | "error",           # "error" when the job raised; the summary also uses
-                                         # "missing" / "corrupt" for jobs whose file is absent or unreadable
+     "status": "ok" | "error" | "interrupted",  # "error" when the job raised, "interrupted" when a signal
+                                         # stopped it; the summary also uses "missing" / "corrupt" for jobs
+                                         # whose file is absent or unreadable
      "error": null | "one-line message",
      "job": {"num": int | null,          # the multirun job number; null in a single run
              "override_dirname": str,    # the job's command-line overrides, as Hydra names its directory
@@ -48,16 +49,17 @@ KEY_ORDER = ("task", "model", "attention", "metadata", "dtype", "device")
 
 
 def make_result(run_cfg: Any, job_info: dict, metrics: Optional[dict], rows: Optional[list[dict]],
-                error: Optional[str]) -> dict:
+                error: Optional[str], status: Optional[str] = None) -> dict:
     """The result document for one job (see the module docstring).
 
     ``run_cfg`` is the job's ``RunConfig``, or None when the config itself failed to compose or validate;
     ``job_info`` holds ``num``, ``override_dirname`` and ``output_dir`` (``hydra_job_info()`` in a Hydra
-    job); ``error`` is set when the job failed and is reduced to one line.
+    job); ``error`` is set when the job failed or was interrupted and is reduced to one line; ``status``
+    defaults to "error" with an error, else "ok".
     """
     return {
         "schema": SCHEMA_VERSION,
-        "status": "error" if error else "ok",
+        "status": status or ("error" if error else "ok"),
         "error": one_line(error) if error else None,
         "job": {"num": job_info.get("num"), "override_dirname": str(job_info.get("override_dirname", "")),
                 "output_dir": str(job_info.get("output_dir", ""))},

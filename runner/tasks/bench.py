@@ -9,6 +9,9 @@ Modes:
 - ``kernel``: one layer's MLA attention call through the configured backend and metadata strategy: us,
   GB/s of KV read, TFLOP/s and the roofline floor (copy and matmul ceilings measured in this run).
 - ``metadata``: the per-step metadata build of the configured strategy at ``batch``.
+
+The roofline floor and the fraction of it reached are reported on a GPU only: on a CPU the measured copy and matmul
+rates bound neither the interpreter nor torch's CPU kernels.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from mla_runner.roofline import measure_ceilings
 from mla_runner.sampling import SamplingParams
 
 
-def run_bench(cfg: RunConfig, output_dir: Path) -> dict:
+def run_bench(cfg: RunConfig, output_dir: Path, should_stop: Callable[[], bool] | None = None) -> dict:
+    """One measured point (a signal stops the process after it: a point is short)."""
     task: BenchTaskConfig = cfg.task
     modes: dict[str, Callable[[RunConfig], dict]] = {
         "decode": bench_decode, "kernel": bench_kernel, "metadata": bench_metadata}
@@ -75,7 +79,7 @@ def bench_decode(cfg: RunConfig) -> dict:
         "step_ms": step_s * 1e3, "tokens_per_s": B / step_s,
         "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
         "gb_s": (weight_bytes + kv_bytes) / step_s / 1e9,
-        "floor_ms": floor_s * 1e3, "roofline_fraction": floor_s / step_s,
+        **_roofline(runner.device, "floor_ms", floor_s * 1e3, floor_s / step_s),
         "copy_gb_s": ceilings.copy_gbps, "device_name": ceilings.device,
     }
 
@@ -104,7 +108,7 @@ def bench_kernel(cfg: RunConfig) -> dict:
     return {
         "mode": "kernel", "heads": H, "batch": len(lens), "context": task.context, "lengths": task.lengths,
         "q_len": task.q_len, "time_us": seconds * 1e6, "gb_s": nbytes / seconds / 1e9,
-        "tflops": flops / seconds / 1e12, "floor_us": floor * 1e6, "roofline_fraction": floor / seconds,
+        "tflops": flops / seconds / 1e12, **_roofline(device, "floor_us", floor * 1e6, floor / seconds),
         "copy_gb_s": ceilings.copy_gbps, "matmul_tflops": ceilings.matmul_tflops, "device_name": ceilings.device,
     }
 
@@ -135,6 +139,12 @@ def bench_metadata(cfg: RunConfig) -> dict:
     if device.type == "cuda" and backend.capabilities.graph_metadata:
         row["metadata_us"] = time_call(build, device, task, graph=True) * 1e6
     return row
+
+
+def _roofline(device: torch.device, floor_key: str, floor: float, fraction: float) -> dict:
+    """The floor and the fraction of it reached, on a GPU. A CPU's measured copy and matmul rates do not bound what
+    the interpreter or torch's CPU kernels do (fractions over 1 come out), so CPU rows carry neither."""
+    return {floor_key: floor, "roofline_fraction": fraction} if device.type == "cuda" else {}
 
 
 def request_lengths(task: BenchTaskConfig) -> list[int]:

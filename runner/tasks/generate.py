@@ -1,19 +1,30 @@
-"""``task=generate``: prompts (built-in or a file) to completions, one JSON line per prompt as each completes."""
+"""``task=generate``: prompts (built-in or a file) to completions, one JSON line per prompt as each completes.
+
+``completions.jsonl`` gets one line per prompt: its completion, or an error line (``{"index", "line", "error"}``)
+for a prompt that cannot run (a bad line of the prompts file, a prompt longer than the context); the other prompts
+run. Each line is appended with one write call, so a run killed at any moment leaves whole lines only. An existing
+file is never overwritten: ``task.resume=true`` (with ``hydra.run.dir`` set to the earlier run) runs only the prompts
+that have no line yet and appends theirs. ``task.seed`` gives every prompt its own seed, derived from the task's
+seed and the prompt's index, so a prompt samples the same tokens whatever else runs beside it, in one run or
+across a resume.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import Optional
 
 from mla_runner.config import RunConfig
 from mla_runner.engine import LLMEngine
 from mla_runner.engine.distributed import rank
 from mla_runner.engine.request import Request
-from mla_runner.errors import UserError
+from mla_runner.errors import Interrupted, UserError
 from mla_runner.prompts import BUILTIN_PROMPTS, PromptSpec, encode, read_prompt_file
 from mla_runner.sampling import SamplingParams
 
@@ -21,49 +32,76 @@ log = logging.getLogger(__name__)
 SHOWN = 8  # completions printed; all of them are in the output file
 
 
-def run_generate(cfg: RunConfig, output_dir: Path) -> dict:
+def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callable[[], bool]] = None) -> dict:
     """Generate for every prompt; the metrics are a summary (requests, errors, tokens, seconds, tokens/s)."""
     task = cfg.task
     specs = read_prompt_file(task.prompts) if task.prompts else [PromptSpec(prompt=p) for p in BUILTIN_PROMPTS]
-    engine = LLMEngine(cfg)
-    defaults = SamplingParams(temperature=task.temperature, top_p=task.top_p, top_k=task.top_k,
-                              max_tokens=task.max_tokens, seed=task.seed)
     writer = rank() == 0  # under torchrun every rank generates the same tokens; rank 0 writes and prints them
     output_path = output_dir / task.output
-    with open(output_path if writer else os.devnull, "w", encoding="utf-8", buffering=1) as out:
+    done = previous_lines(output_path, task.resume) if writer else set()
+    engine = LLMEngine(cfg)
+    done = engine.par.broadcast(done)  # every rank runs the same prompts
+    defaults = SamplingParams(temperature=task.temperature, top_p=task.top_p, top_k=task.top_k,
+                              max_tokens=task.max_tokens)
+    with CompletionsFile(output_path if writer else None, append=task.resume) as out:
         requests, errors = [], 0
         for i, spec in enumerate(specs):
+            if i in done:
+                continue
             try:
-                requests.append(_request(engine, i, spec, defaults, task.chat))
+                if spec.error is not None:
+                    raise UserError(spec.error)
+                requests.append(_request(engine, i, spec, defaults, task))
             except UserError as e:
                 errors += 1
                 if writer:
                     log.warning("prompt %d skipped: %s", i, e)
-                _write(out, {"index": i, "error": str(e)})
+                out.write({"index": i, "line": spec.line, "error": str(e)})
         start = time.perf_counter()
-        engine.run(requests, on_finish=lambda req: _write(out, _result(req)))
-        elapsed = time.perf_counter() - start
-    tokens = sum(len(r.output_token_ids) for r in requests)
-    summary = {"requests": len(requests), "errors": errors, "generated_tokens": tokens,
-               "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None}
+        try:
+            engine.run(requests, on_finish=lambda req: out.write(_result(req)), should_stop=should_stop)
+        except Interrupted as e:
+            summary = _summary(requests, errors, start)
+            raise Interrupted(f"{e}: their lines are in {output_path}; continue with task.resume=true "
+                              f"hydra.run.dir={output_dir}", summary) from None
+    summary = _summary(requests, errors, start)
     if not writer:
         return {"metrics": summary}
     for req in requests[:SHOWN]:
         print(f"[{req.index}] {req.prompt!r} -> {req.text!r}")
     if len(requests) > SHOWN:
         print(f"... and {len(requests) - SHOWN} more in {output_path}")
-    print(f"{len(requests)} requests ({errors} errors), {tokens} tokens in {elapsed:.2f} s: "
-          f"{summary['tokens_per_s']} tokens/s  ->  {output_path}")
+    resumed = f" ({len(done)} prompts done by the earlier run)" if done else ""
+    print(f"{len(requests)} requests ({errors} errors), {summary['generated_tokens']} tokens in "
+          f"{summary['seconds']:.2f} s: {summary['tokens_per_s']} tokens/s{resumed}  ->  {output_path}")
+    if cfg.model.path is None:
+        print(f"note: {cfg.model.name} has random weights, so its text is noise; a real checkpoint: mla-runner "
+              "model=deepseek_v3 model.path=/path/to/DeepSeek-V3 attention=triton")
     return {"metrics": summary}
 
 
-def _request(engine: LLMEngine, index: int, spec: PromptSpec, defaults: SamplingParams, chat: bool) -> Request:
+def request_seed(seed: int, index: int) -> int:
+    """The seed of prompt ``index`` of a task seeded with ``seed``: the same whatever else runs with it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
+
+
+def _request(engine: LLMEngine, index: int, spec: PromptSpec, defaults: SamplingParams, task) -> Request:
     try:
         params = replace(defaults, **spec.sampling)
     except (TypeError, ValueError) as e:
-        raise UserError(str(e)) from None
-    ids = spec.prompt_token_ids if spec.prompt is None else encode(engine.tokenizer, spec.prompt, chat)
+        raise UserError(f"line {spec.line}: {e}" if spec.line else str(e)) from None
+    if "seed" not in spec.sampling and task.seed is not None:
+        params = replace(params, seed=request_seed(task.seed, index))
+    ids = spec.prompt_token_ids if spec.prompt is None else encode(engine.tokenizer, spec.prompt, task.chat)
     return engine.make_request(index, ids, params, spec.prompt)
+
+
+def _summary(requests: list[Request], errors: int, start: float) -> dict:
+    finished = [r for r in requests if r.finish_reason is not None]
+    tokens = sum(len(r.output_token_ids) for r in finished)
+    elapsed = time.perf_counter() - start
+    return {"requests": len(requests), "finished": len(finished), "errors": errors, "generated_tokens": tokens,
+            "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None}
 
 
 def _result(req: Request) -> dict:
@@ -79,5 +117,48 @@ def _result(req: Request) -> dict:
     }
 
 
-def _write(out: IO[str], row: dict) -> None:
-    out.write(json.dumps(row) + "\n")
+def previous_lines(path: Path, resume: bool) -> set[int]:
+    """The prompt indices an earlier run's completions file already has a line for (none without a file). Without
+    ``resume`` an existing file is an error: it is never overwritten. A last line cut short (no newline: a writer
+    that was killed mid-line) is removed, so that its prompt runs again."""
+    if not path.exists():
+        return set()
+    if not resume:
+        raise UserError(f"{path} exists: task.resume=true continues that run, or choose another hydra.run.dir")
+    data = path.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    if whole < len(data):
+        log.warning("%s: removing its last line, cut short by an interrupted write", path)
+        os.truncate(path, whole)
+    done = set()
+    for n, line in enumerate(data[:whole].splitlines(), 1):
+        try:
+            done.add(int(json.loads(line)["index"]))
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path}:{n}: not a line of a completions file") from None
+    return done
+
+
+class CompletionsFile:
+    """The completions file, appended one whole line per write call (``path`` None: a rank that writes nothing)."""
+
+    def __init__(self, path: Optional[Path], append: bool):
+        self.path, self.append, self.fd = path, append, None
+
+    def __enter__(self) -> CompletionsFile:
+        if self.path is not None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if self.append else os.O_EXCL)
+            self.fd = os.open(self.path, flags, 0o644)
+        return self
+
+    def write(self, row: dict) -> None:
+        if self.fd is None:
+            return
+        data = (json.dumps(row) + "\n").encode()
+        while data:  # one call writes a whole line to a regular file; a short write (disk full) goes on
+            data = data[os.write(self.fd, data):]
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -254,3 +254,17 @@ def test_loads_onto_the_requested_device_and_dtype(kimi_ckpt: Path) -> None:
     assert run_dtypes == {torch.bfloat16}
     assert all(not p.requires_grad for p in model.parameters())
     assert not model.training
+
+
+def test_tokenizer_code_runs_only_when_asked(tmp_path: Path) -> None:
+    """A tokenizer that ships its own Python code (as Kimi-K2's does) is not run without trust_remote_code, and the
+    error names the setting that runs it; the code is never imported unasked."""
+    marker = tmp_path / "ran"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_x.TokX", None]}, "tokenizer_class": "TokX"}))
+    (tmp_path / "tokenization_x.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import PreTrainedTokenizer\n"
+        "class TokX(PreTrainedTokenizer):\n    pass\n")
+    with pytest.raises(CheckpointError, match="ships its own Python code.*pass model.trust_remote_code=true"):
+        load_tokenizer(tmp_path)
+    assert not marker.exists()

@@ -54,7 +54,7 @@ def test_defaults():
 def test_overrides_reach_the_dataclasses():
     cfg = compose_config(["model=kimi_k2", "model.path=/ckpt", "attention=triton", "dtype=float32",
                           "device=cpu", "max_batch_size=3", "task.max_tokens=5", "task.chat=true"])
-    assert cfg.model.path == "/ckpt" and cfg.model.trust_remote_code
+    assert cfg.model.path == "/ckpt" and not cfg.model.trust_remote_code  # checkpoint code runs only when asked
     assert (cfg.attention.name, cfg.dtype, cfg.device, cfg.max_batch_size) == ("triton", "float32", "cpu", 3)
     assert cfg.task.max_tokens == 5 and cfg.task.chat is True
 
