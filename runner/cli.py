@@ -32,7 +32,7 @@ from mla_runner.compose import CONF_DIR, compose_config, register_resolvers, to_
 from mla_runner.config import register_configs
 from mla_runner.engine.distributed import rank, shutdown
 from mla_runner.errors import Interrupted, UserError
-from mla_runner.rundir import RESOLVED_CONFIG, check_run_dir, claim_run_dir, resume_mismatch
+from mla_runner.rundir import RESOLVED_CONFIG, check_run_dir, claim_run_dir, resume_mismatch, run_options
 from mla_runner.stop import StopSignals
 from mla_runner.sweep import callback
 from mla_runner.sweep.result import RESULT_FILE, hydra_job_info, make_result, write_result
@@ -54,8 +54,7 @@ def _prevalidate(argv: list[str]) -> None:
         run = compose_config(argv)
         run_dir = next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None)
         if run_dir is not None and rank() == 0:
-            output = getattr(run.task, "output", None)
-            check_run_dir(Path(run_dir), getattr(run.task, "resume", False), (output,) if output else ())
+            check_run_dir(Path(run_dir), *run_options(run.task))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -69,8 +68,8 @@ def main(cfg: DictConfig) -> None:
     with ExitStack() as held:
         try:
             if writer:
-                resume, output = bool(cfg.task.get("resume", False)), cfg.task.get("output")
-                held.enter_context(claim_run_dir(output_dir, resume, (output,) if output else ()))
+                resume, outputs = run_options(cfg.task)
+                held.enter_context(claim_run_dir(output_dir, resume, outputs))
                 problem = resume_mismatch(output_dir, OmegaConf.to_container(cfg, resolve=True)) if resume else None
                 if problem is not None:
                     raise UserError(problem)
@@ -110,7 +109,7 @@ def _run_job(cfg: DictConfig, output_dir: Path, multirun: bool, writer: bool) ->
             result = make_result(run, hydra_job_info(), outcome.get("metrics"), outcome.get("rows"), error, status)
             write_result(output_dir / RESULT_FILE, result)
         _release_memory()
-    if status == "interrupted" or stop():  # (a job that finished before it heard the signal: the sweep stops)
+    if status == "interrupted" or (multirun and stop()):  # a signal during a job that finished stops the sweep
         sys.exit(stop.exit_code)
     if status != "ok":
         _job_failed(multirun)

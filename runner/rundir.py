@@ -29,6 +29,13 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 RESUME_MAY_CHANGE = ("task.resume", "progress")
 
 
+def run_options(task: Any) -> tuple[bool, tuple[str, ...]]:
+    """(whether the run resumes an earlier one, the files of results its task writes besides result.json), from the
+    task's config (a dataclass or Hydra's DictConfig)."""
+    output = getattr(task, "output", None)
+    return bool(getattr(task, "resume", False)), (output,) if output else ()
+
+
 def check_run_dir(path: Path, resume: bool, outputs: tuple[str, ...] = ()) -> None:
     """A one-line ``UserError`` if ``path`` is held by a live run, or holds an earlier run's results (its
     result.json or one of the task's ``outputs``) and this run does not resume it."""
