@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -61,7 +62,9 @@ def _prevalidate(argv: list[str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """One job; returns its objective (``objective``: a metric of its result), NaN when it has none, which sweepers
+    that optimize (Optuna, Ax, Nevergrad) read as a failed trial."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     writer = rank() == 0
@@ -76,11 +79,11 @@ def main(cfg: DictConfig) -> None:
         except UserError as e:  # nothing of this job is written: the directory is another run's
             print(f"error: {e}", file=sys.stderr)
             _job_failed(multirun)
-            return
-        _run_job(cfg, output_dir, multirun, writer)
+            return math.nan
+        return _run_job(cfg, output_dir, multirun, writer)
 
 
-def _run_job(cfg: DictConfig, output_dir: Path, multirun: bool, writer: bool) -> None:
+def _run_job(cfg: DictConfig, output_dir: Path, multirun: bool, writer: bool) -> float:
     stop = StopSignals(announce=writer)
     run, outcome, error, status = None, {}, None, "ok"
     try:
@@ -91,6 +94,7 @@ def _run_job(cfg: DictConfig, output_dir: Path, multirun: bool, writer: bool) ->
             from mla_runner.tasks import TASKS
 
             outcome = TASKS[run.task.name](run, output_dir, stop)
+            objective = _objective(run, outcome.get("metrics", {}))
     except Interrupted as e:
         status, error, outcome = "interrupted", str(e), {"metrics": e.metrics}
         if writer:
@@ -106,13 +110,27 @@ def _run_job(cfg: DictConfig, output_dir: Path, multirun: bool, writer: bool) ->
         log.exception("job failed")
     finally:
         if writer:
-            result = make_result(run, hydra_job_info(), outcome.get("metrics"), outcome.get("rows"), error, status)
+            result = make_result(run, hydra_job_info(), outcome.get("metrics"), outcome.get("rows"), error, status,
+                                 outcome.get("resolved"))
             write_result(output_dir / RESULT_FILE, result)
         _release_memory()
     if status == "interrupted" or (multirun and stop()):  # a signal during a job that finished stops the sweep
         sys.exit(stop.exit_code)
     if status != "ok":
         _job_failed(multirun)
+        return math.nan
+    return objective
+
+
+def _objective(run, metrics: dict) -> float:
+    from mla_runner.tasks import headline
+
+    name = run.objective or headline(run.task)
+    value = metrics.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise UserError(f"objective={name} is not a figure of this run: choose one of "
+                        f"{', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
+    return float(value)
 
 
 def _job_failed(multirun: bool) -> None:

@@ -175,11 +175,15 @@ class RunConfig:
     kv_cache_memory_fraction: float = 0.8
     cuda_graphs: Optional[bool] = None  # capture the decode step; unset: on wherever it can work
     progress: bool = True  # progress bars
+    profile: bool = False  # a torch.profiler trace of steps 3-7 of a generate run: trace.json in the run directory
     # fp8: FP8 linear layers keep e4m3 weights + block scales (Triton block-scaled GEMMs; on a CPU through the
     # Triton interpreter: slow, for tests); bf16: dequantized at load to the run dtype; auto: fp8 for an FP8
     # checkpoint on a GPU, else dequantized (random weights: fp8 only when asked).
     weights: str = "auto"
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # several GPUs (launched by torchrun)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # several GPUs (torchrun or srun)
+    # the metric a run returns to a sweeper that optimizes (Optuna, Ax, Nevergrad); unset: the task's headline,
+    # tokens_per_s (time_us for task.mode=kernel, metadata_us for task.mode=metadata)
+    objective: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)

@@ -1,17 +1,22 @@
-"""Several processes, one GPU each: the torchrun launch read from its environment, and the process group.
+"""Several processes, one GPU each: the launch read from its environment, and the process group.
 
 ``torchrun --nproc-per-node N -m mla_runner ...`` starts N copies of the runner with ``WORLD_SIZE``, ``RANK``,
-``LOCAL_RANK`` and the rendezvous address in their environment (the launcher's protocol, the one place the
-runner reads the environment). Every rank builds the same engine over its shard of the model and runs the
-same scheduler on the same requests: the steps agree because every collective leaves all ranks the same
-bits (hidden states after each all-reduce, logits after the all-gather) and sampling is deterministic given
-them (greedy is argmax; seeded or unseeded sampling draws from generators seeded alike on every rank).
-Only rank 0 prints, writes files and shows progress bars. A single process creates no process group.
+``LOCAL_RANK`` and the rendezvous address in their environment; ``srun`` (and so Hydra's submitit SLURM launcher,
+with several tasks per node) gives each task ``SLURM_STEP_NUM_TASKS``, ``SLURM_PROCID`` and ``SLURM_LOCALID``, and
+the rendezvous is the job's first node, on a port derived from the job id. These launchers' protocols are the one
+place the runner reads the environment. Every rank builds the same engine over its shard of the model and runs the
+same scheduler on the same requests: the steps agree because every collective leaves all ranks the same bits
+(hidden states after each all-reduce, logits after the all-gather) and sampling is deterministic given them (greedy
+is argmax; seeded or unseeded sampling draws from generators seeded alike on every rank). Only rank 0 prints, writes
+files and shows progress bars. A single process creates no process group.
 """
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,26 +28,40 @@ from mla_runner.models.parallel import Parallel
 
 @dataclass(frozen=True)
 class Launch:
-    """What torchrun said about this process: the world size, its rank, and its rank on this node."""
+    """What the launcher said about this process: the world size, its rank, and its rank on this node; and, under
+    SLURM, where the ranks meet (``master``: host and port)."""
 
     world: int = 1
     rank: int = 0
     local_rank: int = 0
+    master: Optional[tuple[str, int]] = None
 
     @classmethod
-    def from_env(cls) -> Launch:
-        env = os.environ
-        return cls(int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)))
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Launch:
+        if "WORLD_SIZE" in env:  # torchrun, or any launcher that speaks its protocol
+            return cls(int(env["WORLD_SIZE"]), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)))
+        if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:  # a task of an srun step
+            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+            port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+            return cls(int(env["SLURM_STEP_NUM_TASKS"]), int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                       (first_host(nodes), port))
+        return cls()
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,09],cpu1" -> "gpu03"."""
+    prefix, ranges = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist).groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
 def rank() -> int:
-    """This process's rank (0 without torchrun): rank 0 alone writes files and prints."""
+    """This process's rank (0 in a single process): rank 0 alone writes files and prints."""
     return Launch.from_env().rank
 
 
 def setup(cfg: ParallelConfig, device: torch.device) -> tuple[Parallel, torch.device]:
-    """The layout of this process and its device (``cuda:LOCAL_RANK`` under torchrun); joins the process group
-    (NCCL on GPUs, gloo on CPUs) unless there is one process or a group already exists."""
+    """The layout of this process and its device (``cuda:<local rank>``); joins the process group (NCCL on GPUs,
+    gloo on CPUs) unless there is one process or a group already exists."""
     launch = Launch.from_env()
     if cfg.size is not None and cfg.size != launch.world:
         how = "without torchrun" if launch.world == 1 else f"with {launch.world} processes"
@@ -59,10 +78,13 @@ def setup(cfg: ParallelConfig, device: torch.device) -> tuple[Parallel, torch.de
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast (NVLS) stays off: NCCL reads this
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        if launch.master is not None:  # SLURM: the rendezvous env:// reads
+            os.environ.setdefault("MASTER_ADDR", launch.master[0])
+            os.environ.setdefault("MASTER_PORT", str(launch.master[1]))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=launch.rank,
+                                world_size=launch.world, device_id=device if device.type == "cuda" else None)
     if dist.get_world_size() != launch.world:
-        raise ConfigError(f"the process group has {dist.get_world_size()} ranks, torchrun launched {launch.world}")
+        raise ConfigError(f"the process group has {dist.get_world_size()} ranks, the launcher started {launch.world}")
     return par, device
 
 

@@ -11,9 +11,10 @@ same scheduler steps on the same requests, its own heads' attention, the whole l
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from tqdm.auto import tqdm
 
@@ -28,6 +29,7 @@ from mla_runner.errors import ConfigError, Interrupted, UserError
 from mla_runner.models.parallel import layout_problem
 from mla_runner.sampling import SamplingParams
 
+log = logging.getLogger(__name__)
 # A stop string that first shows up at a step ends in the text of that step's token, so each step decodes only the
 # last (longest stop string's length + STOP_WINDOW) generated tokens to look for one (tokens that decode to no
 # character of their own, byte pieces of one character, are what the margin is for); the whole output is decoded
@@ -36,6 +38,12 @@ STOP_WINDOW = 8
 # Under torchrun the ranks agree on a stop (one all-reduce of an int) every this many steps, so that all of them
 # stop at the same step.
 STOP_CHECK_STEPS = 8
+
+
+class StepDone(NamedTuple):
+    finished: list[Request]  # requests the step finished
+    output_tokens: int  # tokens it generated
+    prompt_tokens: int  # tokens it prefilled (a preempted request's outputs included)
 
 
 class LLMEngine:
@@ -60,6 +68,12 @@ class LLMEngine:
         self.scheduler = Scheduler(BlockManager(self.runner.num_pages, cfg.page_size), cfg.max_batch_size,
                                    max_prefill_tokens=max(cfg.max_model_len, 2048))
         self._request_ids = itertools.count()
+        r = self.runner.resolved
+        graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"
+        log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s: %d pages of %d = %d tokens (%.2f GiB); "
+                 "CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"], r["dtype"], r["weights"],
+                 r["attention"], r["kv_cache_dtype"], r["kv_pages"], r["page_size"], r["kv_tokens"],
+                 r["kv_cache_gib"], graphs, r["load_seconds"])
 
     # ----------------------------------------------------------------------------------------- requests
     def make_request(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
@@ -89,7 +103,7 @@ class LLMEngine:
             self.scheduler.add(req)
         show = self.progress if progress is None else progress and self.par.rank == 0
         bar = tqdm(total=len(requests), desc="generate", unit="req", disable=not show or not requests, leave=False)
-        start, generated, steps = time.perf_counter(), 0, 0
+        start, prompt_tokens, output_tokens, steps = time.perf_counter(), 0, 0, 0
         while self.scheduler.has_work():
             if should_stop is not None and self._stop_agreed(should_stop(), steps):
                 bar.close()
@@ -98,13 +112,16 @@ class LLMEngine:
                 done = sum(r.finish_reason is not None for r in requests)
                 raise Interrupted(f"stopped after {done} of {len(requests)} requests finished")
             steps += 1
-            finished, n_new = self.step()
-            generated += n_new
-            for req in finished:
+            done = self.step()
+            prompt_tokens += done.prompt_tokens
+            output_tokens += done.output_tokens
+            for req in done.finished:
                 bar.update(1)
                 if on_finish is not None:
                     on_finish(req)
-            bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - start, 1e-9):.1f}")
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"input {prompt_tokens / elapsed:,.0f} tok/s, output {output_tokens / elapsed:,.0f} "
+                                "tok/s", refresh=False)
         bar.close()
         return requests
 
@@ -115,10 +132,11 @@ class LLMEngine:
         return step % STOP_CHECK_STEPS == 0 and self.par.agree(int(asked), self.runner.device, largest=True) > 0
 
     # --------------------------------------------------------------------------------------------- step
-    def step(self) -> tuple[list[Request], int]:
-        """One prefill or decode step; returns the requests it finished and the tokens it generated."""
+    def step(self) -> StepDone:
+        """One prefill or decode step: the requests it finished, the tokens it generated and those it prefilled."""
         batch, is_prefill = self.scheduler.schedule()
         tokens = self.runner.prefill(batch) if is_prefill else self.runner.decode(batch)
+        prefilled = sum(req.num_tokens for req in batch) if is_prefill else 0
         now = time.perf_counter()
         finished = []
         for req, token in zip(batch, tokens):
@@ -130,7 +148,7 @@ class LLMEngine:
                 self.scheduler.finish(req)
                 self.runner.release(req)
                 finished.append(req)
-        return finished, len(batch)
+        return StepDone(finished, len(batch), prefilled)
 
     def _check_finished(self, req: Request) -> bool:
         """Set the finish reason and final text of a request that is done; False while it goes on."""

@@ -13,7 +13,11 @@ step are one graph replay per batch bucket.
 """
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -23,6 +27,7 @@ from mla_runner.config import TORCH_DTYPES, RunConfig
 from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.cuda_graphs import DecodeGraphs
+from mla_runner.engine.profiling import StepProfiler
 from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import sample
 from mla_runner.errors import ConfigError
@@ -87,7 +92,9 @@ class ModelRunner:
         self.prefill_backend = TorchBackend(spec)
         use_graphs = self._use_cuda_graphs()
         self.fp8 = source.use_fp8(cfg.weights, device)
+        start = time.perf_counter()
         self.model = source.load(self.dtype, device, progress, fp8=self.fp8, par=par)
+        self.load_seconds = time.perf_counter() - start
 
         attention_layers = self.model.attention_layers
         latent_dim = args.kv_lora_rank + args.qk_rope_head_dim
@@ -109,6 +116,34 @@ class ModelRunner:
         self.block_table = BlockTable(cfg.max_batch_size, self.max_pages_per_seq)
         self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress) if use_graphs else None
         self._generators: dict[int, torch.Generator] = {}  # request id -> its seeded generator
+        self.profiler: Optional[StepProfiler] = None  # set by profile()
+
+    def profile(self, path: Path) -> None:
+        """Trace a few of the coming steps into ``path`` (see ``mla_runner.engine.profiling``); ``end_profile``
+        writes what was traced when the run ends first."""
+        self.profiler = StepProfiler(path, self.device)
+
+    def end_profile(self) -> None:
+        if self.profiler is not None:
+            self.profiler.close()
+            self.profiler = None
+
+    def _traced(self, label: str):
+        return self.profiler.step(label) if self.profiler is not None else contextlib.nullcontext()
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """What the run's ``auto`` settings came to, and the sizes the cache and graphs were made with."""
+        backend = self.backend
+        name = backend.name + (f" metadata={backend.strategy}" if backend.strategy else "")
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {"device": str(self.device), "dtype": dtype, "attention": name, "weights": "fp8" if self.fp8 else dtype,
+                "kv_cache_dtype": str(self.kv_cache.dtype).removeprefix("torch."), "page_size": self.page_size,
+                "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
+                "kv_cache_gib": round(self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, 3),
+                "cuda_graphs": self.graphs is not None,
+                "graph_batch_sizes": self.graphs.buckets if self.graphs is not None else [],
+                "load_seconds": round(self.load_seconds, 2)}
 
     def _default_num_pages(self, bytes_per_page: int) -> int:
         """Pages for max_batch_size full-length requests, capped on a GPU by the configured fraction of the
@@ -132,6 +167,10 @@ class ModelRunner:
     def prefill(self, batch: list[Request]) -> list[int]:
         """Write the latent vectors of every token of each request (prompt and any output, for a request that
         comes back from preemption); one sampled token per request."""
+        with self._traced(f"prefill of {len(batch)} requests"):
+            return self._prefill(batch)
+
+    def _prefill(self, batch: list[Request]) -> list[int]:
         ids, positions, slots, qo_indptr, seq_lens = [], [], [], [0], []
         for req in batch:
             n = req.num_tokens
@@ -161,7 +200,8 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, batch: list[Request]) -> list[int]:
         """One new token per request (its newest, at position ``num_cached``) through the configured backend."""
-        return self._sample(self.decode_logits(batch), batch)
+        with self._traced(f"decode of {len(batch)} requests"):
+            return self._sample(self.decode_logits(batch), batch)
 
     def decode_logits(self, batch: list[Request]) -> torch.Tensor:
         """The decode step up to its logits [B, vocab] fp32: a graph replay where there are graphs."""

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 # The parts of a result that later code indexes, and their types.
-SHAPE = {"job": dict, "config": dict, "environment": dict, "metrics": dict, "rows": list}
+SHAPE = {"job": dict, "config": dict, "resolved": dict, "environment": dict, "metrics": dict, "rows": list}
 
 
 def collect(sweep_dir: str | os.PathLike) -> list[dict]:

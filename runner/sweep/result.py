@@ -15,6 +15,8 @@ and why::
      "config": {"task": str, "model": str, "attention": str, "metadata": str, "dtype": str, "device": str,
                 "seed": int, ..., "model.path": str | null, "metadata.num_kv_splits": int | null, ...,
                 "max_tokens": int, ...},  # see flat_config
+     "resolved": {"device": str, "dtype": str, ...},  # what the job's "auto" settings came to (device, dtype,
+                                         # weights, KV pages, CUDA graphs, ...: the task's engine says)
      "environment": {...},               # runner.environment.environment()
      "metrics": {"tokens_per_s": float, ...},     # the task's summary scalars
      "rows": [{"backend": str, "strategy": str, "batch": int, "context": int, "time_us": float,
@@ -49,7 +51,7 @@ KEY_ORDER = ("task", "model", "attention", "metadata", "dtype", "device")
 
 
 def make_result(run_cfg: Any, job_info: dict, metrics: Optional[dict], rows: Optional[list[dict]],
-                error: Optional[str], status: Optional[str] = None) -> dict:
+                error: Optional[str], status: Optional[str] = None, resolved: Optional[dict] = None) -> dict:
     """The result document for one job (see the module docstring).
 
     ``run_cfg`` is the job's ``RunConfig``, or None when the config itself failed to compose or validate;
@@ -64,6 +66,7 @@ def make_result(run_cfg: Any, job_info: dict, metrics: Optional[dict], rows: Opt
         "job": {"num": job_info.get("num"), "override_dirname": str(job_info.get("override_dirname", "")),
                 "output_dir": str(job_info.get("output_dir", ""))},
         "config": flat_config(run_cfg) if run_cfg is not None else {},
+        "resolved": dict(resolved or {}),
         "environment": environment(),
         "metrics": dict(metrics or {}),
         "rows": [dict(row) for row in rows or []],

@@ -16,6 +16,7 @@ rates bound neither the interpreter nor torch's CPU kernels.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import statistics
 import time
@@ -35,6 +36,8 @@ from mla_runner.kernels.synthetic import make_problem
 from mla_runner.roofline import measure_ceilings
 from mla_runner.sampling import SamplingParams
 
+log = logging.getLogger(__name__)
+
 
 def run_bench(cfg: RunConfig, output_dir: Path, should_stop: Callable[[], bool] | None = None) -> dict:
     """One measured point (a signal stops the process after it: a point is short)."""
@@ -44,8 +47,10 @@ def run_bench(cfg: RunConfig, output_dir: Path, should_stop: Callable[[], bool] 
     strategy = cfg.metadata.strategy if cfg.attention.name == "triton" else "-"  # the others build their own
     row = {"backend": cfg.attention.name, "strategy": strategy, **modes[task.mode](cfg)}
     if rank() == 0:
-        print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
-    return {"metrics": row, "rows": [row]}
+        log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+    device = resolve_device(cfg.device)
+    resolved = {"device": str(device), "dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")}
+    return {"metrics": row, "rows": [row], "resolved": resolved}
 
 
 def bench_decode(cfg: RunConfig) -> dict:

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -58,26 +60,34 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
                     log.warning("prompt %d skipped: %s", i, e)
                 out.write({"index": i, "line": spec.line, "error": str(e)})
         start = time.perf_counter()
+        if cfg.profile and writer:
+            engine.runner.profile(output_dir / "trace.json")
         try:
             engine.run(requests, on_finish=lambda req: out.write(_result(req)), should_stop=should_stop)
         except Interrupted as e:
-            summary = _summary(requests, errors, start)
+            summary = summarize(requests, errors, start)
             raise Interrupted(f"{e}: their lines are in {output_path}; continue with task.resume=true "
                               f"hydra.run.dir={output_dir}", summary) from None
-    summary = _summary(requests, errors, start)
+        finally:
+            engine.runner.end_profile()
+    summary = summarize(requests, errors, start)
+    outcome = {"metrics": summary, "resolved": engine.runner.resolved}
     if not writer:
-        return {"metrics": summary}
+        return outcome
     for req in requests[:SHOWN]:
-        print(f"[{req.index}] {req.prompt!r} -> {req.text!r}")
+        log.info("[%d] %r -> %r", req.index, req.prompt, req.text)
     if len(requests) > SHOWN:
-        print(f"... and {len(requests) - SHOWN} more in {output_path}")
+        log.info("... and %d more in %s", len(requests) - SHOWN, output_path)
     resumed = f" ({len(done)} prompts done by the earlier run)" if done else ""
-    print(f"{len(requests)} requests ({errors} errors), {summary['generated_tokens']} tokens in "
-          f"{summary['seconds']:.2f} s: {summary['tokens_per_s']} tokens/s{resumed}  ->  {output_path}")
+    log.info("%d requests (%d errors)%s in %.2f s: %d prompt tokens, %s tokens/s; %d output tokens, %s tokens/s; "
+             "time to first token %s s (mean / median / p99), time per output token %s s  ->  %s",
+             len(requests), errors, resumed, summary["seconds"], summary["prompt_tokens"],
+             summary["prompt_tokens_per_s"], summary["generated_tokens"], summary["tokens_per_s"],
+             _triple(summary, "ttft_s"), _triple(summary, "tpot_s"), output_path)
     if cfg.model.path is None:
-        print(f"note: {cfg.model.name} has random weights, so its text is noise; a real checkpoint: mla-runner "
-              "model=deepseek_v3 model.path=/path/to/DeepSeek-V3 attention=triton")
-    return {"metrics": summary}
+        log.info("note: %s has random weights, so its text is noise; a real checkpoint: mla-runner "
+                 "model=deepseek_v3 model.path=/path/to/DeepSeek-V3 attention=triton", cfg.model.name)
+    return outcome
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -96,12 +106,36 @@ def _request(engine: LLMEngine, index: int, spec: PromptSpec, defaults: Sampling
     return engine.make_request(index, ids, params, spec.prompt)
 
 
-def _summary(requests: list[Request], errors: int, start: float) -> dict:
+def summarize(requests: list[Request], errors: int, start: float) -> dict:
+    """The run's figures over its finished requests: counts, prompt and output tokens and their rates, and the
+    mean / median / p99 of the time to the first token and of the time per output token after it (over requests
+    with more than one output token)."""
     finished = [r for r in requests if r.finish_reason is not None]
     tokens = sum(len(r.output_token_ids) for r in finished)
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in finished)
     elapsed = time.perf_counter() - start
+    ttft = [r.first_token_time - r.arrival_time for r in finished]
+    tpot = [(r.finish_time - r.first_token_time) / (len(r.output_token_ids) - 1)
+            for r in finished if len(r.output_token_ids) > 1]
+    rate = (lambda n: round(n / elapsed, 2)) if elapsed > 0 else (lambda n: None)
     return {"requests": len(requests), "finished": len(finished), "errors": errors, "generated_tokens": tokens,
-            "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 2) if elapsed > 0 else None}
+            "prompt_tokens": prompt_tokens, "seconds": round(elapsed, 3), "tokens_per_s": rate(tokens),
+            "prompt_tokens_per_s": rate(prompt_tokens), **_stats("ttft_s", ttft), **_stats("tpot_s", tpot)}
+
+
+def _stats(name: str, values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+    return {f"{name}_mean": round(statistics.fmean(values), 5), f"{name}_median": round(statistics.median(values), 5),
+            f"{name}_p99": round(p99, 5)}
+
+
+def _triple(summary: dict, name: str) -> str:
+    if f"{name}_mean" not in summary:
+        return "-"
+    return " / ".join(f"{summary[f'{name}_{k}']:.4g}" for k in ("mean", "median", "p99"))
 
 
 def _result(req: Request) -> dict:

@@ -84,3 +84,32 @@ def test_bad_input_fails_with_one_line(env, tmp_path, args, needle):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+def test_a_run_says_what_it_resolved_and_measured(env, tmp_path):
+    """result.json's resolved settings (no "auto" left), generate's latency figures, the job log holding the setup
+    and the summary, and profile=true's trace of a few steps."""
+    out = tmp_path / "run"
+    proc = run_cli([f"hydra.run.dir={out}", "task.max_tokens=8", "profile=true", "progress=false"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    resolved, metrics = result["resolved"], result["metrics"]
+    assert "auto" not in resolved.values() and resolved["weights"] in ("fp8", resolved["dtype"])
+    assert resolved["kv_tokens"] == resolved["kv_pages"] * resolved["page_size"] == resolved["kv_pages"] * 64
+    assert resolved["cuda_graphs"] == bool(resolved["graph_batch_sizes"])
+    for name in ("ttft_s", "tpot_s"):
+        assert 0 < metrics[f"{name}_median"] <= metrics[f"{name}_p99"]
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["generated_tokens"] / metrics["seconds"], rel=0.01)
+    assert metrics["prompt_tokens"] == sum(r["prompt_tokens"] for r in read_jsonl(out / "completions.jsonl"))
+    log = (out / "runner.log").read_text()
+    assert f"{resolved['kv_pages']} pages of 64" in log and "CUDA graphs" in log and "time to first token" in log
+    assert "has random weights, so its text is noise" in log
+    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    assert any(e.get("name", "").startswith(("decode of", "prefill of")) for e in events)
+
+
+def test_an_objective_that_is_not_a_figure_is_an_error(env, tmp_path):
+    proc = run_cli([f"hydra.run.dir={tmp_path / 'run'}", "objective=speed", "task.max_tokens=2", "progress=false"],
+                   env, tmp_path)
+    assert proc.returncode == 1
+    assert "error: objective=speed is not a figure of this run: choose one of requests," in proc.stderr

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mla_runner import LLM, SamplingParams
+from mla_runner.engine.distributed import Launch
 from mla_runner.models.loader import load_model
 from mla_testing import INTERPRETER
 from mla_testing.oracle import PagedRunner
@@ -117,4 +118,39 @@ def test_torchrun_runs_the_cli_and_rank0_alone_writes(dsv3_ckpt: Path, tmp_path:
     expected = _generate(_llm(str(dsv3_ckpt)), ignore_eos=False)
     assert [r["token_ids"] for r in sorted(rows, key=lambda r: r["index"])] == expected
     assert sorted(p.name for p in work.iterdir()) == ["run"]  # rank 1 left nothing behind
-    assert proc.stdout.count("tokens/s") == 1  # and printed nothing
+    assert proc.stdout.count(" requests (0 errors)") == 1  # and printed nothing
+
+
+def test_srun_tasks_are_the_ranks(dsv3_ckpt: Path, tmp_path: Path):
+    """Two tasks of an srun step (as Hydra's submitit SLURM launcher starts them): their ranks from SLURM's variables,
+    the rendezvous on the step's first node; the same completions as one process, written by task 0 alone."""
+    if CPU_TRITON != "triton":
+        pytest.skip("the CPU processes need the Triton interpreter, which is off on a GPU machine")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "run"
+    slurm = dict(SLURM_STEP_NUM_TASKS="2", SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost",
+                 MASTER_PORT=str(_free_port()))
+    tasks = [subprocess.Popen(
+        [sys.executable, "-m", "mla_runner", f"model.path={dsv3_ckpt}", "device=cpu", "dtype=float32",
+         "parallel.size=2", f"task.prompts={prompts}", f"task.max_tokens={MAX_TOKENS}", "page_size=16",
+         "max_model_len=128", "progress=false", f"hydra.run.dir={out}"], cwd=tmp_path, text=True,
+        env={**os.environ, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+    for task in tasks:
+        _, err = task.communicate(timeout=300)
+        assert task.returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [r["token_ids"] for r in sorted(rows, key=lambda r: r["index"])] == _generate(_llm(str(dsv3_ckpt)),
+                                                                                          ignore_eos=False)
+
+
+def test_the_launch_is_read_from_torchrun_or_slurm():
+    assert Launch.from_env({}) == Launch()
+    assert Launch.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == Launch(4, 3, 1)
+    slurm = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+             "SLURM_STEP_NODELIST": "gpu[03-05,09],cpu1"}
+    assert Launch.from_env(slurm) == Launch(8, 5, 1, ("gpu03", 20000 + 123456 % 20000))
+    # a batch script's own environment (no srun step) is one process, whatever the allocation's size
+    assert Launch.from_env({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == Launch()
+    assert Launch.from_env({**slurm, "WORLD_SIZE": "2", "RANK": "1"}) == Launch(2, 1, 0)  # torchrun inside srun

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 GRID = {("torch", "persistent"), ("torch", "per_step"), ("triton", "persistent"), ("triton", "per_step")}
 
@@ -50,3 +51,54 @@ def test_multirun_writes_results_and_one_summary(env, tmp_path, grid, task, metr
     assert f"{jobs} jobs: {jobs} ok" in md and "| attention | metadata |" in md
     if task == "bench":  # measurement rows with GB/s against context: the bandwidth plot
         assert (sweep / "bandwidth.png").read_bytes().startswith(b"\x89PNG")
+
+
+def multirun(args: list[str], env: dict, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mla_runner", "-m", *args, "progress=false"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_job_directories_are_job_numbers_whatever_the_overrides(env, tmp_path):
+    """A swept path and 20 overrides: no job directory is named after them (none too long, none nested)."""
+    prompts = []
+    for i in range(2):
+        path = tmp_path / "deep" / f"prompts set {i}" / "p.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"prompt_token_ids": [5 + i, 6]}) + "\n")
+        prompts.append(str(path))
+    long = [f"task.max_tokens={2}", "task.temperature=0.0", "task.top_p=1.0", "task.top_k=0", "task.chat=false",
+            "seed=0", "dtype=float32", "device=cpu", "max_batch_size=4", "max_model_len=256", "page_size=16",
+            "kv_cache_memory_fraction=0.5", "weights=auto", "metadata.num_kv_splits=2", "model.seed=0",
+            "model.trust_remote_code=false", "task.output=completions.jsonl", "parallel.moe=ep", "attention=torch"]
+    sweep = tmp_path / "sweep"
+    proc = multirun([f"hydra.sweep.dir={sweep}", f"task.prompts={','.join(prompts)}", *long], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        result = json.loads((sweep / job / "result.json").read_text())
+        assert result["status"] == "ok" and result["config"]["prompts"] == prompts[int(job)]
+        overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
+        assert "task.prompts=" + prompts[int(job)].replace(" ", "\\ ") in overrides  # (Hydra escapes the spaces)
+
+
+def test_an_optuna_sweep_optimizes_the_runs_objective(env, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun([f"hydra.sweep.dir={sweep}", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
+                     "hydra.sweeper.direction=minimize", "objective=generated_tokens", "task.max_tokens=range(2,6)"],
+                    env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(p.read_text()) for p in sweep.glob("*/result.json")]
+    assert len(results) == 3 and all(r["status"] == "ok" for r in results)
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(r["metrics"]["generated_tokens"] for r in results)
+
+
+def test_the_submitit_launcher_runs_jobs_in_their_own_processes(env, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun([f"hydra.sweep.dir={sweep}", "hydra/launcher=submitit_local", "metadata=persistent,per_step",
+                     "attention=triton", "task.max_tokens=2"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
+    assert [r["config"]["metadata"] for r in results] == ["persistent", "per_step"]
+    assert all(r["status"] == "ok" for r in results)
+    assert "2 jobs: 2 ok" in (sweep / "summary.md").read_text()  # the callback ran in the launching process
