@@ -55,9 +55,10 @@ def check_choice(name: str, strategy: str, *, cuda_graphs: bool | None = None, d
         other = "attention=torch" if name == "triton" else "attention=triton"
         raise ConfigError(f"attention={name} needs {' and '.join(unmet)}; use {other}")
     if cuda_graphs and not cls.capabilities.cuda_graphs:
-        capturable = " or ".join(_label(n, s) for n, s in _choices() if backend_class(n, s).capabilities.cuda_graphs)
+        every = [*TRITON_STRATEGIES.values(), *(c for n, c in BACKENDS.items() if n != "triton")]
+        capturable = " or ".join(c.label() for c in every if c.capabilities.cuda_graphs)
         raise ConfigError(f"cuda_graphs=true needs a backend whose step can be captured ({capturable}): "
-                          f"{_label(name, strategy)} builds its metadata or reads lengths on the host")
+                          f"{cls.label()} builds its metadata or reads lengths on the host")
     if cuda_graphs and device == "cpu":
         raise ConfigError("cuda_graphs=true needs device=cuda")
     return cls
@@ -78,11 +79,3 @@ def make_backend(name: str, strategy: str, spec: AttentionSpec, *, num_kv_splits
     if cls is TritonPerStepBackend:
         return cls(spec, **({} if num_kv_splits is None else {"num_kv_splits": num_kv_splits}))
     return cls(spec)
-
-
-def _choices() -> list[tuple[str, str | None]]:
-    return [("triton", s) for s in TRITON_STRATEGIES] + [(n, None) for n in BACKENDS if n != "triton"]
-
-
-def _label(name: str, strategy: str | None) -> str:
-    return f"attention={name} metadata={strategy}" if name == "triton" else f"attention={name}"

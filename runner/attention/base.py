@@ -104,6 +104,11 @@ class AttentionBackend(ABC):
         self.spec = spec
 
     @classmethod
+    def label(cls) -> str:
+        """The choice as the command line writes it: ``attention=triton metadata=persistent``, ``attention=torch``."""
+        return f"attention={cls.name}" + (f" metadata={cls.strategy}" if cls.strategy else "")
+
+    @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device`` (a package missing, the wrong GPU), in one sentence that says
         what to do; None when it can. Checked before any weights load."""

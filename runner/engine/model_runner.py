@@ -134,10 +134,10 @@ class ModelRunner:
     @property
     def resolved(self) -> dict[str, Any]:
         """What the run's ``auto`` settings came to, and the sizes the cache and graphs were made with."""
-        backend = self.backend
-        name = backend.name + (f" metadata={backend.strategy}" if backend.strategy else "")
         dtype = str(self.dtype).removeprefix("torch.")
-        return {"device": str(self.device), "dtype": dtype, "attention": name, "weights": "fp8" if self.fp8 else dtype,
+        attention = self.backend.label().removeprefix("attention=")  # "triton metadata=persistent", "torch"
+        return {"device": str(self.device), "dtype": dtype, "attention": attention,
+                "weights": "fp8" if self.fp8 else dtype,
                 "kv_cache_dtype": str(self.kv_cache.dtype).removeprefix("torch."), "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
                 "kv_cache_gib": round(self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, 3),

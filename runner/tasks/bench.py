@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mla_runner.attention import AttentionBackend, AttentionSpec, StepInputs, make_backend
+from mla_runner.attention import AttentionBackend, AttentionSpec, StepInputs, backend_class, make_backend
 from mla_runner.config import BenchTaskConfig, RunConfig
 from mla_runner.engine import LLMEngine, Request, Status, resolve_device, resolve_dtype
 from mla_runner.engine.checkpoint import ModelSource
@@ -44,7 +44,8 @@ def run_bench(cfg: RunConfig, output_dir: Path, should_stop: Callable[[], bool] 
     task: BenchTaskConfig = cfg.task
     modes: dict[str, Callable[[RunConfig], dict]] = {
         "decode": bench_decode, "kernel": bench_kernel, "metadata": bench_metadata}
-    strategy = cfg.metadata.strategy if cfg.attention.name == "triton" else "-"  # the others build their own
+    # the strategy where the backend has one (the others build their own metadata)
+    strategy = backend_class(cfg.attention.name, cfg.metadata.strategy).strategy or "-"
     row = {"backend": cfg.attention.name, "strategy": strategy, **modes[task.mode](cfg)}
     if rank() == 0:
         log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
