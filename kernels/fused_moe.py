@@ -10,6 +10,9 @@ from (T, k, E) and the block sizes alone, no host sync:
 3. grouped GEMM down_proj times the routing weight -> y [T*k, hidden] (fp32);
 4. sum over the k slots of each token -> out [T, hidden] (accumulated in fp32, stored in x.dtype).
 
+Any T: a batch of more than ``MoEConfig.chunk_tokens`` tokens runs as a host loop of such calls over equal token
+chunks (no sync), so h and y stay bounded (docs/fused_moe.md#10-prefill).
+
 Weights are stacked once at load: ``w13[e] = cat(gate_proj[e], up_proj[e])`` [E, 2*inter, hidden] and
 ``w2[e] = down_proj[e]`` [E, hidden, inter]. Expert ids outside [0, E) are dropped (contribute zero).
 Benchmark: ``python benchmarks/bench_fused_moe.py``; design and measurements: docs/fused_moe.md.
@@ -23,15 +26,24 @@ import torch.nn.functional as F
 import triton
 
 from mla_runner.kernels.fp8_block import quantize_fp8_block, scale_grid
-from mla_runner.kernels.moe_align import moe_align
+from mla_runner.kernels.moe_align import align_impl, moe_align
 from mla_runner.kernels.moe_kernels import _down_kernel, _gate_up_kernel, _sum_slots_kernel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# The most tokens one fused pass takes. y is chunk * k * hidden * 4 bytes: 1.9 GB at DeepSeek-V3 shapes (k 8,
+# hidden 7168), plus 0.27 GB of bf16 h; 256 rows per expert (E 256), about the H100's bf16 FLOP/byte ridge, so
+# re-reading the experts' weights once per chunk can hide under the chunk's GEMMs (docs/fused_moe.md#10-prefill).
+CHUNK_TOKENS = 8192
+# Of an H100 block's 227 KB of shared memory, what the pipelined tiles of the large-M configs may take: the rest is
+# for the epilogue's layout conversions.
+SMEM_BUDGET = 200 * 1024
+
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Launch parameters of the two grouped GEMMs (the reduction uses ``block_n_down``)."""
+    """Launch parameters of the two grouped GEMMs (the reduction uses ``block_n_down``), the align step and the
+    token chunk of one pass."""
 
     block_m: int = 16  # rows (token, slot pairs) per tile; tl.dot needs >= 16
     block_n_gate_up: int = 64  # columns of gate (and of up) per program: 2x this many weight rows
@@ -39,7 +51,8 @@ class MoEConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 4
-    align: str = "triton"  # kernels.moe_align implementation: "triton" (one launch) or "torch" (~25 ops)
+    align: str | None = None  # kernels.moe_align impl: "triton" (one launch), "sort", "torch"; None: by size
+    chunk_tokens: int = CHUNK_TOKENS  # larger batches run in passes of at most this many tokens
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n_gate_up", "block_n_down", "block_k"):
@@ -48,25 +61,41 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a power of two >= 16, got {value}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"MoEConfig: bad num_warps={self.num_warps} or num_stages={self.num_stages}")
-        if self.align not in ("triton", "torch"):
-            raise ValueError(f"MoEConfig.align must be 'triton' or 'torch', got {self.align!r}")
+        if self.align not in (None, "triton", "sort", "torch"):
+            raise ValueError(f"MoEConfig.align must be 'triton', 'sort', 'torch' or None, got {self.align!r}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"MoEConfig.chunk_tokens must be >= 1, got {self.chunk_tokens}")
 
 
 def default_config(num_pairs: int, num_experts: int, hidden: int, inter: int, dtype: torch.dtype,
                    act_quant: bool = False) -> MoEConfig:
-    """Small-M tiles for decode (a few rows per expert: bound by streaming weights), larger ones as M grows.
+    """Tiles for ``num_pairs`` (token, slot) pairs in one pass (``fused_moe`` passes a chunk's count).
 
-    fp32 halves block_k and the pipeline depth so that the shared-memory stages fit on an H100 (227 KB per
-    block); 64-row tiles take 8 warps (4 spill registers in fp32). ``act_quant`` (W8A8): block_k is the
-    128-channel quantization group, whatever the dims.
+    Decode-sized (at most 48 rows per expert on average): small-M tiles, bound by streaming the weights; fp32
+    halves block_k and the pipeline depth so that the shared-memory stages fit on an H100 (227 KB per block).
+    Larger (prefill): 64-row tiles, 128 from 512 rows per expert (padding each expert to 128 rows then wastes
+    <= 1/8 of the MMAs; fp32 stays at 64: at 128 its FMA dots use all 255 registers), 8 warps, as many pipeline
+    stages (<= 4) as fit ``SMEM_BUDGET``. ``act_quant`` (W8A8): block_k is the 128-channel quantization group,
+    whatever the dims. The align step: ``moe_align.align_impl`` of the pair count. docs/fused_moe.md#5-configuration.
     """
     per_expert = num_pairs / num_experts
-    block_m = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
     wide = dtype == torch.float32
     block_k = 128 if act_quant else _fit(64 if wide else 128, min(hidden, inter))
-    stages = 3 if wide or block_m > 16 else 4
-    return MoEConfig(block_m=block_m, block_n_gate_up=_fit(64, inter), block_n_down=_fit(128, hidden),
-                     block_k=block_k, num_warps=8 if block_m > 32 else 4, num_stages=stages)
+    bn_up, bn_down = _fit(64, inter), _fit(128, hidden)
+    align = align_impl(num_pairs, num_experts)
+    if per_expert <= 48:
+        block_m = 16 if per_expert <= 16 else 32
+        return MoEConfig(block_m=block_m, block_n_gate_up=bn_up, block_n_down=bn_down, block_k=block_k,
+                         num_warps=4, num_stages=3 if wide or block_m > 16 else 4, align=align)
+    block_m = 128 if per_expert >= 512 and not wide else 64
+    # Shared memory per pipeline stage: the activation tile and the widest weight tile (gate_up's 2 * bn_up rows or
+    # down's bn_down; e4m3 with W8A8, else counted at the activation width). bf16: 48 KB at 64 rows (4 stages),
+    # 64 KB at 128 (3); the sm_90 compiles behind docs/fused_moe.md#5-configuration match this count.
+    w_bytes = 1 if act_quant else dtype.itemsize
+    stage = block_m * block_k * dtype.itemsize + block_k * max(2 * bn_up, bn_down) * w_bytes
+    stages = max(2, min(4, SMEM_BUDGET // stage))
+    return MoEConfig(block_m=block_m, block_n_gate_up=bn_up, block_n_down=bn_down, block_k=block_k, num_warps=8,
+                     num_stages=stages, align=align)
 
 
 def _fit(block: int, dim: int) -> int:
@@ -145,6 +174,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     as models/fp8_linear.py chooses): W8A8, x and h quantized per token per 128 channels in registers, fp8 x fp8
     dots; False: W8A16, weight tiles dequantized in registers. Capturable in a CUDA graph: refill x / topk_* in
     place and replay (run once before capturing: Triton compiles on the first call).
+    More than ``chunk_tokens`` tokens (the config's; default ``CHUNK_TOKENS``) run as equal chunks of at most that
+    many, one pass each, with h and y sized for one chunk (tokens are independent: with the same config the result
+    equals one pass's bit for bit); ``config=None`` picks the tiles for the chunk.
     """
     _check(x, w13, w2, topk_weights, topk_ids, out)
     T, hidden = x.shape
@@ -153,13 +185,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         out = torch.empty(T, hidden, dtype=x.dtype, device=x.device)
     if T == 0:
         return out
-    n = T * k
     fp8 = w13.dtype == torch.float8_e4m3fn
     if act_quant is None:
         act_quant = fp8 and x.dtype != torch.float32
     if act_quant and not fp8:
         raise ValueError("act_quant (W8A8) needs float8_e4m3fn expert weights")
-    cfg = config or default_config(n, E, hidden, inter, x.dtype, act_quant)
+    chunks = -(-T // (config.chunk_tokens if config is not None else CHUNK_TOKENS))
+    chunk = -(-T // chunks)  # tokens per pass (the last may have fewer)
+    cfg = config or default_config(chunk * k, E, hidden, inter, x.dtype, act_quant)
     if fp8:
         _check_fp8(w13, w2, w13_scale, w2_scale, cfg, act_quant)
     else:
@@ -169,9 +202,22 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     # The kernels index these flat; a copy (only for non-contiguous inputs) is still graph-safe.
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).contiguous()
+    h = torch.empty(chunk * k, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(chunk * k, hidden, dtype=torch.float32, device=x.device)
+    for t0 in range(0, T, chunk):  # host loop, no sync: each pass is a complete fused call on its tokens
+        t1 = min(T, t0 + chunk)
+        _fused_pass(x[t0:t1], w13, w2, weights[t0 * k: t1 * k], ids[t0 * k: t1 * k], out[t0:t1], h, y, cfg,
+                    w13_scale, w2_scale, fp8, act_quant)
+    return out
+
+
+def _fused_pass(x, w13, w2, weights, ids, out, h, y, cfg: MoEConfig, w13_scale, w2_scale, fp8: bool,
+                act_quant: bool) -> None:
+    """The four steps on T tokens (module doc): flat ``weights`` / ``ids`` [T*k], h and y with >= T*k rows."""
+    T, hidden = x.shape
+    E, inter, n = w13.shape[0], w13.shape[1] // 2, ids.numel()
+    k = n // T
     align = moe_align(ids, E, cfg.block_m, impl=cfg.align)
-    h = torch.empty(n, inter, dtype=x.dtype, device=x.device)
-    y = torch.empty(n, hidden, dtype=torch.float32, device=x.device)
     upcast = not x.is_cuda  # the interpreter: see kernels/moe_kernels.py
     round_bf16 = upcast and x.dtype == torch.bfloat16  # its bf16 stores truncate: round by hand first
     precision = "ieee" if x.dtype == torch.float32 or upcast else "tf32"  # tf32 is ignored for 16-bit inputs
@@ -194,7 +240,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     grid = (T, triton.cdiv(hidden, cfg.block_n_down))
     _sum_slots_kernel[grid](y, out, ids, E, hidden, y.stride(0), out.stride(0), TOP_K=k,
                             BLOCK_N=cfg.block_n_down, ROUND_BF16=round_bf16, num_warps=4)
-    return out
 
 
 def quantize_experts(w13: torch.Tensor, w2: torch.Tensor

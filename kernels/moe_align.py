@@ -14,17 +14,20 @@ Sizes: at most ``min(E, T*k)`` experts are non-empty, each wastes at most ``bloc
 ``E * (block_m - 1)``: at T=1, k=8, E=256 it gives 8 blocks instead of 256, and the GEMM grids are sized from it).
 Expert ids outside [0, E) (e.g. -1 for an expert owned by another rank) get no row: such pairs are dropped.
 
-Two implementations build the same (deterministic) layout:
+Three implementations build the same (deterministic) layout; ``moe_align(impl=None)`` picks one by size
+(``align_impl``):
 
-- ``impl="triton"`` (default): one Triton program (``_moe_align_kernel``): one launch, which matters inside a
-  decode graph where every tiny kernel costs a few microseconds;
-- ``impl="torch"``: about 25 small sync-free torch ops. Kept as the readable statement of the layout and as a
-  fallback. It avoids ``torch.bincount`` (CUDA reads the input's max on the host even with ``minlength``),
-  ``F.one_hot`` (validates on the host) and sorting: the rank of a pair inside its expert is a cumulative sum
-  over a [T*k, E+1] one-hot comparison.
+- ``impl="triton"``: one Triton program (``_moe_align_kernel``): one launch, which matters inside a decode graph
+  where every tiny kernel costs a few microseconds. It does O(T*k*E) comparisons on one SM, so it is chosen only
+  while ``T*k * next_pow2(E) <= TRITON_ALIGN_MAX_WORK`` (every decode batch; docs/fused_moe.md#3-the-align-step);
+- ``impl="sort"``: a stable sort of the expert ids and ~15 sync-free torch ops, O(T*k log(T*k) + E) on the whole
+  GPU: the prefill path. Pair p's row is its expert's padded segment start plus its rank in the sorted order
+  minus its expert's unpadded start (found by ``searchsorted`` in the sorted ids: no atomics, no host sync);
+- ``impl="torch"``: about 25 small sync-free torch ops, the readable statement of the layout: the rank of a pair
+  inside its expert is a cumulative sum over a [T*k, E+1] one-hot comparison (O(T*k*E) memory: small T only).
 
-Both do O(T*k*E) comparisons: nothing for decode (T*k = 1024, E = 384: 0.4 M), but one program for a
-prefill-sized T would be slow (docs/fused_moe.md#3-the-align-step).
+None of them uses ``torch.bincount`` (CUDA reads the input's max on the host even with ``minlength``) or
+``F.one_hot`` (validates on the host), so all three run inside CUDA graphs.
 """
 from __future__ import annotations
 
@@ -53,13 +56,53 @@ def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-rows // block_m) * block_m
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, impl: str = "triton") -> MoEAlignment:
-    """Group the pairs of ``topk_ids`` [T, k] (any shape: pairs in flattened order) by expert (module doc)."""
+# The one-program align does 2 * T*k * next_pow2(E) comparisons in tiles of 8 K on one SM. It is used while
+# T*k * next_pow2(E) is at most this (T*k <= 4096 at E = 256, <= 2048 at E = 384: every decode batch); past it the
+# sort path, spread over the GPU (docs/fused_moe.md#3-the-align-step).
+TRITON_ALIGN_MAX_WORK = 1 << 20
+
+_IMPLS = ("triton", "sort", "torch")
+
+
+def align_impl(num_pairs: int, num_experts: int) -> str:
+    """The implementation ``moe_align(impl=None)`` uses for ``num_pairs`` pairs over ``num_experts`` experts."""
+    return "triton" if num_pairs * triton.next_power_of_2(num_experts) <= TRITON_ALIGN_MAX_WORK else "sort"
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, impl: str | None = None) -> MoEAlignment:
+    """Group the pairs of ``topk_ids`` [T, k] (any shape: pairs in flattened order) by expert (module doc).
+    ``impl``: "triton", "sort" or "torch" (same layout); None chooses by size (``align_impl``)."""
+    if impl is None:
+        impl = align_impl(topk_ids.numel(), num_experts)
     if impl == "triton":
         return _align_triton(topk_ids, num_experts, block_m)
+    if impl == "sort":
+        return _align_sort(topk_ids, num_experts, block_m)
     if impl == "torch":
         return _align_torch(topk_ids, num_experts, block_m)
-    raise ValueError(f"moe_align impl must be 'triton' or 'torch', got {impl!r}")
+    raise ValueError(f"moe_align impl must be one of {_IMPLS} or None, got {impl!r}")
+
+
+def _segments(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert pair counts [E] -> (start, end) of each expert's block_m-padded segment of sorted_ids."""
+    padded = (counts + block_m - 1) // block_m * block_m
+    seg_end = padded.cumsum(0)  # no host scalar anywhere: graph-safe
+    return seg_end - padded, seg_end
+
+
+def _layout(dest: torch.Tensor, pair_ids: torch.Tensor, seg_end: torch.Tensor, num_pairs: int, block_m: int,
+            max_rows: int) -> MoEAlignment:
+    """Scatter ``pair_ids`` to rows ``dest`` (``max_rows``: dropped) of a sentinel-filled sorted_ids; block_expert
+    from the segment ends."""
+    dev, E = dest.device, seg_end.numel()
+    # Dropped pairs land in one extra sink row at index max_rows, cut off below.
+    sorted_ids = torch.full((max_rows + 1,), num_pairs, dtype=torch.int32, device=dev)
+    sorted_ids.scatter_(0, dest, pair_ids.to(torch.int32))
+    block_start = torch.arange(0, max_rows, block_m, device=dev, dtype=seg_end.dtype)
+    # The block's expert is the first one whose segment ends after the block starts (empty experts skipped).
+    block_expert = torch.searchsorted(seg_end.contiguous(), block_start, right=True)
+    block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
+    return MoEAlignment(sorted_ids[:max_rows], block_expert, num_pairs, block_m)
 
 
 def _align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
@@ -70,22 +113,29 @@ def _align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEA
     buckets = torch.arange(E + 1, device=dev)
     # rank_in[p, e] = number of pairs q <= p with expert e; its last row is the per-expert count.
     rank_in = (ids[:, None] == buckets[None, :]).to(torch.int32).cumsum(0, dtype=torch.int32)
-    counts = rank_in[-1]  # [E+1]
+    counts = rank_in[-1, :E].to(torch.int64)
     rank = rank_in.gather(1, ids[:, None]).squeeze(1) - 1  # position of each pair inside its expert
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded = padded.masked_fill(buckets == E, 0)  # the spill bucket gets no rows (no host scalar: graph-safe)
-    seg_end = padded.cumsum(0)  # inclusive end of each expert's segment
-    seg_start = seg_end - padded
+    seg_start, seg_end = _segments(counts, block_m)
     max_rows = max_sorted_rows(n, E, block_m)
-    # Dropped pairs land in one extra sink row at index max_rows, cut off below.
-    dest = torch.where(ids < E, seg_start[ids] + rank, max_rows)
-    sorted_ids = torch.full((max_rows + 1,), n, dtype=torch.int32, device=dev)
-    sorted_ids.scatter_(0, dest, torch.arange(n, dtype=torch.int32, device=dev))
-    block_start = torch.arange(0, max_rows, block_m, device=dev)
-    # The block's expert is the first one whose segment ends after the block starts (empty experts skipped).
-    block_expert = torch.searchsorted(seg_end[:E].contiguous(), block_start, right=True)
-    block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
-    return MoEAlignment(sorted_ids[:max_rows], block_expert, n, block_m)
+    dest = torch.where(ids < E, seg_start[ids.clamp(max=E - 1)] + rank, max_rows)
+    return _layout(dest, torch.arange(n, device=dev), seg_end, n, block_m, max_rows)
+
+
+def _align_sort(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
+    n = topk_ids.numel()
+    E, dev = num_experts, topk_ids.device
+    ids = topk_ids.reshape(-1)
+    key = torch.where((ids >= 0) & (ids < E), ids, E).to(torch.int32)  # dropped pairs sort past every expert
+    sorted_key, order = torch.sort(key, stable=True)  # order[i]: the pair at sorted position i (pair order kept)
+    # first[e]: sorted position of expert e's first pair (first[E]: of the first dropped pair); no atomics.
+    first = torch.searchsorted(sorted_key, torch.arange(E + 1, dtype=torch.int32, device=dev))
+    seg_start, seg_end = _segments(first[1:] - first[:-1], block_m)
+    max_rows = max_sorted_rows(n, E, block_m)
+    # Sorted position i of expert e -> row seg_start[e] + (i - first[e]).
+    shift = seg_start - first[:-1]
+    pos = torch.arange(n, device=dev)
+    dest = torch.where(sorted_key < E, pos + shift[sorted_key.clamp(max=E - 1).long()], max_rows)
+    return _layout(dest, order, seg_end, n, block_m, max_rows)
 
 
 @triton.jit

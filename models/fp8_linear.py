@@ -18,8 +18,8 @@ from torch import nn
 
 from mla_runner.kernels.fp8_block import DEFAULT_BLOCK, scale_grid
 
-# Linear layers that stay in the run dtype even with FP8 weights: kv_b_proj is never applied as a linear
-# layer (its halves W_UK / W_UV are absorbed into the attention, in the run dtype: docs/fp8.md#2-where-fp8-runs).
+# Linear layers that stay in the run dtype even with FP8 weights: kv_b_proj, whose halves W_UK / W_UV decode absorbs
+# into the attention in the run dtype (docs/fp8.md#2-where-fp8-runs), and which prefill applies as a linear layer.
 KEEP_DEQUANTIZED = ("kv_b_proj",)
 
 

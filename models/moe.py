@@ -5,6 +5,8 @@ replicated after the attention all-reduce). Expert parallel: a rank holds E/worl
 only the (token, expert) pairs routed to them (global ids mapped to its local ids, -1 for other ranks'
 experts); tensor parallel: it holds a 1/world slice of every expert. Either way it returns a partial sum,
 routed plus its slice of the shared expert, that the decoder layer joins with one all-reduce.
+
+Routed experts on a GPU: the fused Triton MoE at every batch size (``MoE``'s doc); on the CPU: ``expert_loop``.
 """
 from __future__ import annotations
 
@@ -67,12 +69,6 @@ class Gate(nn.Module):
         return weights * self.scale, indices
 
 
-# On a GPU, batches up to this many tokens (every decode step) take the fused Triton MoE, which never
-# synchronizes with the host and so runs inside CUDA graphs; its expert-sorting step is one program, sized
-# for decode. Larger batches (prefill) take the per-expert loop.
-FUSED_MAX_TOKENS = 1024
-
-
 class Experts(nn.Module):
     """The routed experts a rank holds, registered under their global ids (``experts.7.up_proj``, the
     checkpoint's names) and indexed, counted and iterated in local order, like a ``ModuleList``."""
@@ -93,6 +89,14 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Router, this rank's routed experts and its slice of the shared experts.
+
+    The routed experts run in one of two ways. On a GPU, once ``stack_experts`` has stacked their weights, every
+    batch (a decode step or a prefill of any length) takes the fused Triton MoE (``kernels.fused_moe``): no host
+    sync, so it runs inside CUDA graphs, and large batches go through it in bounded token chunks. Otherwise (CPU,
+    where Triton would run under its interpreter, or unstacked weights) ``expert_loop``: one call per used expert.
+    """
+
     def __init__(self, args: ModelArgs, par: Parallel = Parallel()) -> None:
         super().__init__()
         self.gate = Gate(args)
@@ -151,7 +155,7 @@ class MoE(nn.Module):
         if self.first_expert is not None:
             local = indices - self.first_expert
             indices = local.masked_fill((local < 0) | (local >= len(self.experts)), -1)
-        if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS and self.w13 is not None:
+        if x.is_cuda and self.w13 is not None:
             from mla_runner.kernels.fused_moe import fused_moe  # imported on a GPU only: no Triton interpreter involved
 
             routed = fused_moe(x, self.w13, self.w2, weights, indices, w13_scale=self.w13_scale,
@@ -172,8 +176,8 @@ def expert_loop(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, n
 
     (token, expert) pairs are sorted by expert so each expert that received tokens runs once, as
     ``run_expert(e, x_rows)``, on a contiguous slice; results are scattered back with index_add. The host sync on
-    the counts is the price of an eager per-expert loop (the fused MoE kernel replaces it). Pairs with a
-    negative id (another rank's expert) are dropped.
+    the counts is the price of an eager per-expert loop: the CPU path (and models without stacked weights); on a
+    GPU the fused MoE replaces it. Pairs with a negative id (another rank's expert) are dropped.
     """
     flat = indices.flatten()
     order = flat.argsort(stable=True)

@@ -34,12 +34,13 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     time_to_first_token: float
     latency: float
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (the last admission's, after a preemption)
 
     @classmethod
     def from_request(cls, req: Request) -> RequestOutput:
         completion = CompletionOutput(0, req.text, list(req.output_token_ids), req.finish_reason)
         return cls(req.index, req.prompt, req.prompt_token_ids, [completion],
-                   req.first_token_time - req.arrival_time, req.finish_time - req.arrival_time)
+                   req.first_token_time - req.arrival_time, req.finish_time - req.arrival_time, req.num_cached_tokens)
 
 
 class LLM:

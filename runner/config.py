@@ -14,7 +14,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from mla_runner.attention import BACKENDS, TRITON_STRATEGIES, check_choice
+from mla_runner.attention import CHOICES, TRITON_STRATEGIES, check_choice
 from mla_runner.errors import ConfigError
 from mla_runner.sampling import check_sampling_values
 
@@ -64,12 +64,12 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    """The attention backend that runs MLA decode (mla_runner.attention)."""
+    """The attention backend that runs MLA (mla_runner.attention); auto: triton on a GPU, torch on a CPU."""
 
     name: str = MISSING
 
     def __post_init__(self) -> None:
-        _check_choice("attention.name", self.name, tuple(BACKENDS))
+        _check_choice("attention.name", self.name, CHOICES)
 
 
 @dataclass
@@ -112,7 +112,7 @@ class GenerateTaskConfig:
         check_sampling_values("task", self.temperature, self.top_p, self.top_k, self.max_tokens)
 
 
-BENCH_MODES = ("decode", "kernel", "metadata")
+BENCH_MODES = ("decode", "kernel", "metadata", "prefill", "throughput")
 
 
 @dataclass
@@ -120,9 +120,11 @@ class BenchTaskConfig:
     """One measured point: ``batch`` requests of ``context`` tokens (see runner/tasks/bench.py)."""
 
     name: str = "bench"
-    mode: str = "decode"  # decode | kernel | metadata
-    batch: int = 8
-    context: int = 4096
+    mode: str = "decode"  # decode | kernel | metadata | prefill | throughput
+    batch: int = 8  # requests (throughput: prompts, vLLM's --num-prompts)
+    context: int = 4096  # tokens of each (prefill, throughput: prompt tokens, vLLM's --input-len)
+    output_len: int = 128  # throughput: tokens generated per prompt (vLLM's --output-len)
+    repeats: int = 3  # prefill, throughput: measured runs of the whole workload (after one warm-up run)
     q_len: int = 1  # query tokens per request (kernel mode; >1 is speculative/MTP verification)
     heads: Optional[int] = None  # attention heads per GPU (kernel, metadata); unset: the model's
     lengths: str = "uniform"  # kernel mode: uniform | skewed (one request of `context`, the rest context/16)
@@ -132,7 +134,7 @@ class BenchTaskConfig:
     def __post_init__(self) -> None:
         _check_choice("task.mode", self.mode, BENCH_MODES)
         _check_choice("task.lengths", self.lengths, ("uniform", "skewed"))
-        for name in ("batch", "context", "q_len", "iters"):
+        for name in ("batch", "context", "q_len", "iters", "output_len", "repeats"):
             _check_positive(f"task.{name}", getattr(self, name))
         _check_positive("task.heads", self.heads, allow_none=True)
 
@@ -168,6 +170,11 @@ class RunConfig:
     seed: int = 0
     max_batch_size: int = 32  # requests decoded together
     max_model_len: int = 4096  # prompt + generated tokens per request
+    # tokens one step computes, over all its requests (decodes count one each): a prompt longer than what is left is
+    # prefilled in chunks over several steps while the others decode (docs/scheduling.md)
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True  # false: a prompt is prefilled whole, in one step
+    enable_prefix_caching: bool = True  # full KV pages keyed by their prefix, shared by requests that start alike
     page_size: int = 64  # tokens per KV-cache page
     num_pages: Optional[int] = None  # KV-cache capacity; unset: see kv_cache_memory_fraction
     # With num_pages unset: enough pages for max_batch_size full-length requests, but on a GPU no more than
@@ -182,7 +189,8 @@ class RunConfig:
     weights: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # several GPUs (torchrun or srun)
     # the metric a run returns to a sweeper that optimizes (Optuna, Ax, Nevergrad); unset: the task's headline,
-    # tokens_per_s (time_us for task.mode=kernel, metadata_us for task.mode=metadata)
+    # tokens_per_s (time_us for task.mode=kernel, metadata_us for task.mode=metadata, prefill_tokens_per_s for
+    # task.mode=prefill)
     objective: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -192,6 +200,13 @@ class RunConfig:
         _check_positive("max_batch_size", self.max_batch_size)
         _check_positive("max_model_len", self.max_model_len)
         _check_positive("page_size", self.page_size)
+        _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_batch_size="
+                              f"{self.max_batch_size}: a step could not decode every running request")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(f"enable_chunked_prefill=false needs max_num_batched_tokens >= max_model_len (here "
+                              f"{self.max_num_batched_tokens} < {self.max_model_len}): a long prompt could never run")
         if self.page_size & (self.page_size - 1):
             raise ConfigError(f"page_size={self.page_size} is not valid: it must be a power of two")
         _check_positive("num_pages", self.num_pages, allow_none=True)

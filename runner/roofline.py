@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import re
 import time
 from dataclasses import dataclass
 
@@ -66,3 +67,48 @@ def _best(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def linear_flops_per_token(args) -> float:
+    """FLOPs of the linear layers of the whole model (``ModelArgs``, truncated as run) for one token of a prompt: the
+    MLA projections with kv_b_proj's up-projection of the token's own latent, the dense MLP or the router, the
+    ``num_experts_per_tok`` routed experts and the shared ones; not the embedding or lm_head (one row per request).
+    DeepSeek-V3: 0.37 GFLOP of projections and 0.79 of MLP per layer."""
+    H, hidden = args.num_attention_heads, args.hidden_size
+    q = (hidden * args.q_lora_rank + args.q_lora_rank * H * args.qk_head_dim if args.q_lora_rank
+         else hidden * H * args.qk_head_dim)
+    mla = (q + hidden * args.kv_cache_dim + args.kv_lora_rank * H * (args.qk_nope_head_dim + args.v_head_dim)
+           + H * args.v_head_dim * hidden)
+    dense = 3 * hidden * args.intermediate_size
+    moe = (hidden * args.n_routed_experts
+           + (args.num_experts_per_tok + args.n_shared_experts) * 3 * hidden * args.moe_intermediate_size)
+    layers = range(args.num_hidden_layers)
+    return 2.0 * sum(mla + (moe if args.is_moe_layer(i) else dense) for i in layers)
+
+
+def causal_attention_flops(args, prompt_len: int) -> float:
+    """FLOPs of causal attention of one prompt over every layer in the non-absorbed form: QK^T at nope + rope and PV
+    at v per head for each of the prompt_len * (prompt_len + 1) / 2 query-key pairs."""
+    pairs = prompt_len * (prompt_len + 1) / 2
+    per_pair = 2 * args.num_attention_heads * (args.qk_head_dim + args.v_head_dim)
+    return float(per_pair * pairs * args.num_hidden_layers)
+
+
+def prefill_flops(args, prompt_lens: list[int]) -> float:
+    """The FLOP count of prefilling these prompts from scratch: linear layers plus causal attention."""
+    return sum(n * linear_flops_per_token(args) + causal_attention_flops(args, n) for n in prompt_lens)
+
+
+def touched_weight_bytes(model: torch.nn.Module, batch: int, unique_experts: list[int]) -> int:
+    """Weights one decode step reads: everything but the routed experts and the embedding table, plus the
+    experts actually routed to and one embedding row per token."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            total += batch * p.shape[1] * p.element_size()
+        elif ".experts." not in name:
+            total += p.numel() * p.element_size()
+    experts = [m for name, m in model.named_modules() if re.search(r"\.experts\.\d+$", name)]
+    if experts:  # every MoE layer's experts have the same shapes
+        total += sum(p.numel() * p.element_size() for p in experts[0].parameters()) * sum(unique_experts)
+    return total

@@ -8,7 +8,9 @@
 | ``attention=flashmla`` | FlashMLA's schedule, on the device | yes | Hopper |
 | ``attention=aiter`` | per-token kv indices, on the device | no | ROCm |
 
-``metadata=`` picks the strategy of ``attention=triton``; the other backends build their own metadata and leave it
+``attention=auto`` (the default) is ``triton`` on a GPU and ``torch`` on a CPU (``resolve_name``); an explicit
+``attention=triton`` on a CPU runs the kernels under Triton's interpreter. ``metadata=`` picks the strategy of
+``attention=triton``; the other backends build their own metadata and leave it
 unused. The engine asks the backend (``capabilities``) rather than testing names, and config validation
 (``check_choice``) reads the same declarations, so a run that cannot work stops before any weights load.
 """
@@ -28,8 +30,18 @@ BACKENDS: dict[str, type[AttentionBackend]] = {
 TRITON_STRATEGIES: dict[str, type[AttentionBackend]] = {
     "persistent": TritonPersistentBackend, "per_step": TritonPerStepBackend}
 
-__all__ = ["AttentionBackend", "AttentionSpec", "Capabilities", "StepInputs", "BACKENDS", "TRITON_STRATEGIES",
-           "backend_class", "check_choice", "make_backend"]
+CHOICES = ("auto", *BACKENDS)
+
+__all__ = ["AttentionBackend", "AttentionSpec", "Capabilities", "StepInputs", "BACKENDS", "CHOICES",
+           "TRITON_STRATEGIES", "backend_class", "check_choice", "make_backend", "resolve_name"]
+
+
+def resolve_name(name: str, device: str) -> str:
+    """The backend ``attention=name`` runs on ``device`` ("cuda" or "cpu"): ``auto`` is triton on a GPU, torch on a
+    CPU; any other name is itself."""
+    if name != "auto":
+        return name
+    return "triton" if device == "cuda" else "torch"
 
 
 def backend_class(name: str, strategy: str) -> type[AttentionBackend]:
@@ -45,9 +57,18 @@ def backend_class(name: str, strategy: str) -> type[AttentionBackend]:
 
 def check_choice(name: str, strategy: str, *, cuda_graphs: bool | None = None, device: str | None = None,
                  dtype: torch.dtype | None = None, page_size: int | None = None, num_heads: int | None = None,
-                 kv_lora_rank: int | None = None, rope_dim: int | None = None) -> type[AttentionBackend]:
+                 kv_lora_rank: int | None = None, rope_dim: int | None = None) -> type[AttentionBackend] | None:
     """The backend class of this choice, or a one-line ``ConfigError`` naming what it does not support. Settings left
-    at None are not checked (at config time the model's heads and the resolved device may be unknown)."""
+    at None are not checked (at config time the model's heads and the resolved device may be unknown); ``auto`` with
+    the device unknown checks only what holds for both of its choices (None returned)."""
+    if name == "auto":
+        if device is None:
+            if strategy not in TRITON_STRATEGIES:
+                backend_class("triton", strategy)  # the metadata choice is still checked
+            if cuda_graphs and not TRITON_STRATEGIES[strategy].capabilities.cuda_graphs:
+                check_choice("triton", strategy, cuda_graphs=True)
+            return None
+        name = resolve_name(name, device)
     cls = backend_class(name, strategy)
     unmet = cls.capabilities.unmet(device=device, dtype=dtype, page_size=page_size, num_heads=num_heads,
                                    kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
@@ -68,6 +89,7 @@ def make_backend(name: str, strategy: str, spec: AttentionSpec, *, num_kv_splits
                  dram_ratio: int | None = None) -> AttentionBackend:
     """The backend of this choice for ``spec``; a one-line ``ConfigError``, before any work, where it cannot run.
     ``num_kv_splits`` and ``dram_ratio`` are the metadata options of ``attention=triton`` (see MetadataConfig)."""
+    name = resolve_name(name, spec.device.type)
     cls = backend_class(name, strategy)
     reason = cls.unavailable(spec.device)
     if reason is not None:

@@ -1,10 +1,12 @@
-"""What an attention backend is: the attention it serves, what it declares it supports, and its three calls.
+"""What an attention backend is: the attention it serves, what it declares it supports, and its calls.
 
-A backend is one choice of ``attention=`` (and, for ``triton``, of ``metadata=``). It owns the step's metadata: the
-model runner hands it the step's lengths and block table (``StepInputs``) once per step, ``build_metadata`` turns
-them into whatever its kernel reads, and every MLA layer then calls ``forward`` with that same object. What it can run
-is declared once, in ``capabilities``: the engine reads it to decide on CUDA graphs, and config validation reads it
-to refuse a run before any weights load.
+A backend is one choice of ``attention=`` (and, for ``triton``, of ``metadata=``). It serves both forms of MLA
+attention: ``forward``, the absorbed form of decode, and ``prefill``, the non-absorbed form of prompt chunks. It owns
+the absorbed form's metadata: the model runner hands it the step's lengths and block table (``StepInputs``) once per
+step, ``build_metadata`` turns them into whatever its kernel reads, and every MLA layer then calls ``forward`` with
+that same object (the prompt chunks' metadata is the same for every backend: ``mla_runner.attention.prefill``).
+What it can run is declared once, in ``capabilities``: the engine reads it to decide on CUDA graphs, and config
+validation reads it to refuse a run before any weights load.
 """
 from __future__ import annotations
 
@@ -124,6 +126,16 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, sm_scale: float) -> torch.Tensor:
         """q [T, H, kv_lora_rank + rope_dim] (the absorbed query) against one layer's cache [pages, page_size,
         kv_lora_rank + rope_dim] -> [T, H, kv_lora_rank] in q's dtype."""
+
+    def prefill(self, q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+                cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_q_len: int, sm_scale: float,
+                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-absorbed attention of a step's prompt chunks (``mla_runner.models.context.AttentionBackend`` says
+        what it takes): this project's Triton prefill kernel, whichever backend runs decode, except torch's."""
+        from mla_runner.kernels.mla_prefill import mla_prefill_attention
+
+        return mla_prefill_attention(q, k_nope, k_pe, v, cu_seqlens_q, cu_seqlens_k, max_q_len, sm_scale,
+                                     causal=causal)
 
     def check(self) -> None:  # noqa: B027 - a hook: a backend without device-side checks keeps this one
         """Raise if a step since the last call found a request it could not serve on the device (the persistent

@@ -1,5 +1,6 @@
 """``attention=torch``: plain PyTorch over the gathered pages (``mla_runner.kernels.reference``), the reference every
-kernel is checked against; runs anywhere. Its metadata is what the reference reads: lengths and the block table."""
+kernel is checked against (``mla_prefill_reference`` for prompt chunks); runs anywhere. Its metadata is what the
+reference reads: lengths and the block table."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mla_runner.attention.base import AttentionBackend, Capabilities, StepInputs
+from mla_runner.kernels.mla_prefill import mla_prefill_reference
 from mla_runner.kernels.reference import mla_attention_reference
 
 
@@ -29,3 +31,9 @@ class TorchBackend(AttentionBackend):
                 sm_scale: float) -> torch.Tensor:
         return mla_attention_reference(q, kv_cache, metadata.qo_indptr, metadata.seq_lens, metadata.block_table,
                                        sm_scale, self.spec.kv_lora_rank)
+
+    def prefill(self, q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+                cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_q_len: int, sm_scale: float,
+                causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return mla_prefill_reference(q, k_nope, k_pe, v, cu_seqlens_q, cu_seqlens_k, max_q_len, sm_scale,
+                                     causal=causal)

@@ -1,22 +1,44 @@
-"""Pages of the latent KV cache: which are free, which belong to which request, and the host copy of the
-decode step's block table."""
+"""Pages of the latent KV cache: which are free, which belong to which request, which hold a known prefix, and the
+host copy of the decode step's block table.
+
+Automatic prefix caching (vLLM's scheme): once a page is full, it is keyed by a hash of its tokens chained with the
+hash of the page before it, so a key names the whole prefix up to the page's end. A request admitted later whose
+prompt starts with the same pages takes them (their reference count goes up) and computes only its own tokens.
+Pages whose count drops to zero go back to the free list but keep their key: a later request can still hit them
+until they are handed out again, least recently freed first, with unkeyed pages (useless to anyone) before keyed
+ones. The last token of a prompt is never taken from the cache: its logits are what the step samples.
+"""
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
 
 import torch
 
 from mla_runner.engine.request import Request
 
 
+def page_hash(parent: bytes, tokens: list[int]) -> bytes:
+    """The key of a full page: its tokens chained onto the key of the page before it (b"" for the first)."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
 class BlockManager:
     """A request's page list only grows (``allocate`` extends it in place) until ``free`` replaces it with an
     empty one: ``BlockTable`` relies on that to rewrite only what changed."""
 
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         self.num_pages = num_pages
         self.page_size = page_size
-        self.free_pages: deque[int] = deque(range(num_pages))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.refs = [0] * num_pages  # requests holding each page
+        self.page_key: list[bytes | None] = [None] * num_pages  # the prefix key of a full, cached page
+        self.cached: dict[bytes, int] = {}  # prefix key -> the page that holds it
+        # pages held by no request, in the order they are handed out (an OrderedDict as an LRU with O(1) removal)
+        self.free_pages: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
+        self.queries = 0  # prompt tokens looked up in the prefix cache
+        self.hits = 0  # of which found
 
     def pages_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
@@ -25,24 +47,98 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free_pages)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.pages_needed(num_tokens) <= self.num_free
+    # ------------------------------------------------------------------------------------------ prefix cache
+    def match_prefix(self, req: Request) -> list[int]:
+        """The cached pages that start ``req``'s tokens, in order (none with caching off); they are not taken yet."""
+        if not self.enable_prefix_caching:
+            return []
+        tokens, size = req.token_ids, self.page_size
+        keys = req.page_keys
+        pages = []
+        for i in range((len(tokens) - 1) // size):  # the last token is always computed
+            if i == len(keys):
+                keys.append(page_hash(keys[-1] if keys else b"", tokens[i * size:(i + 1) * size]))
+            page = self.cached.get(keys[i])
+            if page is None:
+                break
+            pages.append(page)
+        return pages
 
+    def admit(self, req: Request, hit: list[int], num_new_tokens: int) -> bool:
+        """Give a waiting request the cached pages ``hit`` (from ``match_prefix``) and pages for ``num_new_tokens``
+        more tokens after them; False (nothing taken) when the free pages do not suffice. Sets ``req.num_computed``
+        to the tokens the hit covers."""
+        in_free_list = sum(self.refs[p] == 0 for p in hit)
+        fresh = self.pages_needed(len(hit) * self.page_size + num_new_tokens) - len(hit)
+        if fresh + in_free_list > self.num_free:
+            return False
+        for page in hit:
+            self._take(page)
+        req.pages.extend(hit)
+        req.num_computed = req.num_cached_tokens = len(hit) * self.page_size
+        if self.enable_prefix_caching:
+            self.queries += req.num_tokens
+            self.hits += req.num_computed
+        self.allocate(req, req.num_computed + num_new_tokens)
+        return True
+
+    def cache_full_pages(self, req: Request) -> None:
+        """Key the pages ``req`` has filled since the last call, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(req.num_computed // self.page_size, len(req.pages))
+        keys, tokens, size = req.page_keys, None, self.page_size
+        while req.num_keyed_pages < full:
+            i = req.num_keyed_pages
+            if i == len(keys):
+                tokens = tokens or req.token_ids
+                keys.append(page_hash(keys[-1] if keys else b"", tokens[i * size:(i + 1) * size]))
+            page, key = req.pages[i], keys[i]
+            # a page whose prefix another request has already cached (both computed it at once) stays unkeyed
+            if self.page_key[page] is None and key not in self.cached:
+                self.page_key[page] = key
+                self.cached[key] = page
+            req.num_keyed_pages += 1
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every key (pages in use stay with their requests)."""
+        self.cached.clear()
+        self.page_key = [None] * self.num_pages
+
+    # ----------------------------------------------------------------------------------------------- pages
     def allocate(self, req: Request, num_tokens: int) -> None:
         """Give ``req`` enough pages for its first ``num_tokens`` tokens."""
         need = self.pages_needed(num_tokens) - len(req.pages)
         if need > self.num_free:
             raise RuntimeError(f"KV cache: {need} pages needed, {self.num_free} free")
-        req.pages.extend(self.free_pages.popleft() for _ in range(max(need, 0)))
+        for _ in range(max(need, 0)):
+            page = next(iter(self.free_pages))
+            self._take(page)
+            key = self.page_key[page]
+            if key is not None:  # evicted: its prefix is no longer cached
+                del self.cached[key]
+                self.page_key[page] = None
+            req.pages.append(page)
 
-    def can_append(self, req: Request) -> bool:
-        """Whether ``req`` can grow by one token (a new page only at a page boundary)."""
-        return self.pages_needed(req.num_cached + 1) - len(req.pages) <= self.num_free
+    def can_allocate(self, req: Request, num_tokens: int) -> bool:
+        """Whether ``req`` can hold its first ``num_tokens`` tokens."""
+        return self.pages_needed(num_tokens) - len(req.pages) <= self.num_free
 
     def free(self, req: Request) -> None:
-        self.free_pages.extend(req.pages)
+        """Drop ``req``'s hold on its pages, last page first (a prefix's tail is evicted before its head)."""
+        for page in reversed(req.pages):
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                self.free_pages[page] = None
+                if self.page_key[page] is None:
+                    self.free_pages.move_to_end(page, last=False)
         req.pages = []
-        req.num_cached = 0
+        req.num_computed = req.num_keyed_pages = 0
+
+    def _take(self, page: int) -> None:
+        if self.refs[page] == 0:
+            del self.free_pages[page]
+        self.refs[page] += 1
 
 
 class BlockTable:

@@ -1,9 +1,9 @@
 """The engine loop: requests in, outputs out.
 
-It checks each prompt, queues requests, asks the scheduler for each step's batch (a prefill of newly admitted
-requests or a decode of every running one), hands the batch to the model runner and books the sampled tokens: how
-many tokens of each request are cached, its output, and whether it is done (EOS, a stop string, ``max_tokens``, the
-context). It holds no tensor: the model, its cache and the step's buffers are the model runner's.
+It checks each prompt, queues requests, asks the scheduler for each step's batch (decodes and chunks of prompts
+under one token budget), hands the batch to the model runner and books the results: how many tokens of each request
+are cached (and offered to the prefix cache), its sampled token, and whether it is done (EOS, a stop string,
+``max_tokens``, the context). It holds no tensor: the model, its cache and the step's buffers are the model runner's.
 
 Under torchrun every rank runs this same loop over its shard of the model (``mla_runner.engine.distributed``): the
 same scheduler steps on the same requests, its own heads' attention, the whole latent cache.
@@ -65,8 +65,9 @@ class LLMEngine:
         self.tokenizer = source.tokenizer()
         eos = args.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.scheduler = Scheduler(BlockManager(self.runner.num_pages, cfg.page_size), cfg.max_batch_size,
-                                   max_prefill_tokens=max(cfg.max_model_len, 2048))
+        blocks = BlockManager(self.runner.num_pages, cfg.page_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(blocks, cfg.max_batch_size, cfg.max_num_batched_tokens,
+                                   cfg.enable_chunked_prefill)
         self._request_ids = itertools.count()
         r = self.runner.resolved
         graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"
@@ -131,16 +132,28 @@ class LLMEngine:
             return asked
         return step % STOP_CHECK_STEPS == 0 and self.par.agree(int(asked), self.runner.device, largest=True) > 0
 
+    def stats(self) -> dict:
+        """Counters since the engine started: the share of prompt tokens admitted that the prefix cache held, and
+        the preemptions."""
+        blocks = self.scheduler.blocks
+        return {"prefix_cache_hit_rate": round(blocks.hits / blocks.queries, 4) if blocks.queries else 0.0,
+                "preemptions": self.scheduler.num_preemptions}
+
     # --------------------------------------------------------------------------------------------- step
     def step(self) -> StepDone:
-        """One prefill or decode step: the requests it finished, the tokens it generated and those it prefilled."""
-        batch, is_prefill = self.scheduler.schedule()
-        tokens = self.runner.prefill(batch) if is_prefill else self.runner.decode(batch)
-        prefilled = sum(req.num_tokens for req in batch) if is_prefill else 0
+        """One scheduled step: the requests it finished, the tokens it generated and those it prefilled."""
+        batch = self.scheduler.schedule()
+        tokens = self.runner.execute(batch)
         now = time.perf_counter()
-        finished = []
-        for req, token in zip(batch, tokens):
-            req.num_cached = req.num_tokens  # every token the step fed the model is in the cache now
+        finished, generated, prefilled = [], 0, 0
+        for req, n, token in zip(batch.requests, batch.num_new, tokens):
+            decoding = n == 1 and req.num_computed == req.num_tokens - 1 and req.output_token_ids
+            prefilled += 0 if decoding else n
+            req.num_computed += n  # every token the step fed the model is in the cache now
+            self.scheduler.blocks.cache_full_pages(req)
+            if token is None:  # a chunk of a prompt: more to come
+                continue
+            generated += 1
             req.output_token_ids.append(token)
             req.first_token_time = req.first_token_time or now
             if self._check_finished(req):
@@ -148,7 +161,7 @@ class LLMEngine:
                 self.scheduler.finish(req)
                 self.runner.release(req)
                 finished.append(req)
-        return StepDone(finished, len(batch), prefilled)
+        return StepDone(finished, generated, prefilled)
 
     def _check_finished(self, req: Request) -> bool:
         """Set the finish reason and final text of a request that is done; False while it goes on."""

@@ -1,19 +1,22 @@
 """The model runner: the model on its device and everything a step needs there.
 
 It owns the weights, the paged latent KV cache, the decode step's input buffers, the attention backend (which builds
-the step's metadata), the CUDA graphs of the decode step and the sampling call. The engine loop hands it a batch of
-requests (their tokens, pages and how many of their tokens are cached) and gets one sampled token per request back;
-it keeps no queue and never changes a request.
+the step's metadata), the CUDA graphs of the decode step and the sampling call. The engine loop hands it a scheduled
+batch (each request with its tokens, pages, how many of its tokens are cached and how many the step computes) and gets
+a sampled token back for each request whose last token the step computed; it keeps no queue and never changes a
+request.
 
-Prefill writes the latent vector of every token of each request and takes the logits of each request's last token; its
-attention goes through the torch reference. Decode writes one token per request into buffers sized once for
-``max_batch_size``, so the positions the layers read are the step's input buffer itself, and runs the configured
-backend, whose metadata every layer shares; with CUDA graphs, the metadata build, the model and the logits of a decode
-step are one graph replay per batch bucket.
+A step of one token per request (decode) writes into buffers sized once for ``max_batch_size``, so the positions the
+layers read are the step's input buffer itself, and runs the configured backend, whose metadata every layer shares;
+with CUDA graphs, the metadata build, the model and the logits of such a step are one graph replay per batch bucket.
+A step with chunks of prompts runs eager: the one-token requests first, through the same backend, then the chunks,
+through the non-absorbed prefill attention with the step's ``PrefillMetadata``; logits only at each request's last
+token of the step.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from mla_runner.attention import AttentionSpec, StepInputs, check_choice, make_backend
-from mla_runner.attention.torch_backend import TorchBackend
+from mla_runner.attention.prefill import build_prefill_metadata, context_chunk_tokens
 from mla_runner.config import TORCH_DTYPES, RunConfig
 from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
@@ -30,6 +33,7 @@ from mla_runner.engine.cuda_graphs import DecodeGraphs
 from mla_runner.engine.profiling import StepProfiler
 from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import sample
+from mla_runner.engine.scheduler import ScheduledBatch
 from mla_runner.errors import ConfigError
 from mla_runner.models.context import ForwardContext
 from mla_runner.models.parallel import Parallel
@@ -89,7 +93,8 @@ class ModelRunner:
         # the backend and the graph decision come before the weights load: a combination that cannot run fails fast
         self.backend = make_backend(cfg.attention.name, cfg.metadata.strategy, spec,
                                     num_kv_splits=cfg.metadata.num_kv_splits, dram_ratio=cfg.metadata.dram_ratio)
-        self.prefill_backend = TorchBackend(spec)
+        self.context_chunk_tokens = context_chunk_tokens(spec.num_heads, args.qk_nope_head_dim + args.v_head_dim,
+                                                         self.dtype.itemsize, cfg.page_size)
         use_graphs = self._use_cuda_graphs()
         self.fp8 = source.use_fp8(cfg.weights, device)
         start = time.perf_counter()
@@ -164,63 +169,82 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------------------------- steps
     @torch.inference_mode()
-    def prefill(self, batch: list[Request]) -> list[int]:
-        """Write the latent vectors of every token of each request (prompt and any output, for a request that
-        comes back from preemption); one sampled token per request."""
-        with self._traced(f"prefill of {len(batch)} requests"):
-            return self._prefill(batch)
+    def execute(self, batch: ScheduledBatch) -> list[Optional[int]]:
+        """Run one scheduled step: the sampled token of each request whose last token the step computes, None for
+        the others (prompts with chunks still to come)."""
+        reqs, D = batch.requests, batch.num_decode
+        label = f"decode of {D} requests" if D == len(reqs) else f"step of {D} decodes, {len(reqs) - D} prompt chunks"
+        with self._traced(label):
+            logits = self.decode_logits(reqs) if D == len(reqs) else self._mixed_logits(batch)
+            rows = [i for i in range(len(reqs)) if batch.completes(i)]
+            if len(rows) < len(reqs):
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+            tokens = self._sample(logits, [reqs[i] for i in rows]) if rows else []
+        out: list[Optional[int]] = [None] * len(reqs)
+        for i, token in zip(rows, tokens):
+            out[i] = token
+        return out
 
-    def _prefill(self, batch: list[Request]) -> list[int]:
-        ids, positions, slots, qo_indptr, seq_lens = [], [], [], [0], []
-        for req in batch:
-            n = req.num_tokens
-            ids.extend(req.token_ids)
-            positions.extend(range(n))
-            slots.extend(self._slot(req, p) for p in range(n))
-            qo_indptr.append(qo_indptr[-1] + n)
-            seq_lens.append(n)
-        device = self.device
-        block_table = torch.zeros(len(batch), self.max_pages_per_seq, dtype=torch.int32)
-        for i, req in enumerate(batch):
-            block_table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
-        inputs = StepInputs(seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                            qo_indptr=torch.tensor(qo_indptr, dtype=torch.int32, device=device),
-                            block_table=block_table.to(device), q_len=max(seq_lens),
-                            seq_lens_host=seq_lens, q_lens_host=seq_lens)
-        ctx = ForwardContext(
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            backend=self.prefill_backend,
-            attn_metadata=self.prefill_backend.build_metadata(inputs),
-        )
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=device), ctx)
-        last = torch.tensor(qo_indptr[1:], device=device) - 1
-        return self._sample(self.model.compute_logits(hidden[last]), batch)
-
-    @torch.inference_mode()
-    def decode(self, batch: list[Request]) -> list[int]:
-        """One new token per request (its newest, at position ``num_cached``) through the configured backend."""
-        with self._traced(f"decode of {len(batch)} requests"):
-            return self._sample(self.decode_logits(batch), batch)
-
-    def decode_logits(self, batch: list[Request]) -> torch.Tensor:
-        """The decode step up to its logits [B, vocab] fp32: a graph replay where there are graphs."""
+    def _fill_decode_inputs(self, batch: list[Request]) -> list[int]:
+        """Write one token per request (the one at its ``num_computed``) into the decode buffers; its KV lengths."""
         B = len(batch)
-        seq_lens = [req.num_cached + 1 for req in batch]
+        seq_lens = [req.num_computed + 1 for req in batch]
         buf = self.buffers
-        buf.input_ids[:B].copy_(torch.tensor([req.last_token_id for req in batch]), non_blocking=True)
-        buf.positions[:B].copy_(torch.tensor([req.num_cached for req in batch]), non_blocking=True)
-        buf.slot_mapping[:B].copy_(torch.tensor([self._slot(req, req.num_cached) for req in batch]), non_blocking=True)
+        buf.input_ids[:B].copy_(torch.tensor([req.token_at(req.num_computed) for req in batch]), non_blocking=True)
+        buf.positions[:B].copy_(torch.tensor([req.num_computed for req in batch]), non_blocking=True)
+        buf.slot_mapping[:B].copy_(torch.tensor([self._slot(req, req.num_computed) for req in batch]),
+                                   non_blocking=True)
         buf.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
         buf.block_table[:B].copy_(self.block_table.update(batch), non_blocking=True)
+        return seq_lens
+
+    def decode_logits(self, batch: list[Request]) -> torch.Tensor:
+        """A step of one token per request, up to its logits [B, vocab] fp32: a graph replay where there are
+        graphs."""
+        B = len(batch)
+        seq_lens = self._fill_decode_inputs(batch)
         if self.graphs is None:
             return self._decode_forward(B, seq_lens_host=seq_lens)
+        buf = self.buffers
         bs = self.graphs.bucket(B)
         buf.input_ids[B:bs].zero_()
         buf.positions[B:bs].zero_()
         buf.slot_mapping[B:bs].fill_(self.scratch_slot)
         buf.seq_lens[B:bs].zero_()
         return self.graphs.replay(B)
+
+    def _mixed_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """A step with prompt chunks, eager: its first ``num_decode`` requests (one token each) through the
+        backend's absorbed attention, the chunks after them through the non-absorbed prefill; logits [B, vocab] of
+        each request's last token in the step."""
+        D, device, buf, size = batch.num_decode, self.device, self.buffers, self.page_size
+        decodes, chunks, q_lens = batch.requests[:D], batch.requests[D:], batch.num_new[D:]
+        metadata = None
+        if D:
+            seq_lens = self._fill_decode_inputs(decodes)
+            metadata = self.backend.build_metadata(StepInputs(
+                seq_lens=buf.seq_lens[:D], qo_indptr=buf.qo_indptr[: D + 1], block_table=buf.block_table[:D],
+                seq_lens_host=seq_lens, q_lens_host=[1] * D))
+        ids, positions, slots = [buf.input_ids[:D]], [buf.positions[:D]], [buf.slot_mapping[:D]]
+        block_table = torch.zeros(len(chunks), max(len(r.pages) for r in chunks), dtype=torch.int32)
+        for i, (req, n) in enumerate(zip(chunks, q_lens)):
+            start = req.num_computed
+            pages = torch.tensor(req.pages, dtype=torch.int64)
+            block_table[i, : len(req.pages)] = pages.to(torch.int32)
+            pos = torch.arange(start, start + n)
+            ids.append(torch.tensor(req.token_ids[start : start + n]))
+            positions.append(pos)
+            slots.append(pages[pos // size] * size + pos % size)
+        prefill = build_prefill_metadata(q_lens, [r.num_computed for r in chunks], block_table.to(device), size,
+                                         self.context_chunk_tokens)
+        on_device = [t.to(device, non_blocking=True) for t in (*ids[1:], *positions[1:], *slots[1:])]
+        P = len(chunks)
+        ctx = ForwardContext(positions=torch.cat([positions[0], *on_device[P : 2 * P]]),
+                             slot_mapping=torch.cat([slots[0], *on_device[2 * P :]]),
+                             backend=self.backend, attn_metadata=metadata, prefill=prefill)
+        hidden = self.model(torch.cat([ids[0], *on_device[:P]]), ctx)
+        last = list(range(D)) + [D + end - 1 for end in itertools.accumulate(q_lens)]
+        return self.model.compute_logits(hidden[torch.tensor(last, device=device)])
 
     def _decode_forward(self, bs: int, seq_lens_host: list[int] | None = None) -> torch.Tensor:
         """Metadata, model and logits over the first ``bs`` decode slots: the part CUDA graphs capture (host

@@ -25,7 +25,10 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     pages: list[int] = field(default_factory=list)  # KV-cache pages, in order
-    num_cached: int = 0  # tokens whose latent vectors are in the cache
+    num_computed: int = 0  # tokens whose latent vectors are in the cache (computed or found there)
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
+    page_keys: list[bytes] = field(default_factory=list)  # prefix keys of its full pages, as far as computed
+    num_keyed_pages: int = 0  # pages offered to the prefix cache so far
     finish_reason: Optional[str] = None  # "stop" | "length"
     text: str = ""
     arrival_time: float = field(default_factory=time.perf_counter)
@@ -37,10 +40,11 @@ class Request:
         """Prompt plus generated tokens: what a (re)computed prefill feeds the model."""
         return self.prompt_token_ids + self.output_token_ids
 
-    @property
-    def last_token_id(self) -> int:
-        """The newest token (what a decode step feeds the model), without building ``token_ids``."""
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+    def token_at(self, position: int) -> int:
+        """The token at ``position`` of prompt plus output (what a step feeds the model), without building
+        ``token_ids``."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
 
     @property
     def num_tokens(self) -> int:

@@ -1,22 +1,52 @@
-"""Continuous batching: admit waiting requests while pages allow, then decode everything running together.
+"""Continuous batching with chunked prefill, vLLM v1's shape: one token budget per step, shared by every request.
 
-A step is either a prefill of newly admitted requests or a decode of all running ones. When a decode
-step runs out of pages, the newest running request is preempted: its pages are freed and it goes back to
-the front of the queue, to be recomputed (prompt plus what it generated so far) when pages free up.
+Each step the running requests come first, in order: each takes what it still needs (one token for a request that
+is decoding, the rest of its prompt for one being prefilled), as far as ``max_num_batched_tokens`` allows, so a long
+prompt is prefilled chunk by chunk while the others keep decoding in the same steps. What is left of the budget
+admits waiting requests (their cached prefix first: ``BlockManager.admit``) up to ``max_batch_size`` running.
+When a request cannot get pages for its tokens, the newest running request is preempted: its pages are released
+(their prefix stays cached until evicted) and it goes back to the front of the queue, to be computed again (prompt
+plus what it generated so far) when pages free up; no request is admitted in a step that preempted one.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 from mla_runner.engine.block_manager import BlockManager
 from mla_runner.engine.request import Request, Status
 
 
+@dataclass
+class ScheduledBatch:
+    """One step's work: ``num_new[i]`` tokens of ``requests[i]``, starting at its ``num_computed``. Requests with one
+    new token (decoding, or the last token of a prompt) come first, then the chunks of prompts."""
+
+    requests: list[Request]
+    num_new: list[int]
+
+    @property
+    def num_decode(self) -> int:
+        """The leading requests with one new token."""
+        return next((i for i, n in enumerate(self.num_new) if n > 1), len(self.num_new))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+    def completes(self, i: int) -> bool:
+        """Whether the step computes the last token of request i, so a token is sampled for it."""
+        req = self.requests[i]
+        return req.num_computed + self.num_new[i] == req.num_tokens
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True):
         self.blocks = block_manager
         self.max_batch_size = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Request] = deque()
         self.running: deque[Request] = deque()
         self.num_preemptions = 0
@@ -27,37 +57,46 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Request], bool]:
-        """The requests of the next step and whether it is a prefill."""
-        batch: list[Request] = []
-        num_tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_batch_size:
-            req = self.waiting[0]
-            if batch and num_tokens + req.num_tokens > self.max_prefill_tokens:
-                break
-            if not self.blocks.can_allocate(req.num_tokens + 1):
-                break
-            self.blocks.allocate(req, req.num_tokens)
-            req.status = Status.RUNNING
-            batch.append(self.waiting.popleft())
-            num_tokens += req.num_tokens
-        if batch:
-            self.running.extend(batch)
-            return batch, True
-
-        while self.running:
-            req = self.running.popleft()
-            while not self.blocks.can_append(req):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(req)
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        queue, kept = list(self.running), []
+        preempted = False
+        while queue:
+            req = queue.pop(0)
+            n = min(req.num_tokens - req.num_computed, budget)
+            if n > 0:
+                while not self.blocks.can_allocate(req, req.num_computed + n):
+                    preempted = True
+                    if not queue:
+                        self._preempt(req)
+                        req = None
+                        break
+                    self._preempt(queue.pop())
+                if req is None:
                     break
-            else:
-                self.blocks.allocate(req, req.num_cached + 1)
-                batch.append(req)
-        self.running.extend(batch)
-        return batch, False
+                self.blocks.allocate(req, req.num_computed + n)
+                scheduled.append((req, n))
+                budget -= n
+            kept.append(req)
+        self.running = deque(kept)
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            hit = self.blocks.match_prefix(req)
+            remaining = req.num_tokens - len(hit) * self.blocks.page_size
+            n = min(remaining, budget)
+            if n < remaining and not self.enable_chunked_prefill:
+                break
+            if not self.blocks.admit(req, hit, n):
+                break
+            req.status = Status.RUNNING
+            self.running.append(self.waiting.popleft())
+            scheduled.append((req, n))
+            budget -= n
+
+        scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, each group in running order
+        return ScheduledBatch([r for r, _ in scheduled], [n for _, n in scheduled])
 
     def abort_all(self) -> list[Request]:
         """Drop every waiting and running request (their pages freed); returns them."""

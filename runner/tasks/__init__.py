@@ -8,7 +8,8 @@ from mla_runner.tasks.generate import run_generate
 
 TASKS = {"generate": run_generate, "bench": run_bench}
 # The metric a run returns to a sweeper unless ``objective`` names another: a task's, or a bench mode's.
-HEADLINES = {"generate": "tokens_per_s", "decode": "tokens_per_s", "kernel": "time_us", "metadata": "metadata_us"}
+HEADLINES = {"generate": "tokens_per_s", "decode": "tokens_per_s", "kernel": "time_us", "metadata": "metadata_us",
+             "prefill": "prefill_tokens_per_s", "throughput": "tokens_per_s"}
 
 
 def headline(task: Any) -> str:

@@ -9,6 +9,7 @@ Modes:
 - ``kernel``: one layer's MLA attention call through the configured backend and metadata strategy: us,
   GB/s of KV read, TFLOP/s and the roofline floor (copy and matmul ceilings measured in this run).
 - ``metadata``: the per-step metadata build of the configured strategy at ``batch``.
+- ``prefill`` and ``throughput``: whole requests through the engine (``mla_runner.tasks.bench_serving``).
 
 The roofline floor and the fraction of it reached are reported on a GPU only: on a CPU the measured copy and matmul
 rates bound neither the interpreter nor torch's CPU kernels.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from mla_runner.attention import AttentionBackend, AttentionSpec, StepInputs, backend_class, make_backend
+from mla_runner.attention import (
+    AttentionBackend,
+    AttentionSpec,
+    StepInputs,
+    backend_class,
+    make_backend,
+    resolve_name,
+)
 from mla_runner.config import BenchTaskConfig, RunConfig
 from mla_runner.engine import LLMEngine, Request, Status, resolve_device, resolve_dtype
 from mla_runner.engine.checkpoint import ModelSource
@@ -33,8 +40,9 @@ from mla_runner.engine.distributed import rank
 from mla_runner.errors import ConfigError
 from mla_runner.kernels.cuda_graph import graph_time
 from mla_runner.kernels.synthetic import make_problem
-from mla_runner.roofline import measure_ceilings
+from mla_runner.roofline import measure_ceilings, touched_weight_bytes
 from mla_runner.sampling import SamplingParams
+from mla_runner.tasks.bench_serving import bench_prefill, bench_throughput
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +51,17 @@ def run_bench(cfg: RunConfig, output_dir: Path, should_stop: Callable[[], bool] 
     """One measured point (a signal stops the process after it: a point is short)."""
     task: BenchTaskConfig = cfg.task
     modes: dict[str, Callable[[RunConfig], dict]] = {
-        "decode": bench_decode, "kernel": bench_kernel, "metadata": bench_metadata}
+        "decode": bench_decode, "kernel": bench_kernel, "metadata": bench_metadata, "prefill": bench_prefill,
+        "throughput": bench_throughput}
+    device = resolve_device(cfg.device)
+    name = resolve_name(cfg.attention.name, device.type)
     # the strategy where the backend has one (the others build their own metadata)
-    strategy = backend_class(cfg.attention.name, cfg.metadata.strategy).strategy or "-"
-    row = {"backend": cfg.attention.name, "strategy": strategy, **modes[task.mode](cfg)}
+    strategy = backend_class(name, cfg.metadata.strategy).strategy or "-"
+    row = {"backend": name, "strategy": strategy, **modes[task.mode](cfg)}
     if rank() == 0:
         log.info(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
-    device = resolve_device(cfg.device)
-    resolved = {"device": str(device), "dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")}
+    resolved = {"device": str(device), "dtype": str(resolve_dtype(cfg.dtype, device)).removeprefix("torch."),
+                "attention": name}
     return {"metrics": row, "rows": [row], "resolved": resolved}
 
 
@@ -205,7 +216,7 @@ def fill_running(engine: LLMEngine, contexts: list[int], max_tokens: int) -> lis
         req = engine.make_request(i, ids[:context], params)
         req.output_token_ids, req.status = ids[context:], Status.RUNNING
         blocks.allocate(req, context)
-        req.num_cached = context
+        req.num_computed = context
         engine.scheduler.running.append(req)
         requests.append(req)
     engine.runner.kv_cache.normal_()
@@ -232,21 +243,6 @@ def count_experts(engine: LLMEngine) -> list[int]:
         for h in hooks:
             h.remove()
     return unique
-
-
-def touched_weight_bytes(model: torch.nn.Module, batch: int, unique_experts: list[int]) -> int:
-    """Weights one decode step reads: everything but the routed experts and the embedding table, plus the
-    experts actually routed to and one embedding row per token."""
-    total = 0
-    for name, p in model.named_parameters():
-        if "embed_tokens" in name:
-            total += batch * p.shape[1] * p.element_size()
-        elif ".experts." not in name:
-            total += p.numel() * p.element_size()
-    experts = [m for name, m in model.named_modules() if re.search(r"\.experts\.\d+$", name)]
-    if experts:  # every MoE layer's experts have the same shapes
-        total += sum(p.numel() * p.element_size() for p in experts[0].parameters()) * sum(unique_experts)
-    return total
 
 
 def _sync(device: torch.device) -> None:

@@ -70,7 +70,7 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
                               f"hydra.run.dir={output_dir}", summary) from None
         finally:
             engine.runner.end_profile()
-    summary = summarize(requests, errors, start)
+    summary = {**summarize(requests, errors, start), **engine.stats()}
     outcome = {"metrics": summary, "resolved": engine.runner.resolved}
     if not writer:
         return outcome
@@ -79,14 +79,14 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
     if len(requests) > SHOWN:
         log.info("... and %d more in %s", len(requests) - SHOWN, output_path)
     resumed = f" ({len(done)} prompts done by the earlier run)" if done else ""
-    log.info("%d requests (%d errors)%s in %.2f s: %d prompt tokens, %s tokens/s; %d output tokens, %s tokens/s; "
-             "time to first token %s s (mean / median / p99), time per output token %s s  ->  %s",
-             len(requests), errors, resumed, summary["seconds"], summary["prompt_tokens"],
-             summary["prompt_tokens_per_s"], summary["generated_tokens"], summary["tokens_per_s"],
-             _triple(summary, "ttft_s"), _triple(summary, "tpot_s"), output_path)
+    log.info("%d requests (%d errors)%s in %.2f s: %d prompt tokens (%.0f%% from the prefix cache), %s tokens/s; "
+             "%d output tokens, %s tokens/s; time to first token %s s (mean / median / p99), time per output token "
+             "%s s  ->  %s", len(requests), errors, resumed, summary["seconds"], summary["prompt_tokens"],
+             100 * summary["prefix_cache_hit_rate"], summary["prompt_tokens_per_s"], summary["generated_tokens"],
+             summary["tokens_per_s"], _triple(summary, "ttft_s"), _triple(summary, "tpot_s"), output_path)
     if cfg.model.path is None:
         log.info("note: %s has random weights, so its text is noise; a real checkpoint: mla-runner "
-                 "model=deepseek_v3 model.path=/path/to/DeepSeek-V3 attention=triton", cfg.model.name)
+                 "model=deepseek_v3 model.path=/path/to/DeepSeek-V3", cfg.model.name)
     return outcome
 
 
@@ -146,6 +146,7 @@ def _result(req: Request) -> dict:
         "token_ids": req.output_token_ids,
         "finish_reason": req.finish_reason,
         "prompt_tokens": len(req.prompt_token_ids),
+        "cached_prompt_tokens": req.num_cached_tokens,
         "time_to_first_token_s": round(req.first_token_time - req.arrival_time, 4),
         "latency_s": round(req.finish_time - req.arrival_time, 4),
     }

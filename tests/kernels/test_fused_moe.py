@@ -1,18 +1,22 @@
 """Fused MoE (mla_runner.kernels.fused_moe) against the plain-torch reference, plus its align step and input checks.
 
-Without a CUDA GPU the Triton kernels run under the interpreter (small odd shapes only). With one, the same
-tests run on it, and the ``gpu`` tests add the real DeepSeek-V3 expert shapes, a no-host-sync check and CUDA
-graph capture + replay with new routing. Tolerance: mla_testing.numerics.REL_TOL on the relative Frobenius error
+Without a CUDA GPU the Triton kernels run under the interpreter (small odd shapes only; the prefill path's token
+chunks through a lowered ``chunk_tokens``). With one, the same tests run on it, and the ``gpu`` tests add the real
+DeepSeek-V3 expert shapes at decode and prefill (T = 8192) sizes, a no-host-sync check and CUDA graph capture +
+replay with new routing. Tolerance: mla_testing.numerics.REL_TOL on the relative Frobenius error
 (fp32 1e-4, fp16 5e-3, bf16 2e-2: h and the output are rounded to the activation dtype, the reference is fp32);
 FP8 experts (W8A16 and W8A8): FP8_TOL below.
 """
+import dataclasses
+
 import pytest
 import torch
 
+from mla_runner.kernels import fused_moe as fused_moe_module
 from mla_runner.kernels.cuda_graph import capture
 from mla_runner.kernels.fp8_block import dequantize_fp8_block, quantize_fp8_block
-from mla_runner.kernels.fused_moe import MoEConfig, fused_moe, fused_moe_reference, quantize_experts
-from mla_runner.kernels.moe_align import moe_align, moe_align_reference
+from mla_runner.kernels.fused_moe import MoEConfig, default_config, fused_moe, fused_moe_reference, quantize_experts
+from mla_runner.kernels.moe_align import TRITON_ALIGN_MAX_WORK, align_impl, moe_align, moe_align_reference
 from mla_testing.numerics import REL_TOL, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,16 +112,39 @@ def test_no_tokens():
     assert fused_moe(x, w13, w2, weights, ids).shape == (0, 72)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("T,k,E,block_m", [(1, 8, 256, 16), (37, 2, 8, 16), (128, 8, 384, 16), (64, 8, 256, 32),
-                                           (3, 2, 8, 16)])
-def test_align_layout(T, k, E, block_m, impl):
+# (T, chunk_tokens, dtype, routing, align): several chunks, odd T and a short last chunk
+CHUNKED = [(37, 8, torch.float32, "random", "sort"), (23, 5, torch.bfloat16, "skewed", None),
+           (19, 6, torch.float16, "random", "triton")]
+
+
+@pytest.mark.parametrize("T,chunk,dtype,routing,align", CHUNKED)
+def test_chunked_matches_reference(T, chunk, dtype, routing, align):
+    """A batch over chunk_tokens runs as passes of at most that many tokens (the prefill path at small scale):
+    equal to the reference, and bit for bit to one pass with the same tiles."""
+    x, w13, w2, weights, ids = make_moe(T, 72, 40, 12, 3, dtype, routing, seed=T)
+    ids[2, 1], ids[-1, 0] = -1, 12  # dropped pairs, one in the last chunk
+    cfg = MoEConfig(block_m=16, block_n_gate_up=16, block_n_down=64, block_k=32, align=align, chunk_tokens=chunk)
+    out = check(x, w13, w2, weights, ids, config=cfg)
+    one_pass = fused_moe(x, w13, w2, weights, ids, config=dataclasses.replace(cfg, chunk_tokens=T))
+    if x.is_cuda:  # a row's dots do not depend on the other rows of its tile
+        assert torch.equal(out, one_pass)
+    else:  # the interpreter's numpy dots may round a row differently with other rows beside it (fp32: 1 ulp)
+        torch.testing.assert_close(out, one_pass, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_default_config(monkeypatch):
+    """config=None: the default chunk (CHUNK_TOKENS, lowered here) and tiles picked for a chunk; FP8 W8A8."""
+    monkeypatch.setattr(fused_moe_module, "CHUNK_TOKENS", 4)
+    (q13, s13, q2, s2), (d13, d2), weights, ids = moe_problem(E=6, hidden=200, inter=48, T=11, k=3, device=DEVICE)
+    ids[5, 2] = -1
+    x = torch.randn(11, 200, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+    out = fused_moe(x, q13, q2, weights, ids, w13_scale=s13, w2_scale=s2)
+    assert rel_err(out, fused_moe_reference(x, d13, d2, weights, ids, act_quant=True)) < FP8_TOL[torch.bfloat16, True]
+
+
+def check_layout(al, ids, E, block_m):
     """Each expert's pairs in order in one block_m-padded segment, segments in expert order, sentinel padding."""
-    g = torch.Generator().manual_seed(T)
-    ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices
-    ids[: T // 2, 0] = 5  # one crowded expert
-    ids[-1, -1] = -1  # one dropped pair
-    al = moe_align(ids.to(DEVICE), E, block_m, impl=impl)
+    n = ids.numel()
     groups, max_rows = moe_align_reference(ids, E, block_m)
     sorted_ids, block_expert = al.sorted_ids.cpu().tolist(), al.block_expert.cpu().tolist()
     assert len(sorted_ids) == max_rows and len(block_expert) * block_m == max_rows
@@ -128,10 +155,73 @@ def test_align_layout(T, k, E, block_m, impl):
         nb = -(-len(pairs) // block_m)
         assert block_expert[pos // block_m: pos // block_m + nb] == [e] * nb
         seg = sorted_ids[pos: pos + nb * block_m]
-        assert seg == pairs + [T * k] * (nb * block_m - len(pairs))
+        assert seg == pairs + [n] * (nb * block_m - len(pairs))
         pos += nb * block_m
-    assert sorted_ids[pos:] == [T * k] * (max_rows - pos)
+    assert sorted_ids[pos:] == [n] * (max_rows - pos)
     assert block_expert[pos // block_m:] == [-1] * (len(block_expert) - pos // block_m)
+
+
+@pytest.mark.parametrize("impl", ["triton", "sort", "torch"])
+@pytest.mark.parametrize("T,k,E,block_m", [(1, 8, 256, 16), (37, 2, 8, 16), (128, 8, 384, 16), (64, 8, 256, 32),
+                                           (3, 2, 8, 16)])
+def test_align_layout(T, k, E, block_m, impl):
+    g = torch.Generator().manual_seed(T)
+    ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices
+    ids[: T // 2, 0] = 5  # one crowded expert
+    ids[-1, -1] = -1  # one dropped pair
+    check_layout(moe_align(ids.to(DEVICE), E, block_m, impl=impl), ids, E, block_m)
+
+
+def prefill_routing(T, k, E, routing, seed):
+    """Random distinct top-k, or skewed (half the pairs on 3 experts); -1 and out-of-range ids sprinkled in."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=g).topk(k, dim=1).indices
+    if routing == "skewed":
+        ids[:, : k // 2] = torch.randint(0, 3, (T, k // 2), generator=g) * (E // 3)
+    drop = torch.rand(T, k, generator=g) < 0.05
+    ids[drop] = torch.where(torch.rand(T, k, generator=g) < 0.5, -1, E + 7)[drop]
+    return ids
+
+
+@pytest.mark.parametrize("routing", ["random", "skewed"])
+@pytest.mark.parametrize("T,k,E,block_m", [(1, 8, 256, 64), (7, 8, 256, 128), (1500, 8, 256, 64),
+                                           (4099, 2, 12, 128), (333, 8, 384, 16)])
+def test_sort_align_at_prefill_sizes(T, k, E, block_m, routing):
+    """The sort path (the prefill align) against the reference layout and, bit for bit, the torch-ops one; T*k
+    not a multiple of block_m, E = 256 with a few pairs and with thousands."""
+    ids = prefill_routing(T, k, E, routing, seed=T)
+    al = moe_align(ids.to(DEVICE), E, block_m, impl="sort")
+    check_layout(al, ids, E, block_m)
+    other = moe_align(ids.to(DEVICE), E, block_m, impl="torch")
+    assert torch.equal(al.sorted_ids, other.sorted_ids) and torch.equal(al.block_expert, other.block_expert)
+
+
+def test_align_chooses_by_size():
+    """impl=None: the one-program Triton align up to TRITON_ALIGN_MAX_WORK comparisons (every decode batch), the
+    sort path past it; both give the Triton kernel's layout (a size where either may run, skewed, dropped ids)."""
+    assert align_impl(128 * 8, 384) == "triton" and align_impl(512 * 8, 256) == "triton"
+    assert align_impl(TRITON_ALIGN_MAX_WORK // 256 + 1, 256) == "sort" and align_impl(32768 * 8, 256) == "sort"
+    assert align_impl(TRITON_ALIGN_MAX_WORK // 512, 384) == "triton"  # 384 experts compare as 512 columns
+    ids = prefill_routing(130, 8, 256, "skewed", seed=1).to(DEVICE)
+    auto, tri, srt = (moe_align(ids, 256, 64, impl=i) for i in (None, "triton", "sort"))
+    for al in (auto, srt):
+        assert torch.equal(al.sorted_ids, tri.sorted_ids) and torch.equal(al.block_expert, tri.block_expert)
+
+
+def test_default_config_by_size():
+    """Decode sizes keep their small-M tiles and the one-program align; prefill chunks get 64 / 128-row tiles,
+    8 warps, the sort align, and pipeline stages whose buffers fit the shared-memory budget."""
+    bf16, dims = torch.bfloat16, (7168, 2048)
+    assert default_config(128 * 8, 256, *dims, bf16, True) == MoEConfig(16, 64, 128, 128, 4, 4, "triton")
+    assert default_config(1024 * 8, 256, *dims, bf16) == MoEConfig(32, 64, 128, 128, 4, 3, "sort")
+    for T, E, dtype, aq, block_m, stages in [(8192, 256, bf16, False, 64, 4), (8192, 256, bf16, True, 64, 4),
+                                             (32768, 256, bf16, False, 128, 3), (32768, 256, bf16, True, 128, 4),
+                                             (32768, 256, torch.float32, False, 64, 4)]:
+        cfg = default_config(T * 8, E, *dims, dtype, aq)
+        assert (cfg.block_m, cfg.num_warps, cfg.num_stages, cfg.align) == (block_m, 8, stages, "sort")
+        w_bytes = 1 if aq else dtype.itemsize
+        stage = cfg.block_m * cfg.block_k * dtype.itemsize + cfg.block_k * 2 * cfg.block_n_gate_up * w_bytes
+        assert stage * cfg.num_stages <= fused_moe_module.SMEM_BUDGET
 
 
 def test_input_checks():
@@ -152,7 +242,8 @@ def test_input_checks():
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
             fused_moe(**{**base, **change})
-    for bad_cfg, message in [(dict(block_m=8), "block_m"), (dict(block_k=48), "block_k"), (dict(align="cub"), "align")]:
+    for bad_cfg, message in [(dict(block_m=8), "block_m"), (dict(block_k=48), "block_k"), (dict(align="cub"), "align"),
+                             (dict(chunk_tokens=0), "chunk_tokens")]:
         with pytest.raises(ValueError, match=message):
             MoEConfig(**bad_cfg)
 
@@ -260,7 +351,7 @@ def test_gpu_dsv3_shapes(dsv3_weights, T):
     check(x, w13, w2, weights, ids)
 
 
-@pytest.mark.parametrize("align", ["triton", "torch"])
+@pytest.mark.parametrize("align", ["triton", "sort", "torch"])
 @pytest.mark.gpu
 def test_gpu_no_host_sync(dsv3_weights, align):
     """torch raises on any synchronizing call (.item(), bincount, nonzero, ...) while the mode is 'error'."""
@@ -275,7 +366,7 @@ def test_gpu_no_host_sync(dsv3_weights, align):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("T,align", [(1, "triton"), (64, "triton"), (64, "torch")])
+@pytest.mark.parametrize("T,align", [(1, "triton"), (64, "triton"), (64, "torch"), (64, "sort")])
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay(dsv3_weights, T, align):
     """Capture once, then refill x / routing in place (new experts, a skewed layout) and replay == eager."""
@@ -319,3 +410,52 @@ def test_fp8_fused_moe_cuda_graph_gpu(act_quant: bool) -> None:
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fused_moe(x, q13, q2, weights, ids, **kw))
+
+
+def check_rows(out, x, w13, w2, weights, ids, tol, act_quant=False, every=61):
+    """The reference on every ``every``-th token and the last (it runs one (token, slot) at a time)."""
+    rows = torch.cat([torch.arange(0, x.shape[0], every, device=x.device), torch.tensor([x.shape[0] - 1],
+                                                                                       device=x.device)])
+    ref = fused_moe_reference(x[rows], w13, w2, weights[rows], ids[rows], act_quant=act_quant)
+    err = rel_err(out[rows], ref)
+    assert err < tol, f"rel err {err:.2e} >= {tol:.0e}"
+    return err
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_dsv3(dsv3_weights):
+    """A prefill-sized batch (T = 8192) at DeepSeek-V3 expert shapes, bf16: equal to the reference (sampled rows),
+    no host sync, and, in three chunks of the same tiles, equal to one pass bit for bit."""
+    w13, w2 = dsv3_weights
+    T = 8192
+    x, weights, ids = gpu_routing(T, seed=7)
+    ids[::97, 3] = -1  # some dropped pairs (an expert-parallel rank's view)
+    out = fused_moe(x, w13, w2, weights, ids)
+    check_rows(out, x, w13, w2, weights, ids, REL_TOL[torch.bfloat16])
+    cfg = dataclasses.replace(default_config(T * DSV3["k"], DSV3["E"], DSV3["hidden"], DSV3["inter"], x.dtype),
+                              chunk_tokens=3000)
+    fused_moe(x, w13, w2, weights, ids, config=cfg)  # compile first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        chunked = fused_moe(x, w13, w2, weights, ids, config=cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(chunked, out)
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.gpu
+def test_gpu_prefill_fp8(act_quant: bool) -> None:
+    """T = 8192 over FP8 experts of DeepSeek-V3 width (hidden 7168, inter 2048, top 8) on 32 experts (an
+    expert-parallel rank's share: 2048 rows an expert, the 128-row tiles): equal to the fp32 reference with the
+    same numerics on sampled rows (1e-2, as the decode-sized FP8 test), and across chunks bit for bit."""
+    T = 8192
+    (q13, s13, q2, s2), (d13, d2), weights, ids = moe_problem(E=32, hidden=7168, inter=2048, T=T, k=8,
+                                                                device="cuda")
+    x = torch.randn(T, 7168, device="cuda", dtype=torch.bfloat16)
+    kw = dict(w13_scale=s13, w2_scale=s2, act_quant=act_quant)
+    out = fused_moe(x, q13, q2, weights, ids, **kw)
+    err = check_rows(out, x, d13, d2, weights, ids, 1e-2, act_quant)
+    print(f"prefill fp8 act_quant={act_quant}: rel err {err:.1e}")
+    cfg = dataclasses.replace(default_config(T * 8, 32, 7168, 2048, x.dtype, act_quant), chunk_tokens=2500)
+    assert torch.equal(fused_moe(x, q13, q2, weights, ids, config=cfg, **kw), out)

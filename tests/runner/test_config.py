@@ -25,7 +25,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_its_documented_options():
     assert options("model") == ["deepseek_v3", "kimi_k2", "tiny_deepseek_v3", "tiny_kimi_k2"]
-    assert options("attention") == ["aiter", "flashmla", "torch", "triton"]
+    assert options("attention") == ["aiter", "auto", "flashmla", "torch", "triton"]
     assert options("metadata") == ["per_step", "persistent"]
     assert options("task") == ["bench", "generate"]
     assert options("sweep") == ["backends", "decode_grid", "metadata_grid"]
@@ -44,7 +44,8 @@ def test_every_option_composes_to_its_schema(group, option):
 def test_defaults():
     cfg = compose_config([])
     assert (cfg.model.name, cfg.attention.name, cfg.metadata.strategy, cfg.task.name) == (
-        "tiny_deepseek_v3", "torch", "persistent", "generate")
+        "tiny_deepseek_v3", "auto", "persistent", "generate")
+    assert (cfg.max_num_batched_tokens, cfg.enable_chunked_prefill, cfg.enable_prefix_caching) == (8192, True, True)
     assert cfg.model.path is None and cfg.dtype == "auto" and cfg.device == "auto"
     assert compose_config(["metadata=per_step"]).metadata.num_kv_splits == 4
     assert compose_config([]).metadata.dram_ratio is None  # the device's own
@@ -76,6 +77,11 @@ def test_overrides_reach_the_dataclasses():
     (["task=bench", "task.mode=train"], "task.mode"),
     (["task=bench", "task.batch=0"], "task.batch"),
     (["attention=flash"], "attention"),
+    (["max_num_batched_tokens=0"], "max_num_batched_tokens"),
+    (["max_num_batched_tokens=16", "max_batch_size=32"], "max_num_batched_tokens"),
+    (["enable_chunked_prefill=false", "max_num_batched_tokens=2048"], "enable_chunked_prefill"),
+    (["attention=auto", "metadata=per_step", "cuda_graphs=true"], "cuda_graphs"),
+    (["task=bench", "task.output_len=0"], "task.output_len"),
     (["max_batch=4"], "max_batch"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, field):

@@ -87,3 +87,55 @@ def test_one_at_a_time_and_preemption_give_the_same_tokens(flavour, attention):
                 max_model_len=280, progress=False)
     assert generate(tight, prompts) == expected
     assert tight.engine.scheduler.num_preemptions > 0
+
+
+@pytest.fixture(scope="module", params=["dsv3", "kimi"])
+def shared_flavour(request):
+    """Prompts that share prefixes (of whole pages and not), one repeated, one of a single token, with transformers'
+    greedy continuations."""
+    ckpt: Path = request.getfixturevalue(f"{request.param}_ckpt")
+    oracle = request.getfixturevalue(f"{request.param}_oracle")
+    eos = oracle.config.eos_token_id
+    short, mid, long = (prompts_for(oracle.config.vocab_size, eos)[i] for i in (1, 2, 3))
+    prompts = [long, long[:120] + short, long[:64] + mid, [long[0]], list(long), long[:37] + short]
+    max_tokens = [4, 3, 5, 3, 4, 2]
+    expected = [oracle_greedy(oracle, p, m, eos) for p, m in zip(prompts, max_tokens)]
+    return request.param, ckpt, prompts, max_tokens, expected
+
+
+def generate_each(llm: LLM, prompts: list[list[int]], max_tokens: list[int]):
+    params = [SamplingParams(temperature=0.0, max_tokens=m) for m in max_tokens]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [out.outputs[0].token_ids for out in outs], outs
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_chunked_prefill_and_prefix_caching_equal_transformers(shared_flavour, attention, prefix_caching, device):
+    """A budget of 16 tokens a step: prompts of up to 250 tokens go in chunks, decodes share steps with them, chunk
+    boundaries fall inside pages; with prefix caching, later prompts start from the pages earlier ones filled. The
+    Triton kernels under the interpreter take minutes per case: one case of them here (the GPU runs them all)."""
+    name, ckpt, prompts, max_tokens, expected = shared_flavour
+    if device == "cpu" and attention == "triton":
+        if not INTERPRETER:
+            pytest.skip("Triton on a CPU needs its interpreter")
+        if (name, prefix_caching) != ("dsv3", True):
+            pytest.skip("one Triton case on the CPU")
+    llm = LLM(str(ckpt), attention=attention, dtype="float32", device=device, page_size=8, max_model_len=280,
+              max_batch_size=4, max_num_batched_tokens=16, enable_prefix_caching=prefix_caching, progress=False)
+    tokens, outs = generate_each(llm, prompts, max_tokens)
+    assert tokens == expected
+    cached = [out.num_cached_tokens for out in outs]
+    if prefix_caching:  # at most 4 running: the 5th and 6th prompts find the pages of the 1st
+        assert cached[4] == 248 and cached[5] == 32, cached
+    else:
+        assert cached == [0] * len(prompts)
+
+
+def test_prefix_caching_under_preemption_equals_transformers(shared_flavour):
+    _, ckpt, prompts, max_tokens, expected = shared_flavour
+    llm = LLM(str(ckpt), attention="torch", dtype="float32", device="cpu", page_size=4, num_pages=80,
+              max_model_len=280, max_num_batched_tokens=32, progress=False)
+    assert generate_each(llm, prompts, max_tokens)[0] == expected
+    assert llm.engine.scheduler.num_preemptions > 0

@@ -10,7 +10,15 @@ import types
 import pytest
 import torch
 
-from mla_runner.attention import BACKENDS, AttentionSpec, StepInputs, backend_class, check_choice, make_backend
+from mla_runner.attention import (
+    BACKENDS,
+    AttentionSpec,
+    StepInputs,
+    backend_class,
+    check_choice,
+    make_backend,
+    resolve_name,
+)
 from mla_runner.attention.aiter_backend import AiterBackend, AiterMetadata
 from mla_runner.attention.torch_backend import TorchBackend, TorchMetadata
 from mla_runner.attention.triton_backend import TritonPersistentBackend, TritonPerStepBackend
@@ -121,6 +129,21 @@ def test_capabilities_decide_graphs_and_refuse_what_a_backend_cannot_run():
         assert needle in str(info.value) and "\n" not in str(info.value), (kw, str(info.value))
     assert check_choice("flashmla", "per_step", cuda_graphs=True, page_size=64, num_heads=128,
                         dtype=torch.bfloat16) is backend_class("flashmla", "persistent")
+
+
+def test_auto_is_triton_on_a_gpu_and_torch_on_a_cpu():
+    assert (resolve_name("auto", "cuda"), resolve_name("auto", "cpu"), resolve_name("torch", "cuda")) == (
+        "triton", "torch", "torch")
+    assert check_choice("auto", "persistent", device="cuda", cuda_graphs=True) is TritonPersistentBackend
+    assert check_choice("auto", "per_step", device="cpu") is backend_class("torch", "persistent")
+    assert check_choice("auto", "persistent", cuda_graphs=True) is None  # the device unknown: nothing refuted
+    with pytest.raises(ConfigError, match="cuda_graphs=true needs a backend whose step can be captured"):
+        check_choice("auto", "persistent", device="cpu", cuda_graphs=True)  # auto is torch there
+    with pytest.raises(ConfigError, match="metadata='static' is not valid"):
+        check_choice("auto", "static")
+    spec = AttentionSpec(num_heads=4, kv_lora_rank=32, rope_dim=8, page_size=16, dtype=torch.float32,
+                         device=torch.device("cpu"))
+    assert type(make_backend("auto", "persistent", spec)).name == "torch"
 
 
 def _aiter_stand_in(q, kv_buffer, o, qo_indptr, kv_indptr, kv_indices, kv_last_page_lens, max_seqlen_q,

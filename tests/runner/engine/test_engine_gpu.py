@@ -24,7 +24,7 @@ def test_graph_replay_equals_eager_full_width(model, layers):
     batch = fill_running(engine, [4000, 17, 1, 640, 129], max_tokens=8)
     for _ in range(3):  # new lengths every replay: each step appends a token to every request
         for req in batch:
-            engine.scheduler.blocks.allocate(req, req.num_cached + 1)
+            engine.scheduler.blocks.allocate(req, req.num_computed + 1)
         graph_logits = runner.decode_logits(batch).clone()
         # the same (padded) buffers, eager: the same bucket, so the same work plan
         eager_logits = runner._decode_forward(runner.graphs.bucket(len(batch)))[: len(batch)]
@@ -32,7 +32,7 @@ def test_graph_replay_equals_eager_full_width(model, layers):
         assert err < 1e-5, err
         assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
         for req, token in zip(batch, graph_logits.argmax(-1).tolist()):
-            req.num_cached = req.num_tokens
+            req.num_computed = req.num_tokens
             req.output_token_ids.append(token)
     del engine, runner, batch
     torch.cuda.empty_cache()

@@ -1,6 +1,10 @@
-"""Continuous batching without a model: page accounting, admission, preemption, the decode block table."""
+"""Continuous batching without a model: page accounting, chunked prefill under a token budget, prefix caching,
+preemption, the decode block table."""
 from __future__ import annotations
 
+from collections import Counter
+
+import pytest
 import torch
 
 from mla_runner.engine.block_manager import BlockManager, BlockTable
@@ -9,60 +13,180 @@ from mla_runner.engine.scheduler import Scheduler
 from mla_runner.sampling import SamplingParams
 
 
-def simulate(num_pages: int, page_size: int, prompts: list[int], max_tokens: list[int], max_batch: int = 8):
-    """Drive the scheduler as the engine does; check the page bookkeeping after every step, and on decode steps
-    the incrementally kept block table against one built from scratch."""
-    blocks = BlockManager(num_pages, page_size)
-    sched = Scheduler(blocks, max_batch, max_prefill_tokens=64)
-    max_pages = -(-max(p + m for p, m in zip(prompts, max_tokens)) // page_size)
+def make_requests(prompts: list[list[int]], max_tokens: list[int]) -> list[Request]:
+    return [Request(i, i, None, list(p), SamplingParams(max_tokens=m))
+            for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+
+
+def check_pages(blocks: BlockManager, reqs: list[Request]) -> None:
+    """Every page is held by as many requests as its reference count says, and free exactly when no one holds it."""
+    held = Counter(p for r in reqs for p in r.pages)
+    assert all(blocks.refs[p] == held[p] for p in range(blocks.num_pages))
+    assert set(blocks.free_pages) == {p for p in range(blocks.num_pages) if held[p] == 0}
+    for key, page in blocks.cached.items():
+        assert blocks.page_key[page] == key
+
+
+def simulate(reqs: list[Request], num_pages: int, page_size: int, max_batch: int = 8, budget: int = 64,
+             prefix_caching: bool = True, on_step=None):
+    """Drive the scheduler as the engine does (the model's token: 7 for every request), checking after every step the
+    budget, the order of the batch, page coverage and reference counts, and on steps of one token per request the
+    incrementally kept block table against one built from scratch."""
+    blocks = BlockManager(num_pages, page_size, enable_prefix_caching=prefix_caching)
+    sched = Scheduler(blocks, max_batch, max_num_batched_tokens=budget)
+    max_pages = -(-max(r.num_tokens + r.params.max_tokens for r in reqs) // page_size)
     table = BlockTable(max_batch, max_pages)
-    reqs = [Request(i, i, None, list(range(n)), SamplingParams(max_tokens=m))
-            for i, (n, m) in enumerate(zip(prompts, max_tokens))]
     for r in reqs:
         sched.add(r)
-    steps = 0
+    steps = []
     while sched.has_work():
-        batch, is_prefill = sched.schedule()
-        assert batch, "a step with nothing to run would spin forever"
-        if not is_prefill:
-            assert [r.last_token_id for r in batch] == [r.token_ids[-1] for r in batch]
-            rows = table.update(batch)
-            fresh = torch.zeros(len(batch), max_pages, dtype=torch.int32)
-            for i, r in enumerate(batch):
+        batch = sched.schedule()
+        assert batch.requests, "a step with nothing to run would spin forever"
+        assert batch.num_tokens <= budget and len(batch.requests) <= max_batch
+        D = batch.num_decode
+        assert all(n == 1 for n in batch.num_new[:D]) and all(n > 1 for n in batch.num_new[D:])
+        for r, n in zip(batch.requests, batch.num_new):
+            assert len(r.pages) == -(-(r.num_computed + n) // page_size), "pages must cover exactly what is computed"
+        if D == len(batch.requests):
+            rows = table.update(batch.requests)
+            fresh = torch.zeros(D, max_pages, dtype=torch.int32)
+            for i, r in enumerate(batch.requests):
                 fresh[i, :len(r.pages)] = torch.tensor(r.pages, dtype=torch.int32)
-            assert torch.equal(rows, fresh), f"block table differs from a fresh build at step {steps}"
-        for r in batch:
-            r.num_cached = r.num_tokens if is_prefill else r.num_cached + 1
-            assert len(r.pages) == -(-r.num_cached // page_size), "pages must cover exactly the cached tokens"
-            r.output_token_ids.append(0)
-            if len(r.output_token_ids) >= r.params.max_tokens:
-                sched.finish(r)
-        owned = [p for r in reqs for p in r.pages]
-        assert len(owned) == len(set(owned)), "a page is owned twice"
-        assert len(owned) + blocks.num_free == num_pages
-        steps += 1
-        assert steps < 10_000
-    return reqs, sched
+            assert torch.equal(rows, fresh), f"block table differs from a fresh build at step {len(steps)}"
+        steps.append([(r.index, n) for r, n in zip(batch.requests, batch.num_new)])
+        if on_step is not None:
+            on_step(batch)
+        done = [batch.completes(i) for i in range(len(batch.requests))]
+        for r, n, sampled in zip(batch.requests, batch.num_new, done):
+            r.num_computed += n
+            blocks.cache_full_pages(r)
+            if sampled:
+                r.output_token_ids.append(7)
+                if len(r.output_token_ids) >= r.params.max_tokens:
+                    sched.finish(r)
+        check_pages(blocks, reqs)
+        assert len(steps) < 10_000
+    return steps, sched
 
 
 def test_everything_fits():
-    reqs, sched = simulate(num_pages=32, page_size=4, prompts=[5, 1, 8, 3], max_tokens=[6, 3, 9, 1])
+    reqs = make_requests([list(range(n)) for n in (5, 1, 8, 3)], [6, 3, 9, 1])
+    steps, sched = simulate(reqs, num_pages=32, page_size=4)
     assert all(r.status is Status.FINISHED and len(r.output_token_ids) == r.params.max_tokens for r in reqs)
     assert sched.num_preemptions == 0
+    assert steps[0] == [(1, 1), (0, 5), (2, 8), (3, 3)]  # all admitted at once; the 1-token prompt first
 
 
 def test_a_full_cache_preempts_and_still_finishes_every_request():
-    reqs, sched = simulate(num_pages=6, page_size=4, prompts=[5, 6, 7, 4], max_tokens=[12, 10, 9, 11])
+    reqs = make_requests([list(range(100 * i, 100 * i + n)) for i, n in enumerate((5, 6, 7, 4))], [12, 10, 9, 11])
+    _, sched = simulate(reqs, num_pages=6, page_size=4)
+    assert all(r.status is Status.FINISHED and len(r.output_token_ids) == r.params.max_tokens for r in reqs)
+    assert sched.num_preemptions > 0
+
+
+def test_a_long_prompt_is_chunked_while_the_others_decode():
+    reqs = make_requests([[1, 2, 3], [4, 5], list(range(10, 60))], [30, 30, 2])
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, 8, max_num_batched_tokens=16)
+    sched.add(reqs[0])
+    sched.add(reqs[1])
+    chunks = []
+
+    def run(batch):
+        done = [batch.completes(i) for i in range(len(batch.requests))]
+        for r, n, sampled in zip(batch.requests, batch.num_new, done):
+            if r.index == 2:
+                chunks.append(n)
+            r.num_computed += n
+            if sampled:
+                r.output_token_ids.append(7)
+
+    run(sched.schedule())  # both prompts
+    sched.add(reqs[2])  # the long one arrives once the first two decode
+    for _ in range(4):
+        batch = sched.schedule()
+        assert [r.index for r in batch.requests[:2]] == [0, 1] and batch.num_new[:2] == [1, 1], "decodes go on"
+        run(batch)
+    assert chunks == [14, 14, 14, 8]  # 50 tokens in the 14 the decodes leave per step
+    assert reqs[2].output_token_ids == [7] and reqs[2].num_computed == 50
+
+
+def test_without_chunking_a_prompt_waits_for_a_whole_budget():
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(blocks, 8, max_num_batched_tokens=16, enable_chunked_prefill=False)
+    a, b = make_requests([[1] * 10, [2] * 12], [4, 4])
+    sched.add(a)
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.requests == [a] and batch.num_new == [10]
+
+
+def test_prefix_caching_shares_full_pages_and_never_the_last_token():
+    system = list(range(100, 112))  # three pages of 4
+    reqs = make_requests([system + [1, 2], system + [3], system, list(system)], [2, 2, 2, 2])
+    blocks = BlockManager(32, 4)
+    sched = Scheduler(blocks, 8, max_num_batched_tokens=64)
+    sched.add(reqs[0])
+    batch = sched.schedule()
+    first_pages = list(reqs[0].pages[:3])
+    reqs[0].num_computed += batch.num_new[0]
+    blocks.cache_full_pages(reqs[0])
+    reqs[0].output_token_ids.append(7)
+    sched.finish(reqs[0])  # its pages stay cached
+    for r in reqs[1:]:
+        sched.add(r)
+    batch = sched.schedule()
+    got = {r.index: (r.num_cached_tokens, n) for r, n in zip(batch.requests, batch.num_new)}
+    # 13 tokens: 3 cached pages, 1 computed; 12 tokens (whole pages): the last page recomputed, never taken
+    assert got == {1: (12, 1), 2: (8, 4), 3: (8, 4)}
+    assert all(r.pages[:2] == first_pages[:2] for r in reqs[1:])
+    assert reqs[1].pages[2] == first_pages[2]
+    assert blocks.hits == 12 + 8 + 8 and blocks.queries == 13 + 12 + 12 + 14
+
+
+def test_prefix_caching_off_shares_nothing():
+    reqs = make_requests([list(range(12)) + [1], list(range(12)) + [2]], [3, 3])
+    steps, _ = simulate(reqs, num_pages=32, page_size=4, prefix_caching=False)
+    assert all(r.num_cached_tokens == 0 for r in reqs)
+    assert steps[0] == [(0, 13), (1, 13)]
+
+
+def test_freed_cached_pages_are_evicted_least_recently_freed_first_and_unkeyed_first():
+    blocks = BlockManager(6, 4)
+    a, b = make_requests([list(range(9)), list(range(50, 59))], [1, 1])  # 2 full pages + 1 token each
+    for r in (a, b):
+        assert blocks.admit(r, blocks.match_prefix(r), r.num_tokens)
+        r.num_computed = r.num_tokens
+        blocks.cache_full_pages(r)
+    a_pages, b_pages = list(a.pages), list(b.pages)
+    blocks.free(a)
+    blocks.free(b)
+    # unkeyed tails first (most recent free first among them), then keyed pages in the order freed: a's, then b's
+    assert list(blocks.free_pages) == [b_pages[2], a_pages[2], a_pages[1], a_pages[0], b_pages[1], b_pages[0]]
+    c = make_requests([list(range(100, 113))], [1])[0]  # needs 4 pages: evicts both tails and a's prefix
+    assert blocks.admit(c, blocks.match_prefix(c), c.num_tokens)
+    assert blocks.match_prefix(make_requests([list(range(9))], [1])[0]) == []
+    assert blocks.match_prefix(make_requests([list(range(50, 59))], [1])[0]) == b_pages[:2]
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_shared_prefixes_under_preemption_finish_every_request(prefix_caching):
+    system = list(range(200, 210))
+    reqs = make_requests([system + [i] * (i + 1) for i in range(6)], [9, 3, 12, 5, 8, 10])
+    _, sched = simulate(reqs, num_pages=9, page_size=4, budget=8, max_batch=4, prefix_caching=prefix_caching)
     assert all(r.status is Status.FINISHED and len(r.output_token_ids) == r.params.max_tokens for r in reqs)
     assert sched.num_preemptions > 0
 
 
 def test_batch_size_limit():
     blocks = BlockManager(100, 4)
-    sched = Scheduler(blocks, max_batch_size=2, max_prefill_tokens=64)
+    sched = Scheduler(blocks, max_batch_size=2, max_num_batched_tokens=64)
     for i in range(5):
         sched.add(Request(i, i, None, [1, 2, 3], SamplingParams()))
-    batch, is_prefill = sched.schedule()
-    assert is_prefill and [r.index for r in batch] == [0, 1]
-    batch, is_prefill = sched.schedule()
-    assert not is_prefill and len(batch) == 2
+    batch = sched.schedule()
+    assert [r.index for r in batch.requests] == [0, 1] and batch.num_new == [3, 3]
+    for r, n in zip(batch.requests, batch.num_new):
+        r.num_computed += n
+        r.output_token_ids.append(7)
+    batch = sched.schedule()
+    assert batch.num_decode == 2 == len(batch.requests)

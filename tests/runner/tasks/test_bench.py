@@ -7,7 +7,8 @@ import torch
 
 from mla_runner.compose import compose_config
 from mla_runner.engine import LLMEngine
-from mla_runner.tasks.bench import count_experts, fill_running, run_bench, touched_weight_bytes
+from mla_runner.roofline import touched_weight_bytes
+from mla_runner.tasks.bench import count_experts, fill_running, run_bench
 
 
 @pytest.mark.parametrize("mode", ["decode", "kernel", "metadata"])
@@ -53,3 +54,35 @@ def test_decode_bytes_count_the_experts_routed_to():
     embedding = args.vocab_size * args.hidden_size * 4
     expected = every_param - all_experts - embedding + 2 * args.hidden_size * 4 + sum(unique) * expert
     assert touched_weight_bytes(model, 2, unique) == expected
+
+
+@pytest.mark.parametrize("mode", ["prefill", "throughput"])
+def test_serving_modes(tmp_path, mode):
+    cfg = compose_config(["task=bench", f"task.mode={mode}", "task.batch=3", "task.context=40", "task.output_len=5",
+                          "task.repeats=1", "max_num_batched_tokens=48", "device=auto", "dtype=float32",
+                          "progress=false"])  # prompts in chunks: 3 x 40 tokens over a budget of 48
+    out = run_bench(cfg, tmp_path)
+    (row,) = out["rows"]
+    assert out["resolved"]["attention"] == ("triton" if torch.cuda.is_available() else "torch")
+    if mode == "prefill":
+        assert row["prefill_tokens_per_s"] == pytest.approx(3 * 40 / row["ttft_s"])
+    else:
+        assert row["tokens_per_s"] == pytest.approx(3 * 5 / row["seconds"])
+        assert row["input_tokens_per_s"] == pytest.approx(3 * 40 / row["seconds"])
+        assert 0 < row["ttft_s_median"] <= row["seconds"] and row["tpot_s_median"] > 0
+    assert ("roofline_fraction" in row) == torch.cuda.is_available()
+
+
+def test_prefill_flops_count_linear_layers_and_causal_attention():
+    from mla_runner.models.config import ModelArgs
+    from mla_runner.models.presets import DEEPSEEK_V3_CONFIG
+    from mla_runner.roofline import linear_flops_per_token, prefill_flops
+
+    args = ModelArgs.from_dict({**DEEPSEEK_V3_CONFIG, "num_hidden_layers": 4})  # 3 dense + 1 MoE
+    mla = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168
+    mlp = 3 * 7168 * 18432
+    moe = 7168 * 256 + 9 * 3 * 7168 * 2048
+    assert linear_flops_per_token(args) == 2 * (4 * mla + 3 * mlp + moe)
+    assert linear_flops_per_token(args) / 4 == pytest.approx(1.168e9, rel=1e-3)  # the 1.17 GFLOP
+    attention = 2 * 128 * (192 + 128) * (1000 * 1001 / 2) * 4
+    assert prefill_flops(args, [1000, 1000]) == pytest.approx(2 * (1000 * linear_flops_per_token(args) + attention))

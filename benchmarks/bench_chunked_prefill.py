@@ -1,0 +1,96 @@
+"""Decode under load: how much a long prompt arriving slows the steps of requests already decoding, on a CUDA GPU.
+
+``--decoders`` requests of ``--context`` tokens decode (CUDA-graph steps); after ``--warm`` steps a prompt of
+``--prompt`` tokens arrives and is prefilled in chunks under ``max_num_batched_tokens`` while they go on decoding.
+Printed per budget: the median decode step before the newcomer, the median and the largest step while its chunks
+run (each one also decodes every running request), the ratio of the largest to the undisturbed median, the number
+of chunk steps and the newcomer's time to first token. Step time is wall time with the device synchronized.
+Model: DeepSeek-V3 widths with random weights truncated to ``--layers`` layers (3 dense + 1 MoE at 4), FP8 weights.
+
+    python benchmarks/bench_chunked_prefill.py [--budgets 2048,8192] [--decoders 32] [--prompt 32768] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+
+def measure(budget: int, args) -> dict:
+    from mla_runner.compose import compose_config
+    from mla_runner.engine import LLMEngine
+    from mla_runner.sampling import SamplingParams
+
+    cfg = compose_config([
+        "model=deepseek_v3", "model.random_weights=true", f"model.num_layers={args.layers}", "weights=fp8",
+        f"max_batch_size={args.decoders + 1}", f"max_model_len={args.prompt + 64}", f"max_num_batched_tokens={budget}",
+        "progress=false", f"num_pages={(args.decoders * (args.context + 1024) + args.prompt + 1024) // 64 + 8}"])
+    engine = LLMEngine(cfg)
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.args.vocab_size
+
+    def request(i: int, n: int, max_tokens: int):
+        ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        return engine.make_request(i, ids, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+
+    for i in range(args.decoders):
+        engine.scheduler.add(request(i, args.context, 100_000))
+
+    def step() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    while any(r.num_computed < r.num_tokens - 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
+        step()  # the decoders' own prefill
+    quiet = [step() for _ in range(args.warm)]
+    newcomer = request(args.decoders, args.prompt, 1)
+    engine.scheduler.add(newcomer)
+    arrived = time.perf_counter()
+    loaded = []
+    while newcomer.first_token_time is None:
+        loaded.append(step())
+    base = statistics.median(quiet[len(quiet) // 2:])
+    return {"budget": budget, "decode_step_ms": base * 1e3, "loaded_median_ms": statistics.median(loaded) * 1e3,
+            "loaded_max_ms": max(loaded) * 1e3, "max_over_decode": max(loaded) / base, "chunk_steps": len(loaded),
+            "newcomer_ttft_s": newcomer.first_token_time - arrived}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", default="2048,8192", help="max_num_batched_tokens values, comma-separated")
+    p.add_argument("--decoders", type=int, default=32)
+    p.add_argument("--context", type=int, default=2048, help="tokens of each decoding request")
+    p.add_argument("--prompt", type=int, default=32768, help="tokens of the prompt that arrives")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--warm", type=int, default=20, help="decode steps before the prompt arrives")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_chunked_prefill.py needs a CUDA GPU")
+    rows = []
+    print(f"{torch.cuda.get_device_name()}: {args.decoders} requests of {args.context} tokens decoding, a prompt of "
+          f"{args.prompt} tokens arriving; DeepSeek-V3 widths, {args.layers} layers, FP8 weights")
+    print("| max_num_batched_tokens | decode step ms | loaded median ms | loaded max ms | max / decode | chunk steps "
+          "| newcomer TTFT s |\n|---|---|---|---|---|---|---|")
+    for budget in map(int, args.budgets.split(",")):
+        r = measure(budget, args)
+        rows.append(r)
+        print(f"| {budget} | {r['decode_step_ms']:.2f} | {r['loaded_median_ms']:.2f} | {r['loaded_max_ms']:.2f} | "
+              f"{r['max_over_decode']:.2f} | {r['chunk_steps']} | {r['newcomer_ttft_s']:.3f} |", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
