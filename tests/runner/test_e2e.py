@@ -76,7 +76,9 @@ def test_batched_greedy_equals_transformers(flavour, attention, metadata, device
 
 @pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs its interpreter")
 @pytest.mark.parametrize("attention", ["torch", "triton"])
-def test_one_at_a_time_and_preemption_give_the_same_tokens(flavour, attention):
+def test_one_at_a_time_and_preemption_give_the_same_tokens(flavour, attention, request):
+    if attention == "triton" and request.node.callspec.params["flavour"] == "kimi":
+        pytest.skip("the interpreter takes long: one flavour through Triton (both through torch)")
     ckpt, prompts, expected = flavour
     one = LLM(str(ckpt), attention=attention, dtype="float32", device="cpu", page_size=16, max_batch_size=1,
               max_model_len=280, progress=False)
@@ -113,17 +115,19 @@ def generate_each(llm: LLM, prompts: list[list[int]], max_tokens: list[int]):
 @pytest.mark.parametrize("attention", ["torch", "triton"])
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_chunked_prefill_and_prefix_caching_equal_transformers(shared_flavour, attention, prefix_caching, device):
-    """A budget of 16 tokens a step: prompts of up to 250 tokens go in chunks, decodes share steps with them, chunk
-    boundaries fall inside pages; with prefix caching, later prompts start from the pages earlier ones filled. The
-    Triton kernels under the interpreter take minutes per case: one case of them here (the GPU runs them all)."""
+    """A budget of 16 tokens a step (32 for the interpreter): prompts of up to 250 tokens go in chunks, decodes
+    share steps with them, chunk boundaries fall inside pages; with prefix caching, later prompts start from the
+    pages earlier ones filled. The Triton kernels under the interpreter take long: one case of them on the CPU (the
+    GPU runs them all)."""
     name, ckpt, prompts, max_tokens, expected = shared_flavour
     if device == "cpu" and attention == "triton":
         if not INTERPRETER:
             pytest.skip("Triton on a CPU needs its interpreter")
         if (name, prefix_caching) != ("dsv3", True):
             pytest.skip("one Triton case on the CPU")
+    budget = 32 if (device, attention) == ("cpu", "triton") else 16  # fewer interpreted steps, chunks all the same
     llm = LLM(str(ckpt), attention=attention, dtype="float32", device=device, page_size=8, max_model_len=280,
-              max_batch_size=4, max_num_batched_tokens=16, enable_prefix_caching=prefix_caching, progress=False)
+              max_batch_size=4, max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, progress=False)
     tokens, outs = generate_each(llm, prompts, max_tokens)
     assert tokens == expected
     cached = [out.num_cached_tokens for out in outs]
