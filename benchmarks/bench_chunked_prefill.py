@@ -1,6 +1,7 @@
 """Decode under load: how much a long prompt arriving slows the steps of requests already decoding, on a CUDA GPU.
 
-``--decoders`` requests of ``--context`` tokens decode (CUDA-graph steps); after ``--warm`` steps a prompt of
+``--decoders`` requests of ``--context`` tokens decode (CUDA-graph steps; a short prompt passes first, so that the
+kernels of steps with prompt chunks are compiled); after ``--warm`` steps a prompt of
 ``--prompt`` tokens arrives and is prefilled in chunks under ``max_num_batched_tokens`` while they go on decoding.
 Printed per budget: the median decode step before the newcomer, the median and the largest step while its chunks
 run (each one also decodes every running request), the ratio of the largest to the undisturbed median, the number
@@ -48,10 +49,15 @@ def measure(budget: int, args) -> dict:
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    while any(r.num_computed < r.num_tokens - 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
-        step()  # the decoders' own prefill
+    def settle() -> None:  # until every running request decodes
+        while any(r.num_computed < r.num_tokens - 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
+            step()
+
+    settle()  # the decoders' own prefill
+    engine.scheduler.add(request(args.decoders, 3 * budget, 1))  # a warm-up newcomer: compiles the mixed steps
+    settle()
     quiet = [step() for _ in range(args.warm)]
-    newcomer = request(args.decoders, args.prompt, 1)
+    newcomer = request(args.decoders + 1, args.prompt, 1)
     engine.scheduler.add(newcomer)
     arrived = time.perf_counter()
     loaded = []
