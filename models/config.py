@@ -74,7 +74,7 @@ class ModelArgs:
     rope_theta: float
     rope_scaling: YarnScaling | None
     bos_token_id: int | None
-    eos_token_id: int | None
+    eos_token_id: int | tuple[int, ...] | None  # config.json may give one id or a list
     num_nextn_predict_layers: int = 0
     fp8_block: tuple[int, int] | None = None  # weight_block_size of an FP8 checkpoint, None when unquantized
 
@@ -105,6 +105,11 @@ class ModelArgs:
         if self.rope_scaling is not None and self.rope_scaling.mscale_all_dim:
             scale *= yarn_mscale(self.rope_scaling.factor, self.rope_scaling.mscale_all_dim) ** 2
         return scale
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every EOS id of config.json (none, one, or the list it gives)."""
+        return token_ids(self.eos_token_id)
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
@@ -163,7 +168,7 @@ class ModelArgs:
             rope_theta=_rope_theta(d, fields),
             rope_scaling=_yarn(d, source),
             bos_token_id=fields.get("bos_token_id", int, None),
-            eos_token_id=fields.get("eos_token_id", int, None),
+            eos_token_id=_token_ids(d.get("eos_token_id"), f"{source}: field 'eos_token_id'"),
             num_nextn_predict_layers=fields.get("num_nextn_predict_layers", int, 0),
             fp8_block=_fp8_block(d, source),
         )
@@ -200,6 +205,20 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     if not ok:
         raise CheckpointError(f"{where} should be {kind.__name__}, got {value!r}")
     return kind(value)
+
+
+def token_ids(value: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...]:
+    """One token id, a list of them or None, as a tuple."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def _token_ids(value: Any, where: str) -> int | tuple[int, ...] | None:
+    """A token-id field of a config file: None, an int, or a list of ints (kept as a tuple: ModelArgs is frozen)."""
+    if value is None or not isinstance(value, list):
+        return None if value is None else _typed(value, int, where)
+    return tuple(_typed(v, int, where) for v in value)
 
 
 def _rope_section(d: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,21 +1,29 @@
-"""The offline Python API, shaped like vLLM's: ``LLM(model, **overrides).generate(prompts, params)``."""
+"""The offline Python API, vLLM's: ``LLM(model, ...).generate(prompts, params)`` and ``.chat(messages, params)``.
+
+``LLM`` takes vLLM's keywords (mla_runner.llm_args translates them) and the runner's own settings; the outputs have
+vLLM's fields, but for log probabilities, which are not computed yet (always None).
+"""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Union
 
-from mla_runner.compose import CONF_DIR, compose_config, override
+from mla_runner.compose import compose_config, override
 from mla_runner.config import RunConfig
 from mla_runner.engine import LLMEngine
 from mla_runner.engine.request import Request
-from mla_runner.errors import UserError
-from mla_runner.prompts import encode, parse_prompt
+from mla_runner.errors import ConfigError, UserError
+from mla_runner.llm_args import model_overrides, resolve_path, vllm_overrides
+from mla_runner.models.loader import load_tokenizer
+from mla_runner.prompts import encode, encode_chat, parse_prompt
 from mla_runner.sampling import SamplingParams
 
 PromptType = Union[str, dict]
+Conversation = list[dict[str, Any]]
+# generation_config.json's fields that set default sampling, as vLLM reads them (HF's max_new_tokens is max_tokens);
+# its repetition_penalty and min_p are not supported by the sampler and are left out.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens"}
 
 
 @dataclass
@@ -23,38 +31,103 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: Optional[str]  # "stop" (EOS or a stop string) | "length"
+    cumulative_logprob: Optional[float] = None  # not computed yet
+    logprobs: Optional[list] = None  # not computed yet
+    finish_reason: Optional[str] = None  # "stop" (EOS, a stop id or a stop string) | "length"
+    stop_reason: int | str | None = None  # the stop id or stop string that ended it; None for EOS or length
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """When a request arrived, got its first token and its last, in seconds on ``time.perf_counter``'s clock (vLLM's
+    are wall-clock times: only their differences compare)."""
+
+    arrival_time: float
+    first_token_time: Optional[float]
+    last_token_time: Optional[float]
+    time_to_first_token: Optional[float]
+    time_per_output_token: Optional[float]  # after the first; None with a single output token
 
 
 @dataclass
 class RequestOutput:
-    request_id: int
+    request_id: str  # the prompt's position in the call, as a string
     prompt: Optional[str]
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
-    time_to_first_token: float
-    latency: float
+    finished: bool = True
+    metrics: Optional[RequestMetrics] = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (the last admission's, after a preemption)
+    prompt_logprobs: Optional[list] = None  # not computed yet
+
+    @property
+    def time_to_first_token(self) -> Optional[float]:
+        return None if self.metrics is None else self.metrics.time_to_first_token
+
+    @property
+    def latency(self) -> Optional[float]:
+        m = self.metrics
+        return None if m is None or m.last_token_time is None else m.last_token_time - m.arrival_time
 
     @classmethod
     def from_request(cls, req: Request) -> RequestOutput:
-        completion = CompletionOutput(0, req.text, list(req.output_token_ids), req.finish_reason)
-        return cls(req.index, req.prompt, req.prompt_token_ids, [completion],
-                   req.first_token_time - req.arrival_time, req.finish_time - req.arrival_time, req.num_cached_tokens)
+        completion = CompletionOutput(0, req.text, list(req.output_token_ids), finish_reason=req.finish_reason,
+                                      stop_reason=req.stop_reason)
+        first, last, n = req.first_token_time, req.finish_time, len(req.output_token_ids)
+        metrics = RequestMetrics(
+            req.arrival_time, first, last, None if first is None else first - req.arrival_time,
+            (last - first) / (n - 1) if first is not None and last is not None and n > 1 else None)
+        return cls(str(req.index), req.prompt, req.prompt_token_ids, [completion], req.finish_reason is not None,
+                   metrics, req.num_cached_tokens)
 
 
 class LLM:
-    """An engine over one model.
+    """An engine over one model, with vLLM's constructor keywords.
 
-    ``model`` is a model config name (``tiny_deepseek_v3``, ``tiny_kimi_k2``, ``deepseek_v3``, ``kimi_k2``)
-    or a checkpoint directory. Keyword overrides are config fields or group choices, as on the command
+    ``model`` is a model config name (``tiny_deepseek_v3``, ``tiny_kimi_k2``, ``deepseek_v3``, ``kimi_k2``), a
+    checkpoint directory, or a Hugging Face Hub id (``deepseek-ai/DeepSeek-V3``) already in the local Hugging Face
+    cache. vLLM's keywords map to the runner's settings: ``max_num_seqs`` -> ``max_batch_size``,
+    ``gpu_memory_utilization`` -> ``kv_cache_memory_fraction``, ``enforce_eager`` -> ``cuda_graphs=false``,
+    ``block_size`` -> ``page_size``, ``quantization="fp8"`` -> ``weights=fp8``, ``tensor_parallel_size`` -> the
+    torchrun world size (checked). Further keywords are the runner's settings or group choices, as on the command
     line: ``LLM("tiny_kimi_k2", attention="triton", metadata="per_step", dtype="float32", device="cpu")``.
     """
 
-    def __init__(self, model: str = "tiny_deepseek_v3", **overrides: Any):
-        self.config: RunConfig = compose_config(model_overrides(model) + [override(k, v) for k, v in overrides.items()])
+    def __init__(self, model: str = "tiny_deepseek_v3", tokenizer: Optional[str] = None,
+                 trust_remote_code: bool = False, dtype: Any = "auto", seed: int = 0,
+                 max_model_len: Optional[int] = None, max_num_seqs: Optional[int] = None,
+                 gpu_memory_utilization: Optional[float] = None, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1, quantization: Optional[str] = None, kv_cache_dtype: str = "auto",
+                 enable_prefix_caching: Optional[bool] = None, max_num_batched_tokens: Optional[int] = None,
+                 block_size: Optional[int] = None, **runner_overrides: Any):
+        settings = vllm_overrides(
+            trust_remote_code=trust_remote_code, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+            enable_prefix_caching=enable_prefix_caching, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, runner_overrides=runner_overrides)
+        self.config: RunConfig = compose_config(model_overrides(model) + [override(k, v) for k, v in settings.items()])
         self.engine = LLMEngine(self.config)
+        if tokenizer is not None and tokenizer != model:
+            self.engine.tokenizer = load_tokenizer(resolve_path(tokenizer), trust_remote_code=trust_remote_code)
         self.tokenizer = self.engine.tokenizer
+
+    def get_tokenizer(self) -> Any:
+        """The tokenizer (transformers'); None for random weights."""
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults: the checkpoint's generation_config.json recommendations (temperature, top_p, top_k, and
+        max_new_tokens as max_tokens) over ``SamplingParams()``; ``SamplingParams()`` without one."""
+        gc = self.engine.generation_config
+        diff = {ours: gc[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if gc.get(theirs) is not None}
+        try:
+            return SamplingParams(**diff)
+        except ConfigError as e:
+            raise ConfigError(f"{self.config.model.path}/generation_config.json: {e}") from None
 
     def generate(
         self,
@@ -63,37 +136,60 @@ class LLM:
         use_tqdm: bool = True,
         chat: bool = False,
     ) -> list[RequestOutput]:
-        """Complete every prompt, all batched together; outputs in the order of the prompts.
+        """Complete every prompt, all batched together; outputs in the order of the prompts. A prompt is a string or
+        a dict with "prompt", "prompt_token_ids" or "messages" (a conversation); ``chat`` wraps a string prompt as a
+        user turn of the chat template. Without ``sampling_params``: ``get_default_sampling_params()``.
 
         Every prompt is checked before any runs: a bad one raises ``UserError`` and nothing is lost.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        return self._run([self._encode(i, p, chat) for i, p in enumerate(prompts)], sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[Conversation, Sequence[Conversation]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} dicts: system prompt, turns) or to each of a list
+        of them, formatted with the tokenizer's chat template (or ``chat_template``; ``chat_template_kwargs`` go to
+        it); an output's ``prompt`` is the formatted text."""
+        one = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if one else list(messages)
+        encoded = []
+        for i, conversation in enumerate(conversations):
+            try:
+                encoded.append(encode_chat(self.tokenizer, conversation, chat_template, add_generation_prompt,
+                                           chat_template_kwargs))
+            except UserError as e:
+                raise UserError(f"conversation {i}: {e}") from None
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    def _encode(self, index: int, prompt: PromptType, chat: bool) -> tuple[Optional[str], list[int]]:
+        spec = parse_prompt(prompt, f"prompt {index}")
+        if spec.messages is not None:
+            return encode_chat(self.tokenizer, spec.messages)
+        if spec.prompt is None:
+            return None, spec.prompt_token_ids
+        return spec.prompt, encode(self.tokenizer, spec.prompt, chat)
+
+    def _run(self, prompts: list[tuple[Optional[str], list[int]]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None], use_tqdm: bool,
+             ) -> list[RequestOutput]:
         n = len(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = [sampling_params] * n if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != n:
             raise UserError(f"{n} prompts but {len(params)} sampling params")
-        requests = [self._request(i, p, sp, chat) for i, (p, sp) in enumerate(zip(prompts, params))]
+        requests = [self.engine.make_request(i, ids, sp, text) for i, ((text, ids), sp) in enumerate(zip(prompts,
+                                                                                                          params))]
         self.engine.run(requests, progress=use_tqdm and self.config.progress)
         return [RequestOutput.from_request(r) for r in requests]
 
-    def _request(self, index: int, prompt: PromptType, params: SamplingParams, chat: bool) -> Request:
-        spec = parse_prompt(prompt, f"prompt {index}")
-        ids = spec.prompt_token_ids if spec.prompt is None else encode(self.tokenizer, spec.prompt, chat)
-        return self.engine.make_request(index, ids, params, spec.prompt)
 
-
-def model_overrides(model: str) -> list[str]:
-    """A config name selects the model group option; a directory runs that checkpoint."""
-    if (CONF_DIR / "model" / f"{model}.yaml").is_file():
-        return [f"model={model}"]
-    path = Path(model).expanduser()
-    option = "deepseek_v3"
-    try:
-        if json.loads((path / "config.json").read_text()).get("model_type") == "kimi_k2":
-            option = "kimi_k2"
-    except (OSError, ValueError):
-        pass  # the loader reports a missing or bad config.json with the file named
-    return [f"model={option}", override("model.path", str(path))]
+__all__ = ["LLM", "CompletionOutput", "RequestMetrics", "RequestOutput"]

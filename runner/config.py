@@ -104,6 +104,7 @@ class GenerateTaskConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     seed: Optional[int] = None  # each prompt samples with its own seed, made from this one and its index
+    stop: list[str] = field(default_factory=list)  # stop strings of every prompt (a line's "stop" replaces them)
     chat: bool = False  # apply the tokenizer's chat template
     output: str = "completions.jsonl"  # written into the run's output directory
     resume: bool = False  # with hydra.run.dir=<an earlier run>: run only the prompts its output has no line for

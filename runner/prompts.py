@@ -26,9 +26,12 @@ SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 _NUMBER, _INT = (int, float), (int,)
 FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "temperature": (_NUMBER, "a number"), "top_p": (_NUMBER, "a number"), "top_k": (_INT, "an integer"),
-    "max_tokens": (_INT, "an integer"), "seed": ((*_INT, type(None)), "an integer or null"),
+    "max_tokens": ((*_INT, type(None)), "an integer or null"), "seed": ((*_INT, type(None)), "an integer or null"),
     "stop": ((str, list), "a string or a list of strings"), "ignore_eos": ((bool,), "true or false"),
+    "stop_token_ids": ((list,), "a list of integers"), "min_tokens": (_INT, "an integer"),
+    "include_stop_str_in_output": ((bool,), "true or false"), "skip_special_tokens": ((bool,), "true or false"),
 }
+PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 
 
 @dataclass
@@ -38,14 +41,16 @@ class PromptSpec:
 
     prompt: Optional[str] = None
     prompt_token_ids: Optional[list[int]] = None
+    messages: Optional[list[dict[str, Any]]] = None  # a conversation, formatted with the chat template
     sampling: dict[str, Any] = field(default_factory=dict)
     line: Optional[int] = None  # 1-based line of the prompts file
     error: Optional[str] = None
 
 
 def read_prompt_file(path: str | Path) -> list[PromptSpec]:
-    """The prompts of a .jsonl file ({"prompt": ...} or {"prompt_token_ids": [...]}, optional sampling fields) or a
-    .txt file (one prompt per line), one spec per non-blank line, in file order."""
+    """The prompts of a .jsonl file ({"prompt": ...}, {"prompt_token_ids": [...]} or {"messages": [{"role": ...,
+    "content": ...}, ...]}, optional sampling fields) or a .txt file (one prompt per line), one spec per non-blank
+    line, in file order."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"{path}: prompts file does not exist")
@@ -91,28 +96,42 @@ def parse_prompt(item: Any, where: str) -> PromptSpec:
 def _parse(item: Any) -> PromptSpec:
     if isinstance(item, str):
         return PromptSpec(prompt=item)
+    expected = '{"prompt": ...}, {"prompt_token_ids": [...]} or {"messages": [...]}'
     if not isinstance(item, dict):
-        raise UserError(f'expected {{"prompt": ...}} or {{"prompt_token_ids": [...]}}, got {_json_type(item)}')
-    if ("prompt" in item) == ("prompt_token_ids" in item):
-        raise UserError('give either "prompt" or "prompt_token_ids"')
-    unknown = sorted(set(item) - {"prompt", "prompt_token_ids"} - SAMPLING_FIELDS)
+        raise UserError(f"expected {expected}, got {_json_type(item)}")
+    if sum(k in item for k in PROMPT_FIELDS) != 1:
+        raise UserError('give one of "prompt", "prompt_token_ids" or "messages"')
+    unknown = sorted(set(item) - set(PROMPT_FIELDS) - SAMPLING_FIELDS)
     if unknown:
-        raise UserError(f"unknown field {unknown[0]!r} (fields: prompt, prompt_token_ids, "
+        raise UserError(f"unknown field {unknown[0]!r} (fields: {', '.join(PROMPT_FIELDS)}, "
                         f"{', '.join(sorted(SAMPLING_FIELDS))})")
-    prompt, ids = item.get("prompt"), item.get("prompt_token_ids")
+    prompt, ids, messages = item.get("prompt"), item.get("prompt_token_ids"), item.get("messages")
     if "prompt" in item and not isinstance(prompt, str):
         raise UserError(f"field 'prompt' must be a string, got {_json_type(prompt)}")
     if "prompt_token_ids" in item and not (isinstance(ids, list) and all(_is_int(t) for t in ids)):
         raise UserError("field 'prompt_token_ids' must be a list of integers")
+    if "messages" in item:
+        check_messages(messages, "field 'messages'")
     sampling = {k: v for k, v in item.items() if k in SAMPLING_FIELDS}
     for name, value in sampling.items():
         types, what = FIELD_TYPES.get(name, ((object,), "any value"))
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
         if name == "stop" and isinstance(value, list):
             ok = all(isinstance(s, str) for s in value)
+        if name == "stop_token_ids" and ok:
+            ok = all(_is_int(t) for t in value)
         if not ok:
             raise UserError(f"field {name!r} must be {what}, got {_json_type(value)} {json.dumps(value)}")
-    return PromptSpec(prompt=prompt, prompt_token_ids=ids, sampling=sampling)
+    return PromptSpec(prompt=prompt, prompt_token_ids=ids, messages=messages, sampling=sampling)
+
+
+def check_messages(messages: Any, what: str) -> None:
+    """A conversation: a non-empty list of {"role": str, "content": str} objects (more keys are the template's)."""
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise UserError(f'{what} must be a non-empty list of {{"role": "...", "content": "..."}} objects')
 
 
 def _is_int(value: Any) -> bool:
@@ -127,12 +146,27 @@ def _json_type(value: Any) -> str:
 
 def encode(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of a text prompt; with ``chat`` the tokenizer's chat template wraps it as a user turn."""
+    if not chat:
+        _need_tokenizer(tokenizer)
+        return tokenizer(prompt).input_ids
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}])[1]
+
+
+def encode_chat(tokenizer, messages: list[dict[str, Any]], chat_template: Optional[str] = None,
+                add_generation_prompt: bool = True, chat_template_kwargs: Optional[dict[str, Any]] = None,
+                ) -> tuple[str, list[int]]:
+    """A conversation (system prompt, turns) formatted with the tokenizer's chat template, or ``chat_template``:
+    the text and its token ids. ``chat_template_kwargs`` go to the template (transformers' apply_chat_template)."""
+    _need_tokenizer(tokenizer)
+    check_messages(messages, "messages")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise UserError("a chat prompt needs a chat template, and this checkpoint's tokenizer has none "
+                        "(pass chat_template=...)")
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+    return text, tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _need_tokenizer(tokenizer) -> None:
     if tokenizer is None:
         raise UserError("this model has no tokenizer (random weights): give prompts as prompt_token_ids")
-    if not chat:
-        return tokenizer(prompt).input_ids
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("chat=true but this checkpoint's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids

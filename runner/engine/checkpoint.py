@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,6 +77,20 @@ class ModelSource:
             return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8, par=par)
         return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress,
                           fp8=fp8, par=par)
+
+    def generation_config(self) -> dict[str, Any]:
+        """The checkpoint's generation_config.json (its recommended sampling, extra EOS ids); {} without one and for
+        random weights."""
+        file = None if self.path is None else self.path / "generation_config.json"
+        if file is None or not file.is_file():
+            return {}
+        try:
+            d = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{file}: unreadable generation_config.json ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{file}: generation_config.json is not a JSON object")
+        return d
 
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer; None for random weights (prompts are token ids then)."""

@@ -2,8 +2,9 @@
 
 It checks each prompt, queues requests, asks the scheduler for each step's batch (decodes and chunks of prompts
 under one token budget), hands the batch to the model runner and books the results: how many tokens of each request
-are cached (and offered to the prefix cache), its sampled token, and whether it is done (EOS, a stop string,
-``max_tokens``, the context). It holds no tensor: the model, its cache and the step's buffers are the model runner's.
+are cached (and offered to the prefix cache), its sampled token, and whether it is done (EOS, a stop id, a stop
+string, ``max_tokens``, the context). It holds no tensor: the model, its cache and the step's buffers are the model
+runner's.
 
 Under torchrun every rank runs this same loop over its shard of the model (``mla_runner.engine.distributed``): the
 same scheduler steps on the same requests, its own heads' attention, the whole latent cache.
@@ -14,6 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 from tqdm.auto import tqdm
@@ -25,7 +27,7 @@ from mla_runner.engine.distributed import setup
 from mla_runner.engine.model_runner import ModelRunner, resolve_device
 from mla_runner.engine.request import Request
 from mla_runner.engine.scheduler import Scheduler
-from mla_runner.errors import ConfigError, Interrupted, UserError
+from mla_runner.errors import CheckpointError, ConfigError, Interrupted, UserError
 from mla_runner.models.parallel import layout_problem
 from mla_runner.sampling import SamplingParams
 
@@ -63,8 +65,11 @@ class LLMEngine:
             )
         self.runner = ModelRunner(cfg, source, self.par, device, self.progress)
         self.tokenizer = source.tokenizer()
-        eos = args.eos_token_id
-        self.eos_token_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.generation_config = source.generation_config()
+        self.eos_token_ids = set(args.eos_token_ids)
+        # generation_config.json's EOS ids beyond config.json's end a request as stop ids do (vLLM's
+        # generation_config="auto"), except under ignore_eos
+        self.extra_eos_ids = set(generation_eos_ids(self.generation_config, source.path)) - self.eos_token_ids
         blocks = BlockManager(self.runner.num_pages, cfg.page_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, cfg.max_batch_size, cfg.max_num_batched_tokens,
                                    cfg.enable_chunked_prefill)
@@ -164,34 +169,79 @@ class LLMEngine:
         return StepDone(finished, generated, prefilled)
 
     def _check_finished(self, req: Request) -> bool:
-        """Set the finish reason and final text of a request that is done; False while it goes on."""
-        params, token = req.params, req.output_token_ids[-1]
-        cut = self._cut_at_stop_string(req) if params.stop else None
-        if not params.ignore_eos and token in self.eos_token_ids:
-            req.finish_reason = "stop"
-        elif cut is not None:
-            req.finish_reason, req.text = "stop", cut
-            return True
-        elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.cfg.max_model_len:
-            req.finish_reason = "length"
-        else:
-            return False
-        req.text = self.detokenize(req.output_token_ids)
+        """Set the finish reason, stop reason and final text of a request that is done; False while it goes on."""
+        params, out = req.params, req.output_token_ids
+        token = out[-1]
+        if len(out) >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return self._finish(req, "stop", None, stop_token=True)
+            if token in params.stop_token_ids or (not params.ignore_eos and token in self.extra_eos_ids):
+                return self._finish(req, "stop", token, stop_token=True)
+            cut = self._cut_at_stop_string(req) if params.stop else None
+            if cut is not None:
+                req.finish_reason, req.text, req.stop_reason = "stop", *cut
+                return True
+        limit = params.max_tokens if params.max_tokens is not None else self.cfg.max_model_len
+        if len(out) >= limit or req.num_tokens >= self.cfg.max_model_len:
+            return self._finish(req, "length", None, stop_token=False)
+        return False
+
+    def _finish(self, req: Request, reason: str, stop_reason: Optional[int], stop_token: bool) -> bool:
+        """Finish ``req``: its text is all of its tokens', but for the EOS or stop id that ended it (as in vLLM, the
+        id stays in the output, its text only with include_stop_str_in_output)."""
+        params, ids = req.params, req.output_token_ids
+        if stop_token and not params.include_stop_str_in_output:
+            ids = ids[:-1]
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.text = self.detokenize(ids, params.skip_special_tokens)
         return True
 
-    def detokenize(self, token_ids: list[int]) -> str:
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of generated tokens ('' for a model without a tokenizer)."""
-        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def _cut_at_stop_string(self, req: Request) -> Optional[str]:
-        """The text before the first stop string, if the text so far contains one (checked every step, so only
-        the newest tokens need decoding: see STOP_WINDOW)."""
-        stops = [s for s in req.params.stop if s]
+    def _cut_at_stop_string(self, req: Request) -> Optional[tuple[str, str]]:
+        """The final text and the stop string, if the text so far contains one (checked every step, so only the
+        newest tokens need decoding: see STOP_WINDOW). The search runs on the text with special tokens kept; with
+        ``min_tokens`` a stop string must end after the text of the first min_tokens - 1 tokens."""
+        params, ids = req.params, req.output_token_ids
+        stops = [s for s in params.stop if s]
         if not stops:
             return None
-        tail = self.detokenize(req.output_token_ids[-(max(map(len, stops)) + STOP_WINDOW):])
+        tail = self.detokenize(ids[-(max(map(len, stops)) + STOP_WINDOW):], skip_special_tokens=False)
         if not any(s in tail for s in stops):
             return None
-        text = self.detokenize(req.output_token_ids)
-        cuts = [text.find(s) for s in stops if s in text]
-        return text[: min(cuts)] if cuts else None
+        text = self.detokenize(ids, skip_special_tokens=False)
+        before = len(self.detokenize(ids[: params.min_tokens - 1], skip_special_tokens=False)) \
+            if params.min_tokens > 1 else 0
+        hits = [(at, -len(s), s) for s in stops for at in [text.find(s, max(0, before - len(s) + 1))] if at >= 0]
+        if not hits:
+            return None
+        at, _, stop = min(hits)  # the first in the text; of two there, the longer
+        end = at + len(stop) if params.include_stop_str_in_output else at
+        return self._text_up_to(ids, text, end, params.skip_special_tokens), stop
+
+    def _text_up_to(self, ids: list[int], text: str, end: int, skip_special_tokens: bool) -> str:
+        """``text[:end]`` (``text``: ``ids`` decoded with special tokens kept), less its special tokens when asked:
+        the longest run of whole tokens whose text fits before ``end``, decoded as asked, then the rest of the text
+        up to ``end``."""
+        special = set(getattr(self.tokenizer, "all_special_ids", ()))
+        if not skip_special_tokens or not special.intersection(ids):
+            return text[:end]
+        for n in range(len(ids), -1, -1):
+            head = self.detokenize(ids[:n], skip_special_tokens=False)
+            if len(head) <= end and text.startswith(head):
+                return self.detokenize(ids[:n], skip_special_tokens=True) + text[len(head):end]
+        return text[:end]
+
+
+def generation_eos_ids(generation_config: dict, path: Optional[Path]) -> tuple[int, ...]:
+    """The ``eos_token_id`` of a generation_config.json (an int or a list of them), checked."""
+    value = generation_config.get("eos_token_id")
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise CheckpointError(f"{path}/generation_config.json: eos_token_id={value!r} is not a token id or a list "
+                              "of them")
+    return tuple(values)

@@ -30,6 +30,7 @@ class Request:
     page_keys: list[bytes] = field(default_factory=list)  # prefix keys of its full pages, as far as computed
     num_keyed_pages: int = 0  # pages offered to the prefix cache so far
     finish_reason: Optional[str] = None  # "stop" | "length"
+    stop_reason: int | str | None = None  # the stop id or stop string that ended it (None: EOS or length)
     text: str = ""
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None

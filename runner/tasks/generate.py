@@ -27,7 +27,7 @@ from mla_runner.engine import LLMEngine
 from mla_runner.engine.distributed import rank
 from mla_runner.engine.request import Request
 from mla_runner.errors import Interrupted, UserError
-from mla_runner.prompts import BUILTIN_PROMPTS, PromptSpec, encode, read_prompt_file
+from mla_runner.prompts import BUILTIN_PROMPTS, PromptSpec, encode, encode_chat, read_prompt_file
 from mla_runner.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
     engine = LLMEngine(cfg)
     done = engine.par.broadcast(done)  # every rank runs the same prompts
     defaults = SamplingParams(temperature=task.temperature, top_p=task.top_p, top_k=task.top_k,
-                              max_tokens=task.max_tokens)
+                              max_tokens=task.max_tokens, stop=list(task.stop))
     with CompletionsFile(output_path if writer else None, append=task.resume) as out:
         requests, errors = [], 0
         for i, spec in enumerate(specs):
@@ -102,8 +102,12 @@ def _request(engine: LLMEngine, index: int, spec: PromptSpec, defaults: Sampling
         raise UserError(f"line {spec.line}: {e}" if spec.line else str(e)) from None
     if "seed" not in spec.sampling and task.seed is not None:
         params = replace(params, seed=request_seed(task.seed, index))
-    ids = spec.prompt_token_ids if spec.prompt is None else encode(engine.tokenizer, spec.prompt, task.chat)
-    return engine.make_request(index, ids, params, spec.prompt)
+    prompt = spec.prompt
+    if spec.messages is not None:
+        prompt, ids = encode_chat(engine.tokenizer, spec.messages)
+    else:
+        ids = spec.prompt_token_ids if prompt is None else encode(engine.tokenizer, prompt, task.chat)
+    return engine.make_request(index, ids, params, prompt)
 
 
 def summarize(requests: list[Request], errors: int, start: float) -> dict:
@@ -145,6 +149,7 @@ def _result(req: Request) -> dict:
         "text": req.text,
         "token_ids": req.output_token_ids,
         "finish_reason": req.finish_reason,
+        "stop_reason": req.stop_reason,
         "prompt_tokens": len(req.prompt_token_ids),
         "cached_prompt_tokens": req.num_cached_tokens,
         "time_to_first_token_s": round(req.first_token_time - req.arrival_time, 4),

@@ -153,6 +153,20 @@ def test_reference_chunks_queries(monkeypatch):
     torch.testing.assert_close(whole, chunked, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_all_requests_at_once_equals_one_at_a_time(monkeypatch, causal):
+    # small steps take the masked all-requests form, large ones the per-request loop: the same numbers, rows of a
+    # request without keys included (out 0, lse -inf)
+    from mla_runner.kernels import mla_prefill
+
+    args = make([5, 1, 7, 3], [9, 1, 7, 0], 3, seed=10)
+    together = mla_prefill.mla_prefill_reference(*args, 7, 0.25, causal)
+    monkeypatch.setattr(mla_prefill, "MAX_SCORES", 3 * 17)  # below every query's scores: one request at a time
+    alone = mla_prefill.mla_prefill_reference(*args, 7, 0.25, causal)
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
+    assert bool((together[1][-3:] == float("-inf")).all()) and bool((together[0][-3:] == 0).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_of_two_key_sets_is_one_call(dtype):
     # each request's keys split in two (one part empty for some requests): two non-causal calls merged = one call

@@ -123,3 +123,11 @@ def test_bad_configs_name_the_field(change: dict[str, Any], culprit: str) -> Non
     with pytest.raises(CheckpointError, match=f"my/config.json: .*{culprit}"):
         ModelArgs.from_dict({**DEEPSEEK_V3_CONFIG, **change}, source="my/config.json")
 
+
+
+def test_eos_token_id_as_one_id_or_a_list() -> None:
+    one = ModelArgs.from_dict(TINY_DEEPSEEK_V3_CONFIG)
+    several = ModelArgs.from_dict({**TINY_DEEPSEEK_V3_CONFIG, "eos_token_id": [1, 7]})
+    assert (one.eos_token_ids, several.eos_token_ids) == ((1,), (1, 7))
+    with pytest.raises(CheckpointError, match="field 'eos_token_id' should be int"):
+        ModelArgs.from_dict({**TINY_DEEPSEEK_V3_CONFIG, "eos_token_id": [1, "x"]})

@@ -150,7 +150,7 @@ def test_every_bad_prompt_line_is_reported_and_the_good_ones_run(env, tmp_path):
     assert sorted(rows) == list(range(7))
     assert len(rows[0]["token_ids"]) == 2 and len(rows[6]["token_ids"]) <= 3
     want = {1: (3, "not valid JSON"), 2: (4, "unknown field 'colour'"), 3: (5, "field 'prompt' must be a string"),
-            4: (6, 'field \'max_tokens\' must be an integer, got a string "7"'), 5: (7, "not valid UTF-8")}
+            4: (6, 'field \'max_tokens\' must be an integer or null, got a string "7"'), 5: (7, "not valid UTF-8")}
     for index, (line, needle) in want.items():
         assert rows[index]["line"] == line and f"{path}:{line}: " in rows[index]["error"], rows[index]
         assert needle in rows[index]["error"], rows[index]

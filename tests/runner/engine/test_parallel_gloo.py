@@ -36,7 +36,8 @@ def _free_port() -> int:
 
 
 def _llm(ckpt: str, device: str = "cpu", **overrides) -> LLM:
-    return LLM(ckpt, dtype="float32", device=device, page_size=16, max_model_len=128, progress=False, **overrides)
+    return LLM(ckpt, dtype="float32", device=device, page_size=16, max_model_len=128, progress=False,
+               tensor_parallel_size=Launch.from_env().world, **overrides)
 
 
 def _generate(llm: LLM, ignore_eos: bool = True) -> list[list[int]]:
