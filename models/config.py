@@ -119,13 +119,7 @@ class ModelArgs:
         file = Path(path) / "config.json"
         if not file.is_file():
             raise CheckpointError(f"{file}: config.json not found")
-        try:
-            d = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: unreadable config.json ({e})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{file}: config.json is not a JSON object")
-        return cls.from_dict(d, source=str(file))
+        return cls.from_dict(read_json_object(file), source=str(file))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelArgs:
@@ -205,6 +199,17 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     if not ok:
         raise CheckpointError(f"{where} should be {kind.__name__}, got {value!r}")
     return kind(value)
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config.json, generation_config.json) as a dict, or a ``CheckpointError`` naming it."""
+    try:
+        d = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable {file.name} ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: {file.name} is not a JSON object")
+    return d
 
 
 def token_ids(value: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +10,7 @@ import torch
 from mla_runner.config import ModelConfig
 from mla_runner.errors import ConfigError
 from mla_runner.models import presets
-from mla_runner.models.config import ModelArgs
+from mla_runner.models.config import ModelArgs, read_json_object
 from mla_runner.models.deepseek_v3 import DeepseekV3ForCausalLM
 from mla_runner.models.errors import CheckpointError
 from mla_runner.models.loader import load_model, load_tokenizer
@@ -84,13 +83,7 @@ class ModelSource:
         file = None if self.path is None else self.path / "generation_config.json"
         if file is None or not file.is_file():
             return {}
-        try:
-            d = json.loads(file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: unreadable generation_config.json ({e})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{file}: generation_config.json is not a JSON object")
-        return d
+        return read_json_object(file)
 
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer; None for random weights (prompts are token ids then)."""
