@@ -7,7 +7,8 @@ their last token) take the absorbed form through ``backend.forward`` with the st
 (built once per step by the backend, read by every layer). The chunks of prompts after them (``prefill``) take the
 non-absorbed form through ``backend.prefill``: causal attention over the chunk's own tokens, plus the tokens of
 the request already in the cache (earlier chunks, a prefix-cache hit), gathered and up-projected in bounded chunks
-and merged by log-sum-exp.
+and merged by log-sum-exp; or, short chunks after a long context, the absorbed form through ``backend.forward``
+with metadata of their own (``prefill.absorbed``).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ class PrefillMetadata:
     cu_seqlens_q: torch.Tensor  # [P + 1] int32, offsets among those tokens
     max_q_len: int
     context: list[ContextChunk] = field(default_factory=list)  # empty when no request has tokens in the cache
+    # set: the chunks run in absorbed form, through backend.forward with this metadata (context then stays empty)
+    absorbed: Any = None
 
 
 @dataclass

@@ -3,10 +3,12 @@
 Per token the cache holds one vector [kv_a_layernorm(c_kv) (kv_lora_rank) | rotated k_pe (rope_dim)] shared by
 all heads. ``kv_b_proj`` [H * (nope + v), kv_lora_rank] maps a latent vector to each head's no-rope key and value.
 
-- Absorbed form (one new token per request: decode): ``kv_b_proj`` is never applied to the cache: its key half
-  W_UK is folded into the query (q_lat = q_nope @ W_UK per head) and its value half W_UV into the output
-  (o = o_lat @ W_UV^T per head), so attention runs directly on latent vectors (DeepSeek-V3 ``inference/model.py``,
-  absorb mode): 2 * H * (kv_lora_rank + rope + kv_lora_rank) FLOPs per query-key pair, no up-projection.
+- Absorbed form (one new token per request: decode; and short prompt chunks after a long context, where
+  up-projecting the context would cost more than the form's wider pairs): ``kv_b_proj`` is never applied to the
+  cache: its key half W_UK is folded into the query (q_lat = q_nope @ W_UK per head) and its value half W_UV into
+  the output (o = o_lat @ W_UV^T per head), so attention runs directly on latent vectors (DeepSeek-V3
+  ``inference/model.py``, absorb mode): 2 * H * (kv_lora_rank + rope + kv_lora_rank) FLOPs per query-key pair,
+  no up-projection.
 - Non-absorbed form (chunks of prompts): ``kv_b_proj`` up-projects the keys and values, and attention runs per
   head at width nope + rope for keys and v for values, 3.4x fewer FLOPs per pair at DeepSeek-V3's sizes, the
   up-projection paid once per key (docs/mla_prefill.md).
@@ -21,6 +23,8 @@ weights into one [q_lora_rank + kv_cache_dim, hidden] GEMM (decode runs one call
 their names as views of it.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,14 +128,20 @@ class MLA(nn.Module):
             D = x.shape[0] - ctx.prefill.num_tokens
             o = q_nope.new_empty(x.shape[0], self.n_heads, self.v_dim)
             if D:
-                o[:D] = self._absorbed(q_nope[:D], q_pe[:D], ctx)
-            o[D:] = self._prefill(q_nope[D:], q_pe[D:], latent[D:], ctx)
+                o[:D] = self._absorbed(q_nope[:D], q_pe[:D], ctx, ctx.attn_metadata)
+            if ctx.prefill.absorbed is not None:
+                o[D:] = self._absorbed(q_nope[D:], q_pe[D:], ctx, ctx.prefill.absorbed)
+            else:
+                o[D:] = self._prefill(q_nope[D:], q_pe[D:], latent[D:], ctx)
         return self.o_proj(o.flatten(1))
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Attention of one token per request in absorbed form: [T, H, v_dim]."""
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: ForwardContext,
+                  metadata: Any = None) -> torch.Tensor:
+        """Attention in absorbed form over the latent cache, with ``metadata`` (the step's shared one by default):
+        [T, H, v_dim]."""
         q_abs = torch.cat([torch.einsum("thn,hnc->thc", q_nope, self.w_uk), q_pe], dim=-1)
-        o_lat = ctx.backend.forward(q_abs, self.kv_cache, ctx.attn_metadata, self.softmax_scale)
+        metadata = ctx.attn_metadata if metadata is None else metadata
+        o_lat = ctx.backend.forward(q_abs, self.kv_cache, metadata, self.softmax_scale)
         return torch.einsum("thc,hvc->thv", o_lat, self.w_uv)
 
     def _up_project(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

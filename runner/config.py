@@ -175,6 +175,10 @@ class RunConfig:
     # prefilled in chunks over several steps while the others decode (docs/scheduling.md)
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True  # false: a prompt is prefilled whole, in one step
+    # while requests decode, the query-key pairs a step's prompt chunks may attend (a chunk of n tokens after c cached
+    # ones attends n * c + n (n + 1) / 2): a chunk deep into a long prompt costs in proportion to its context, so this,
+    # not the token budget, bounds how much it slows the decoding requests' step; 0: no bound (docs/scheduling.md#4)
+    chunk_attention_budget: int = 4_194_304
     enable_prefix_caching: bool = True  # full KV pages keyed by their prefix, shared by requests that start alike
     page_size: int = 64  # tokens per KV-cache page
     num_pages: Optional[int] = None  # KV-cache capacity; unset: see kv_cache_memory_fraction
@@ -205,6 +209,9 @@ class RunConfig:
         if self.max_num_batched_tokens < self.max_batch_size:
             raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} is smaller than max_batch_size="
                               f"{self.max_batch_size}: a step could not decode every running request")
+        if self.chunk_attention_budget < 0:
+            raise ConfigError(f"chunk_attention_budget={self.chunk_attention_budget} is not valid: it must be >= 0 "
+                              "(0: no bound)")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ConfigError(f"enable_chunked_prefill=false needs max_num_batched_tokens >= max_model_len (here "
                               f"{self.max_num_batched_tokens} < {self.max_model_len}): a long prompt could never run")

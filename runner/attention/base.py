@@ -47,6 +47,8 @@ class Capabilities:
     kv_lora_ranks: tuple[int, ...] | None = None
     rope_dims: tuple[int, ...] | None = None
     varlen_q: bool = True  # requests of one step may have different q_len (False: one q_len for all of them)
+    # build_chunk_metadata serves prompt chunks of up to ABSORBED_MAX_Q_LEN tokens in the absorbed form (eager steps)
+    absorbed_chunks: bool = False
 
     @property
     def cuda_graphs(self) -> bool:
@@ -126,6 +128,12 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, sm_scale: float) -> torch.Tensor:
         """q [T, H, kv_lora_rank + rope_dim] (the absorbed query) against one layer's cache [pages, page_size,
         kv_lora_rank + rope_dim] -> [T, H, kv_lora_rank] in q's dtype."""
+
+    def build_chunk_metadata(self, inputs: StepInputs) -> Any:
+        """Metadata with which ``forward`` attends a step's short prompt chunks in absorbed form (q_len up to
+        ``mla_runner.attention.prefill.ABSORBED_MAX_Q_LEN``, each causal over its own tokens after its cached ones),
+        for a backend that declares ``absorbed_chunks``; eager steps only (host lengths given)."""
+        raise NotImplementedError(f"{self.label()} does not run prompt chunks in absorbed form")
 
     def prefill(self, q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_q_len: int, sm_scale: float,

@@ -22,10 +22,13 @@ class TorchMetadata:
 class TorchBackend(AttentionBackend):
     name = "torch"
     # forward reads the lengths on the host (a sync per layer), so a step cannot be captured
-    capabilities = Capabilities(graph_forward=False, graph_metadata=True, devices=("cuda", "cpu"))
+    capabilities = Capabilities(graph_forward=False, graph_metadata=True, devices=("cuda", "cpu"), absorbed_chunks=True)
 
     def build_metadata(self, inputs: StepInputs) -> TorchMetadata:
         return TorchMetadata(inputs.qo_indptr, inputs.seq_lens, inputs.block_table)
+
+    def build_chunk_metadata(self, inputs: StepInputs) -> TorchMetadata:
+        return self.build_metadata(inputs)
 
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: TorchMetadata,
                 sm_scale: float) -> torch.Tensor:

@@ -6,6 +6,10 @@ by the chosen metadata strategy:
   kernel per step (no sync, no allocation): the step is captured in a CUDA graph with it.
 - ``metadata=per_step``: ``PerStepMetadataBuilder``, the plan computed on the host from the step's host lengths and
   copied in (the baseline; eager).
+
+Short prompt chunks (``build_chunk_metadata``, eager steps) run through the same kernels with a per-step plan of
+their own, q_len up to ``ABSORBED_MAX_Q_LEN``: each chunk's KV cut into as many parts as fill the GPU twice over
+with its row tiles.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import importlib.util
 import torch
 
 from mla_runner.attention.base import AttentionBackend, AttentionSpec, Capabilities, StepInputs
+from mla_runner.attention.prefill import ABSORBED_MAX_Q_LEN
 from mla_runner.kernels.interpreter import interpreter_problem
-from mla_runner.kernels.metadata import MLAMetadata, PersistentMetadataBuilder, PerStepMetadataBuilder
+from mla_runner.kernels.metadata import ROWS_PER_TILE, MLAMetadata, PersistentMetadataBuilder, PerStepMetadataBuilder
 from mla_runner.kernels.mla_decode import mla_decode
 
 
@@ -30,9 +35,26 @@ class TritonBackend(AttentionBackend):
             return "attention=triton needs the triton package: pip install triton (or use attention=torch)"
         return interpreter_problem(device)
 
+    def __init__(self, spec: AttentionSpec):
+        super().__init__(spec)
+        self._chunk_builder: PerStepMetadataBuilder | None = None  # made by the first build_chunk_metadata
+
     def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: MLAMetadata,
                 sm_scale: float) -> torch.Tensor:
         return mla_decode(q, kv_cache, metadata, sm_scale, kv_lora_rank=self.spec.kv_lora_rank)
+
+    def build_chunk_metadata(self, inputs: StepInputs) -> MLAMetadata:
+        if inputs.seq_lens_host is None or inputs.q_lens_host is None:
+            raise ValueError("build_chunk_metadata builds its plan from host lengths: give seq_lens_host and "
+                             "q_lens_host")
+        s = self.spec
+        if self._chunk_builder is None:
+            self._chunk_builder = PerStepMetadataBuilder(**{**self._sizes(), "max_q_len": ABSORBED_MAX_Q_LEN})
+        tiles = sum(-(-n * s.num_heads // ROWS_PER_TILE) for n in inputs.q_lens_host)
+        sms = torch.cuda.get_device_properties(s.device).multi_processor_count if s.device.type == "cuda" else 4
+        self._chunk_builder.num_kv_splits = max(1, min(16, -(-2 * sms // max(tiles, 1))))
+        return self._chunk_builder.build(inputs.seq_lens, inputs.qo_indptr, inputs.block_table, inputs.seq_lens_host,
+                                         inputs.q_lens_host)
 
     def _sizes(self) -> dict:
         s = self.spec
@@ -43,7 +65,7 @@ class TritonBackend(AttentionBackend):
 
 class TritonPersistentBackend(TritonBackend):
     strategy = "persistent"
-    capabilities = Capabilities(graph_forward=True, graph_metadata=True, devices=("cuda", "cpu"))
+    capabilities = Capabilities(graph_forward=True, graph_metadata=True, devices=("cuda", "cpu"), absorbed_chunks=True)
 
     def __init__(self, spec: AttentionSpec, max_kv_splits: int | None = None, dram_ratio: int | None = None):
         """``max_kv_splits``: a cap on the parts one request is cut into; ``dram_ratio``: the plan's DRAM floor (None:
@@ -60,7 +82,8 @@ class TritonPersistentBackend(TritonBackend):
 
 class TritonPerStepBackend(TritonBackend):
     strategy = "per_step"
-    capabilities = Capabilities(graph_forward=True, graph_metadata=False, devices=("cuda", "cpu"))
+    capabilities = Capabilities(graph_forward=True, graph_metadata=False, devices=("cuda", "cpu"),
+                                absorbed_chunks=True)
 
     def __init__(self, spec: AttentionSpec, num_kv_splits: int = 4):
         """``num_kv_splits``: the parts every request is cut into (fewer for a request of fewer KV blocks)."""

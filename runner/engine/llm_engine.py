@@ -72,7 +72,7 @@ class LLMEngine:
         self.extra_eos_ids = set(generation_eos_ids(self.generation_config, source.path)) - self.eos_token_ids
         blocks = BlockManager(self.runner.num_pages, cfg.page_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, cfg.max_batch_size, cfg.max_num_batched_tokens,
-                                   cfg.enable_chunked_prefill)
+                                   cfg.enable_chunked_prefill, cfg.chunk_attention_budget)
         self._request_ids = itertools.count()
         r = self.runner.resolved
         graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from mla_runner.attention import AttentionSpec, StepInputs, check_choice, make_backend
-from mla_runner.attention.prefill import build_prefill_metadata, context_chunk_tokens
+from mla_runner.attention.prefill import absorbed_is_cheaper, build_prefill_metadata, context_chunk_tokens
 from mla_runner.config import TORCH_DTYPES, RunConfig
 from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
@@ -35,7 +35,7 @@ from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import sample
 from mla_runner.engine.scheduler import ScheduledBatch
 from mla_runner.errors import ConfigError
-from mla_runner.models.context import ForwardContext
+from mla_runner.models.context import ForwardContext, PrefillMetadata
 from mla_runner.models.parallel import Parallel
 
 
@@ -235,8 +235,7 @@ class ModelRunner:
             ids.append(torch.tensor(req.token_ids[start : start + n]))
             positions.append(pos)
             slots.append(pages[pos // size] * size + pos % size)
-        prefill = build_prefill_metadata(q_lens, [r.num_computed for r in chunks], block_table.to(device), size,
-                                         self.context_chunk_tokens)
+        prefill = self._chunk_metadata(q_lens, [r.num_computed for r in chunks], block_table.to(device))
         on_device = [t.to(device, non_blocking=True) for t in (*ids[1:], *positions[1:], *slots[1:])]
         P = len(chunks)
         ctx = ForwardContext(positions=torch.cat([positions[0], *on_device[P : 2 * P]]),
@@ -245,6 +244,23 @@ class ModelRunner:
         hidden = self.model(torch.cat([ids[0], *on_device[:P]]), ctx)
         last = list(range(D)) + [D + end - 1 for end in itertools.accumulate(q_lens)]
         return self.model.compute_logits(hidden[torch.tensor(last, device=device)])
+
+    def _chunk_metadata(self, q_lens: list[int], context_lens: list[int], block_table: torch.Tensor
+                        ) -> PrefillMetadata:
+        """The step's prompt chunks: in absorbed form where the backend runs it and it takes fewer FLOPs (short chunks
+        after a long context: ``absorbed_is_cheaper``), else non-absorbed with context slices."""
+        a = self.args
+        if self.backend.capabilities.absorbed_chunks and absorbed_is_cheaper(
+                q_lens, context_lens, a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim, a.v_head_dim):
+            seq_lens = [c + n for c, n in zip(context_lens, q_lens)]
+            cu_q = list(itertools.accumulate(q_lens, initial=0))
+            i32 = dict(dtype=torch.int32, device=self.device)
+            inputs = StepInputs(seq_lens=torch.tensor(seq_lens, **i32), qo_indptr=torch.tensor(cu_q, **i32),
+                                block_table=block_table, q_len=max(q_lens), seq_lens_host=seq_lens,
+                                q_lens_host=list(q_lens))
+            return PrefillMetadata(num_tokens=cu_q[-1], cu_seqlens_q=inputs.qo_indptr, max_q_len=max(q_lens),
+                                   absorbed=self.backend.build_chunk_metadata(inputs))
+        return build_prefill_metadata(q_lens, context_lens, block_table, self.page_size, self.context_chunk_tokens)
 
     def _decode_forward(self, bs: int, seq_lens_host: list[int] | None = None) -> torch.Tensor:
         """Metadata, model and logits over the first ``bs`` decode slots: the part CUDA graphs capture (host

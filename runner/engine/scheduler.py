@@ -4,17 +4,32 @@ Each step the running requests come first, in order: each takes what it still ne
 is decoding, the rest of its prompt for one being prefilled), as far as ``max_num_batched_tokens`` allows, so a long
 prompt is prefilled chunk by chunk while the others keep decoding in the same steps. What is left of the budget
 admits waiting requests (their cached prefix first: ``BlockManager.admit``) up to ``max_batch_size`` running.
+While requests decode, the prompt chunks of a step also share ``chunk_attention_budget`` query-key pairs: a chunk of
+n tokens after c cached ones attends n * c + n (n + 1) / 2 of them, so deep into a long prompt its chunks shrink and
+the decoding requests' steps stay short (at least ``MIN_CHUNK`` tokens a step, so the prompt still advances).
 When a request cannot get pages for its tokens, the newest running request is preempted: its pages are released
 (their prefix stays cached until evicted) and it goes back to the front of the queue, to be computed again (prompt
 plus what it generated so far) when pages free up; no request is admitted in a step that preempted one.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
 from mla_runner.engine.block_manager import BlockManager
 from mla_runner.engine.request import Request, Status
+
+MIN_CHUNK = 16  # tokens a prompt chunk gets under the attention budget however long its context
+
+
+def chunk_within(pairs: int, context: int, wanted: int) -> int:
+    """The most of ``wanted`` tokens after ``context`` cached ones whose causal attention stays within ``pairs``
+    query-key pairs (n * context + n (n + 1) / 2 <= pairs), at least ``min(MIN_CHUNK, wanted)``."""
+    n = int(math.isqrt(max(0, (2 * context + 1) ** 2 + 8 * pairs)) - (2 * context + 1)) // 2
+    while n * context + n * (n + 1) // 2 > pairs:  # isqrt's rounding
+        n -= 1
+    return min(wanted, max(n, MIN_CHUNK))
 
 
 @dataclass
@@ -42,8 +57,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True):
+                 enable_chunked_prefill: bool = True, chunk_attention_budget: int = 0):
         self.blocks = block_manager
+        self.chunk_attention_budget = chunk_attention_budget
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -59,12 +75,19 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
+        # the chunks' query-key pairs, bounded only in a step where requests decode
+        decoding = self.enable_chunked_prefill and self.chunk_attention_budget > 0 and any(
+            r.num_tokens - r.num_computed == 1 for r in self.running)
+        pairs = self.chunk_attention_budget if decoding else None
         scheduled: list[tuple[Request, int]] = []
         queue, kept = list(self.running), []
         preempted = False
         while queue:
             req = queue.pop(0)
             n = min(req.num_tokens - req.num_computed, budget)
+            if n > 1 and pairs is not None:
+                n = chunk_within(pairs, req.num_computed, n)
+                pairs = max(0, pairs - _pairs(n, req.num_computed))
             if n > 0:
                 while not self.blocks.can_allocate(req, req.num_computed + n):
                     preempted = True
@@ -84,16 +107,23 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
             hit = self.blocks.match_prefix(req)
-            remaining = req.num_tokens - len(hit) * self.blocks.page_size
+            cached = len(hit) * self.blocks.page_size
+            remaining = req.num_tokens - cached
             n = min(remaining, budget)
             if n < remaining and not self.enable_chunked_prefill:
                 break
+            if n > 1 and pairs is not None:
+                if pairs == 0:
+                    break
+                n = chunk_within(pairs, cached, n)
             if not self.blocks.admit(req, hit, n):
                 break
             req.status = Status.RUNNING
             self.running.append(self.waiting.popleft())
             scheduled.append((req, n))
             budget -= n
+            if n > 1 and pairs is not None:
+                pairs = max(0, pairs - _pairs(n, cached))
 
         scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, each group in running order
         return ScheduledBatch([r for r, _ in scheduled], [n for _, n in scheduled])
@@ -117,3 +147,8 @@ class Scheduler:
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
+
+
+def _pairs(n: int, context: int) -> int:
+    """Query-key pairs of a chunk of ``n`` tokens after ``context`` cached ones (causal)."""
+    return n * context + n * (n + 1) // 2

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from mla_runner.attention.prefill import build_prefill_metadata, context_chunk_tokens
+from mla_runner.attention.prefill import (
+    ABSORBED_MAX_Q_LEN,
+    absorbed_is_cheaper,
+    build_prefill_metadata,
+    context_chunk_tokens,
+)
 
 
 def test_context_slices_cover_each_requests_cached_positions_in_order():
@@ -37,3 +42,19 @@ def test_no_context_no_slices_and_the_workspace_sets_the_width():
     # 1 GiB of bf16 keys and values at 128 heads of 256: 16384 tokens; never below one page
     assert context_chunk_tokens(128, 256, 2, 64) == 16384
     assert context_chunk_tokens(128, 256, 2, 64, workspace_bytes=1000) == 64
+
+
+def test_absorbed_form_for_short_chunks_after_long_context_by_flop_count():
+    dims = dict(kv_lora_rank=512, rope_dim=64, nope_dim=128, v_dim=128)  # DeepSeek-V3
+
+    def flops(n, c):  # per head, the work both forms share left out
+        pairs = n * c + n * (n + 1) // 2
+        return 2 * (512 + 64 + 512) * pairs, 2 * (128 + 64 + 128) * pairs + 2 * 512 * (128 + 128) * c
+
+    for q_lens, ctx in (([1], [100]), ([128], [32768]), ([170], [32768]), ([171], [32768]), ([64, 200], [8000, 500]),
+                        ([16], [0]), ([64], [64])):
+        absorbed, mha = (sum(f) for f in zip(*(flops(n, c) for n, c in zip(q_lens, ctx))))
+        assert absorbed_is_cheaper(q_lens, ctx, **dims) == (absorbed < mha), (q_lens, ctx)
+    assert absorbed_is_cheaper([128], [32768], **dims) and not absorbed_is_cheaper([171], [32768], **dims)
+    assert not absorbed_is_cheaper([16], [0], **dims)  # without context never
+    assert not absorbed_is_cheaper([ABSORBED_MAX_Q_LEN + 1], [10**7], **dims)  # past the longest it runs

@@ -9,7 +9,7 @@ import torch
 
 from mla_runner.engine.block_manager import BlockManager, BlockTable
 from mla_runner.engine.request import Request, Status
-from mla_runner.engine.scheduler import Scheduler
+from mla_runner.engine.scheduler import MIN_CHUNK, Scheduler, chunk_within
 from mla_runner.sampling import SamplingParams
 
 
@@ -190,3 +190,42 @@ def test_batch_size_limit():
         r.output_token_ids.append(7)
     batch = sched.schedule()
     assert batch.num_decode == 2 == len(batch.requests)
+
+
+def test_chunk_within_is_the_largest_chunk_under_the_pair_budget():
+    for pairs in (0, 1, 100, 5000, 2**22):
+        for context in (0, 1, 63, 1000, 32768):
+            n = chunk_within(pairs, context, 10**6)
+            cost = lambda k, c=context: k * c + k * (k + 1) // 2
+            assert n == MIN_CHUNK or cost(n) <= pairs < cost(n + 1), (pairs, context, n)
+    assert chunk_within(2**22, 0, 100) == 100 and chunk_within(0, 10, 5) == 5
+
+
+def test_while_requests_decode_the_attention_budget_shrinks_chunks_as_their_context_grows():
+    decoder, long = make_requests([[1, 2, 3], list(range(10, 1010))], [500, 1])
+    blocks = BlockManager(256, 16)
+    pairs = 10_000
+    sched = Scheduler(blocks, 8, max_num_batched_tokens=512, chunk_attention_budget=pairs)
+    sched.add(decoder)
+    batch = sched.schedule()
+    decoder.num_computed += batch.num_new[0]
+    decoder.output_token_ids.append(7)
+    sched.add(long)
+    chunks = []
+    while long.num_computed < long.num_tokens:
+        batch = sched.schedule()
+        assert batch.requests[0] is decoder and batch.num_new[0] == 1, "the decoder runs every step"
+        for r, n in zip(batch.requests, batch.num_new):
+            if r is long:
+                assert n == min(MIN_CHUNK, r.num_tokens - r.num_computed) or \
+                    n * r.num_computed + n * (n + 1) // 2 <= pairs
+                chunks.append(n)
+            r.num_computed += n
+        decoder.output_token_ids.append(7)
+    assert chunks[0] == chunk_within(pairs, 0, 511) == 140 and chunks == sorted(chunks, reverse=True)
+    assert chunks[-2] == MIN_CHUNK  # deep into the prompt, the floor keeps it moving
+    # alone, the prompt takes the whole token budget
+    alone = make_requests([list(range(10, 1010))], [1])[0]
+    sched = Scheduler(BlockManager(256, 16), 8, max_num_batched_tokens=512, chunk_attention_budget=pairs)
+    sched.add(alone)
+    assert sched.schedule().num_new == [512]
