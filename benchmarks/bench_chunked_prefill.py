@@ -2,13 +2,16 @@
 
 ``--decoders`` requests of ``--context`` tokens decode (CUDA-graph steps; a short prompt passes first, so that the
 kernels of steps with prompt chunks are compiled); after ``--warm`` steps a prompt of
-``--prompt`` tokens arrives and is prefilled in chunks under ``max_num_batched_tokens`` while they go on decoding.
-Printed per budget: the median decode step before the newcomer, the median and the largest step while its chunks
-run (each one also decodes every running request), the ratio of the largest to the undisturbed median, the number
-of chunk steps and the newcomer's time to first token. Step time is wall time with the device synchronized.
+``--prompt`` tokens arrives and is prefilled in chunks under ``max_num_batched_tokens`` and
+``chunk_attention_budget`` while they go on decoding.
+Printed per pair of budgets: the median decode step before the newcomer, the median and the largest step while its
+chunks run (each one also decodes every running request), the ratio of the largest to the undisturbed median, the
+number of chunk steps (and how many ran the chunk in absorbed form) and the newcomer's time to first token. Step time
+is wall time with the device synchronized.
 Model: DeepSeek-V3 widths with random weights truncated to ``--layers`` layers (3 dense + 1 MoE at 4), FP8 weights.
 
-    python benchmarks/bench_chunked_prefill.py [--budgets 2048,8192] [--decoders 32] [--prompt 32768] [--json PATH]
+    python benchmarks/bench_chunked_prefill.py [--budgets 2048,8192] [--pairs default,0] [--decoders 32]
+        [--prompt 32768] [--json PATH]
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import time
 import torch
 
 
-def measure(budget: int, args) -> dict:
+def measure(budget: int, pairs: str, args) -> dict:
     from mla_runner.compose import compose_config
     from mla_runner.engine import LLMEngine
     from mla_runner.sampling import SamplingParams
@@ -30,8 +33,18 @@ def measure(budget: int, args) -> dict:
     cfg = compose_config([
         "model=deepseek_v3", "model.random_weights=true", f"model.num_layers={args.layers}", "weights=fp8",
         f"max_batch_size={args.decoders + 1}", f"max_model_len={args.prompt + 64}", f"max_num_batched_tokens={budget}",
-        "progress=false", f"num_pages={(args.decoders * (args.context + 1024) + args.prompt + 1024) // 64 + 8}"])
+        "progress=false", f"num_pages={(args.decoders * (args.context + 1024) + args.prompt + 1024) // 64 + 8}",
+        *([] if pairs == "default" else [f"chunk_attention_budget={pairs}"])])
     engine = LLMEngine(cfg)
+    runner, absorbed = engine.runner, []
+    build = runner._chunk_metadata
+
+    def record_form(*a):
+        meta = build(*a)
+        absorbed.append(meta.absorbed is not None)
+        return meta
+
+    runner._chunk_metadata = record_form
     gen = torch.Generator().manual_seed(0)
     vocab = engine.args.vocab_size
 
@@ -61,10 +74,13 @@ def measure(budget: int, args) -> dict:
     engine.scheduler.add(newcomer)
     arrived = time.perf_counter()
     loaded = []
+    absorbed.clear()
     while newcomer.first_token_time is None:
         loaded.append(step())
     base = statistics.median(quiet[len(quiet) // 2:])
-    return {"budget": budget, "decode_step_ms": base * 1e3, "loaded_median_ms": statistics.median(loaded) * 1e3,
+    return {"budget": budget, "chunk_attention_budget": cfg.chunk_attention_budget,
+            "absorbed_steps": sum(absorbed), "decode_step_ms": base * 1e3,
+            "loaded_median_ms": statistics.median(loaded) * 1e3,
             "loaded_max_ms": max(loaded) * 1e3, "max_over_decode": max(loaded) / base, "chunk_steps": len(loaded),
             "newcomer_ttft_s": newcomer.first_token_time - arrived}
 
@@ -72,6 +88,8 @@ def measure(budget: int, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budgets", default="2048,8192", help="max_num_batched_tokens values, comma-separated")
+    p.add_argument("--pairs", default="default",
+                   help="chunk_attention_budget values, comma-separated ('default': the config's, 0: no bound)")
     p.add_argument("--decoders", type=int, default=32)
     p.add_argument("--context", type=int, default=2048, help="tokens of each decoding request")
     p.add_argument("--prompt", type=int, default=32768, help="tokens of the prompt that arrives")
@@ -84,15 +102,17 @@ def main() -> None:
     rows = []
     print(f"{torch.cuda.get_device_name()}: {args.decoders} requests of {args.context} tokens decoding, a prompt of "
           f"{args.prompt} tokens arriving; DeepSeek-V3 widths, {args.layers} layers, FP8 weights")
-    print("| max_num_batched_tokens | decode step ms | loaded median ms | loaded max ms | max / decode | chunk steps "
-          "| newcomer TTFT s |\n|---|---|---|---|---|---|---|")
+    print("| max_num_batched_tokens | chunk_attention_budget | decode step ms | loaded median ms | loaded max ms | "
+          "max / decode | chunk steps (absorbed) | newcomer TTFT s |\n|---|---|---|---|---|---|---|---|")
     for budget in map(int, args.budgets.split(",")):
-        r = measure(budget, args)
-        rows.append(r)
-        print(f"| {budget} | {r['decode_step_ms']:.2f} | {r['loaded_median_ms']:.2f} | {r['loaded_max_ms']:.2f} | "
-              f"{r['max_over_decode']:.2f} | {r['chunk_steps']} | {r['newcomer_ttft_s']:.3f} |", flush=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        for pairs in args.pairs.split(","):
+            r = measure(budget, pairs, args)
+            rows.append(r)
+            print(f"| {budget} | {r['chunk_attention_budget']} | {r['decode_step_ms']:.2f} | "
+                  f"{r['loaded_median_ms']:.2f} | {r['loaded_max_ms']:.2f} | {r['max_over_decode']:.2f} | "
+                  f"{r['chunk_steps']} ({r['absorbed_steps']}) | {r['newcomer_ttft_s']:.3f} |", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)
