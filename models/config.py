@@ -88,6 +88,8 @@ class ModelArgs:
             raise CheckpointError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise CheckpointError(f"first_k_dense_replace={self.first_k_dense_replace} is out of range")
+        if self.num_nextn_predict_layers < 0:
+            raise CheckpointError(f"num_nextn_predict_layers={self.num_nextn_predict_layers} must be >= 0")
 
     @property
     def qk_head_dim(self) -> int:
@@ -110,6 +112,11 @@ class ModelArgs:
     def eos_token_ids(self) -> tuple[int, ...]:
         """Every EOS id of config.json (none, one, or the list it gives)."""
         return token_ids(self.eos_token_id)
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the model has a multi-token-prediction module (models/mtp.py): DeepSeek-V3 one, Kimi-K2 none."""
+        return self.num_nextn_predict_layers >= 1
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
@@ -162,7 +169,7 @@ class ModelArgs:
             rope_theta=_rope_theta(d, fields),
             rope_scaling=_yarn(d, source),
             bos_token_id=fields.get("bos_token_id", int, None),
-            eos_token_id=_token_ids(d.get("eos_token_id"), f"{source}: field 'eos_token_id'"),
+            eos_token_id=_one_or_more(d.get("eos_token_id"), f"{source}: field 'eos_token_id'"),
             num_nextn_predict_layers=fields.get("num_nextn_predict_layers", int, 0),
             fp8_block=_fp8_block(d, source),
         )
@@ -219,11 +226,20 @@ def token_ids(value: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...
     return (value,) if isinstance(value, int) else tuple(value)
 
 
-def _token_ids(value: Any, where: str) -> int | tuple[int, ...] | None:
-    """A token-id field of a config file: None, an int, or a list of ints (kept as a tuple: ModelArgs is frozen)."""
-    if value is None or not isinstance(value, list):
-        return None if value is None else _typed(value, int, where)
-    return tuple(_typed(v, int, where) for v in value)
+def parse_token_ids(value: Any, where: str) -> tuple[int, ...]:
+    """A token-id field of a checkpoint's JSON file (config.json's or generation_config.json's ``eos_token_id``):
+    absent (None), one id or a list of ids, as a tuple; a ``CheckpointError`` naming ``where`` for anything else."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    for v in values:
+        if _typed(v, int, where) < 0:
+            raise CheckpointError(f"{where} should be a token id (>= 0), got {v!r}")
+    return tuple(values)
+
+
+def _one_or_more(value: Any, where: str) -> int | tuple[int, ...] | None:
+    """A token-id field as config.json gives it: None, one id, or a list (kept as a tuple: ModelArgs is frozen)."""
+    ids = parse_token_ids(value, where)
+    return ids if isinstance(value, list) else value
 
 
 def _rope_section(d: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """``DeepseekV3ForCausalLM``: one implementation for DeepSeek-V3 and Kimi-K2 (same architecture, other numbers).
 
 Module names equal the checkpoint's tensor names (``model.layers.3.mlp.experts.7.up_proj.weight``), so loading
-needs no rename table. The model sees one flat batch of T tokens from any number of requests; everything about
-scheduling lives in the ``ForwardContext`` (positions, cache slots, attention metadata).
+needs no rename table; the optional MTP module (``mtp``, models/mtp.py) is the one exception, renamed by its own
+table. The model sees one flat batch of T tokens from any number of requests; everything about scheduling lives in
+the ``ForwardContext`` (positions, cache slots, attention metadata).
 
 Built with a ``Parallel`` layout, each module holds this rank's shard (models/parallel.py) and the model runs
 the same on every rank: the embedding and each layer's attention and MLP/MoE output are summed over ranks
@@ -43,6 +44,16 @@ class DecoderLayer(nn.Module):
         return x + self.par.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
+def prepare_layer(layer: DecoderLayer) -> None:
+    """Derive what the checkpoint does not store for one loaded decoder layer: the per-head W_UK / W_UV views of
+    kv_b_proj (in the run dtype), q_a_proj and kv_a_proj_with_mqa fused into one GEMM, and the stacked expert
+    weights of the fused MoE."""
+    layer.self_attn.absorb_weights()
+    layer.self_attn.fuse_input_projections()
+    if isinstance(layer.mlp, MoE):
+        layer.mlp.stack_experts()
+
+
 class DeepseekV3Model(nn.Module):
     def __init__(self, args: ModelArgs, par: Parallel = Parallel()) -> None:
         super().__init__()
@@ -65,9 +76,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.args, self.par = args, par
         self.model = DeepseekV3Model(args, par)
         self.lm_head = nn.Linear(args.hidden_size, par.part(args.vocab_size), bias=False)  # vocab parallel
+        # The multi-token-prediction module (models/mtp.py ``MTPModule``) once one is attached (``attach_mtp``: the
+        # loader's and random_model's ``mtp=True``); None otherwise.
+        self.register_module("mtp", None)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """input_ids [T] (flat over requests) -> final hidden states [T, hidden_size]."""
+        """input_ids [T] (flat over requests) -> final hidden states [T, hidden_size], after ``model.norm``: the
+        input of ``compute_logits`` and, row for row, the h_i that the MTP module takes."""
         return self.model(input_ids, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -77,17 +92,15 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     @property
     def attention_layers(self) -> list[MLA]:
-        """The MLA modules, in layer order: the engine assigns each its ``kv_cache``."""
+        """The MLA modules, in layer order: the engine assigns each its ``kv_cache`` (the MTP module's are
+        ``mtp.attention_layers``)."""
         return [layer.self_attn for layer in self.model.layers]
 
     def post_load(self) -> None:
-        """Derive what the checkpoint does not store, once the weights are in place on their device:
-        the RoPE tables, the per-head W_UK / W_UV views of kv_b_proj (in the run dtype), q_a_proj and
-        kv_a_proj_with_mqa fused into one GEMM, and the stacked expert weights of the fused MoE."""
+        """Derive what the checkpoint does not store, once the weights are in place on their device: the RoPE
+        tables, then each decoder layer's derived weights (``prepare_layer``), the MTP module's included."""
         self.model.rotary_emb.init_tables(self.lm_head.weight.device)
-        for attn in self.attention_layers:
-            attn.absorb_weights()
-            attn.fuse_input_projections()
         for layer in self.model.layers:
-            if isinstance(layer.mlp, MoE):
-                layer.mlp.stack_experts()
+            prepare_layer(layer)
+        if self.mtp is not None:
+            self.mtp.post_load(self)

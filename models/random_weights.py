@@ -14,22 +14,35 @@ from torch import nn
 from mla_runner.kernels.fp8_block import DEFAULT_BLOCK, dequantize_fp8_block, quantize_fp8_block
 from mla_runner.models.config import ModelArgs
 from mla_runner.models.deepseek_v3 import FP32_TENSOR_SUFFIXES, DeepseekV3ForCausalLM
+from mla_runner.models.errors import CheckpointError
 from mla_runner.models.fp8_linear import FP8Linear, convert_to_fp8
 from mla_runner.models.layers import RMSNorm
 from mla_runner.models.loader import set_tensor
+from mla_runner.models.mtp import BF16_LINEARS, PREFIX, SHARED_WITH_MAIN, attach_mtp
 from mla_runner.models.parallel import Parallel, fp8_aligned, read_fp8_shard, read_shard, shard_dim
 
 
 @torch.no_grad()
 def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
-                 fp8: bool = False, par: Parallel = Parallel()) -> DeepseekV3ForCausalLM:
+                 fp8: bool = False, par: Parallel = Parallel(), mtp: bool = False) -> DeepseekV3ForCausalLM:
     """``fp8``: the linear layers a real checkpoint stores in FP8 are drawn in ``dtype``, then quantized into
-    128x128 blocks (``quantize_fp8_block``) and kept as ``FP8Linear`` (the same draws as without ``fp8``)."""
+    128x128 blocks (``quantize_fp8_block``) and kept as ``FP8Linear`` (the same draws as without ``fp8``).
+
+    ``mtp``: with the MTP module (``model.mtp``, layer ``num_hidden_layers``), its embedding and head the main
+    model's tensors as in DeepSeek-V3's files; drawn after the main model, whose weights are the same without it."""
+    if mtp and not args.has_mtp:
+        raise CheckpointError(f"the MTP module was asked for, but this {args.model_type} model has none "
+                              f"(num_nextn_predict_layers={args.num_nextn_predict_layers})")
     with torch.device("meta"):
         full = DeepseekV3ForCausalLM(args)  # the draw order; each tensor is then made once, on the device
         model = DeepseekV3ForCausalLM(args, par) if par.world > 1 else full
+        if mtp:
+            attach_mtp(full, args.num_hidden_layers)
+            if model is not full:
+                attach_mtp(model, args.num_hidden_layers)
     if fp8:
-        fp8_layers = convert_to_fp8(full)
+        fp8_layers = convert_to_fp8(full, [n for n, m in full.named_modules()
+                                           if isinstance(m, nn.Linear) and n not in BF16_LINEARS])
         if model is not full:
             local = {n: t.shape for n, t in model.state_dict().items()}
             convert_to_fp8(model, [m for m in fp8_layers if m + ".weight" in local
@@ -37,7 +50,10 @@ def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | 
     wanted = set(model.state_dict())  # this rank's tensors
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    for name, tensor in list(full.named_parameters()) + list(full.named_buffers()):
+    tensors = list(full.named_parameters()) + list(full.named_buffers())
+    for name, tensor in sorted(tensors, key=lambda t: t[0].startswith(PREFIX)):  # the MTP module's last
+        if name in SHARED_WITH_MAIN:
+            continue
         module = full.get_submodule(name.rpartition(".")[0])
         if isinstance(module, FP8Linear):
             if name.endswith("weight"):
@@ -58,6 +74,9 @@ def random_model(args: ModelArgs, *, dtype: torch.dtype, device: torch.device | 
         if name in wanted:
             dim = shard_dim(name, par)
             set_tensor(model, name, value if dim is None else read_shard(value, value.shape, dim, par).clone())
+    if mtp:
+        for name, main in SHARED_WITH_MAIN.items():
+            set_tensor(model, name, model.get_parameter(main))
     model.post_load()
     return model.eval()
 

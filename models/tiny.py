@@ -3,8 +3,9 @@
 What makes them "real format": FP8 e4m3 ``*_proj.weight`` with f32 ``weight_scale_inv`` per 128x128 block (partial
 edge blocks at tiny dims), bf16 embeddings / norms / router, f32 ``e_score_correction_bias``, several shards
 named like DeepSeek's (``model-00001-of-000003``) or Kimi's (``model-1-of-3``) behind
-``model.safetensors.index.json``, the original config.json, optionally the MTP layer's tensors and
-``rotary_emb.inv_freq`` tensors that a loader must skip, and a trained tokenizer with the model's vocab size.
+``model.safetensors.index.json``, the original config.json, optionally the MTP layer's tensors (random like the rest,
+but for its embedding and head: copies of the main model's, as in DeepSeek-V3's files) and ``rotary_emb.inv_freq``
+tensors that a loader must skip, and a trained tokenizer with the model's vocab size.
 
 Weights: linear layers std 1/sqrt(fan_in), embeddings std 1, norms 1 +- 0.1, a small router bias, so the
 tiny model's greedy continuations vary with the prompt instead of repeating one token.
@@ -29,7 +30,7 @@ from mla_runner.models.deepseek_v3 import DecoderLayer, DeepseekV3ForCausalLM
 from mla_runner.models.tiny_tokenizer import write_tokenizer
 
 ShardStyle = Literal["deepseek", "kimi"]
-FORMAT_VERSION = 2  # part of the cache key: bump when the files written here change
+FORMAT_VERSION = 3  # part of the cache key: bump when the files written here change
 MANIFEST = "mla-runner-manifest.json"  # the sizes and hashes of a cached checkpoint's files
 log = logging.getLogger(__name__)
 
@@ -153,13 +154,19 @@ def default_cache_root() -> Path:
 def stored_tensors(args: ModelArgs, seed: int, *, mtp: bool, inv_freq: bool) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint, in file order, in its stored dtype (fp8 weights followed by their scale)."""
     gen = torch.Generator().manual_seed(seed)
+    shared: dict[str, str] = {}  # MTP tensor -> the main model's tensor it copies
     with torch.device("meta"):
         shapes = {n: t.shape for n, t in DeepseekV3ForCausalLM(args).state_dict().items()}
         if mtp:
             for i in range(args.num_hidden_layers, args.num_hidden_layers + args.num_nextn_predict_layers):
                 shapes.update(_mtp_shapes(args, i))
+                shared |= {f"model.layers.{i}.embed_tokens.weight": "model.embed_tokens.weight",
+                           f"model.layers.{i}.shared_head.head.weight": "lm_head.weight"}
     out: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
+        if name in shared:
+            out[name] = out[shared[name]].clone()  # a copy: safetensors stores no shared memory
+            continue
         w = _random(name, shape, gen)
         if _is_fp8(name):
             out[name], out[f"{name}_scale_inv"] = quantize_fp8_block(w)
@@ -174,7 +181,8 @@ def stored_tensors(args: ModelArgs, seed: int, *, mtp: bool, inv_freq: bool) -> 
 
 
 def _mtp_shapes(args: ModelArgs, layer: int) -> dict[str, torch.Size]:
-    """A multi-token-prediction module as stored: a decoder layer plus its own embedding, norms and head."""
+    """A multi-token-prediction module as stored: a decoder layer plus its own embedding, norms and head (the
+    embedding and head written as copies of the main model's, as in DeepSeek-V3's files)."""
     h, v = args.hidden_size, args.vocab_size
     prefix = f"model.layers.{layer}"
     shapes = {f"{prefix}.{n}": t.shape for n, t in DecoderLayer(args, layer).state_dict().items()}

@@ -268,3 +268,30 @@ def test_tokenizer_code_runs_only_when_asked(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="ships its own Python code.*pass model.trust_remote_code=true"):
         load_tokenizer(tmp_path)
     assert not marker.exists()
+
+
+def test_mtp_flag_reads_the_mtp_layer_once(dsv3_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``mtp=True`` every stored tensor is read exactly once, the MTP layer's included (its embedding and head
+    too: they are compared with the main model's)."""
+    reads: Counter[str] = Counter()
+    real_open = loader.safe_open
+
+    class CountingHandle:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self) -> CountingHandle:
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.__exit__(*exc)
+
+        def get_tensor(self, name: str) -> torch.Tensor:
+            reads[name] += 1
+            return self.handle.get_tensor(name)
+
+    monkeypatch.setattr(loader, "safe_open", CountingHandle)
+    model = load_model(dsv3_ckpt, dtype=torch.float32, progress=False, mtp=True)
+    assert set(reads) == set(read_weight_map(dsv3_ckpt)) and set(reads.values()) == {1}
+    assert any(n.startswith("model.layers.3.") for n in reads) and model.mtp is not None

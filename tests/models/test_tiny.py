@@ -134,3 +134,13 @@ def test_ensure_survives_a_concurrent_writer(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(tiny, "make_tiny_checkpoint", racing_make)
     assert ensure_tiny_checkpoint("race", TINY_KIMI_K2_CONFIG, 5, cache_root=tmp_path / "cache").name == final_name
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [final_name]
+
+
+def test_mtp_embedding_and_head_copy_the_main_models(dsv3_ckpt: Path) -> None:
+    """As in DeepSeek-V3's files: the MTP layer stores its own embedding and head, equal to the main model's; the rest
+    of the layer is drawn like any layer."""
+    tensors = {n: t for n, (_, t) in stored(dsv3_ckpt).items()}
+    assert torch.equal(tensors["model.layers.3.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    assert torch.equal(tensors["model.layers.3.shared_head.head.weight"], tensors["lm_head.weight"])
+    assert not torch.equal(tensors["model.layers.3.enorm.weight"], tensors["model.layers.3.hnorm.weight"])
+    assert tensors["model.layers.3.eh_proj.weight"].shape == (200, 400)
