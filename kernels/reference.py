@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from mla_runner.kernels.kv_cache import dequantize_reference
+
 MAX_SCORES = 1 << 28  # fp32 score elements per chunk of queries (1 GiB)
 
 
@@ -29,10 +31,15 @@ def mla_attention_reference(
     sm_scale: float,
     kv_lora_rank: int,
     out: torch.Tensor | None = None,
+    *,
+    kv_layout=None,
+    kv_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, D], kv_cache [P, page, D] -> out [T, H, kv_lora_rank] (q's dtype).
 
     Query token i of request b sits at position seq_len_b - q_len_b + i and attends to KV 0..position.
+    ``kv_layout`` (a ``kernels.kv_cache.KVCacheLayout``) with an FP8 kind: kv_cache [P, page, width] holds that
+    layout and each request's tokens are dequantized (``dequantize_reference``, ``kv_scale`` for ``fp8``) as gathered.
     """
     T, H, D = q.shape
     if out is None:
@@ -44,7 +51,10 @@ def mla_attention_reference(
         n = qe - qs
         if n <= 0 or L <= 0:
             continue
-        kv = gather_kv(kv_cache, block_table[b], L).float()  # [L, D]
+        kv = gather_kv(kv_cache, block_table[b], L)
+        if kv_layout is not None and kv_layout.is_fp8:
+            kv = dequantize_reference(kv, kv_layout, kv_scale)  # [L, D] fp32
+        kv = kv.float()  # [L, D]
         chunk = max(1, MAX_SCORES // (H * L))
         for c in range(0, n, chunk):
             rows = slice(qs + c, qs + min(c + chunk, n))
