@@ -1,7 +1,7 @@
 """The offline Python API, vLLM's: ``LLM(model, ...).generate(prompts, params)`` and ``.chat(messages, params)``.
 
 ``LLM`` takes vLLM's keywords (mla_runner.llm_args translates them) and the runner's own settings; the outputs have
-vLLM's fields, but for log probabilities, which are not computed yet (always None).
+vLLM's fields: one ``RequestOutput`` per prompt, with one ``CompletionOutput`` per sample (``SamplingParams.n``).
 """
 from __future__ import annotations
 
@@ -17,22 +17,23 @@ from mla_runner.errors import ConfigError, UserError
 from mla_runner.llm_args import model_overrides, resolve_path, vllm_overrides
 from mla_runner.models.loader import load_tokenizer
 from mla_runner.prompts import encode, encode_chat, parse_prompt
-from mla_runner.sampling import SamplingParams
+from mla_runner.sampling import Logprob, SamplingParams
 
 PromptType = Union[str, dict]
 Conversation = list[dict[str, Any]]
-# generation_config.json's fields that set default sampling, as vLLM reads them (HF's max_new_tokens is max_tokens);
-# its repetition_penalty and min_p are not supported by the sampler and are left out.
-GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens"}
+# generation_config.json's fields that set default sampling, as vLLM reads them (HF's max_new_tokens is max_tokens).
+GENERATION_DEFAULTS = {"repetition_penalty": "repetition_penalty", "temperature": "temperature", "top_p": "top_p",
+                       "top_k": "top_k", "min_p": "min_p", "max_new_tokens": "max_tokens"}
+PositionLogprobs = Optional[dict[int, Logprob]]
 
 
 @dataclass
 class CompletionOutput:
-    index: int
+    index: int  # which of the prompt's n samples
     text: str
     token_ids: list[int]
-    cumulative_logprob: Optional[float] = None  # not computed yet
-    logprobs: Optional[list] = None  # not computed yet
+    cumulative_logprob: Optional[float] = None  # the sum of logprobs' sampled-token entries; None when not asked
+    logprobs: Optional[list[PositionLogprobs]] = None  # per token, when SamplingParams.logprobs asks
     finish_reason: Optional[str] = None  # "stop" (EOS, a stop id or a stop string) | "length"
     stop_reason: int | str | None = None  # the stop id or stop string that ended it; None for EOS or length
 
@@ -61,7 +62,7 @@ class RequestOutput:
     finished: bool = True
     metrics: Optional[RequestMetrics] = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (the last admission's, after a preemption)
-    prompt_logprobs: Optional[list] = None  # not computed yet
+    prompt_logprobs: Optional[list[PositionLogprobs]] = None  # per prompt token (the first None), when asked
 
     @property
     def time_to_first_token(self) -> Optional[float]:
@@ -73,19 +74,30 @@ class RequestOutput:
         return None if m is None or m.last_token_time is None else m.last_token_time - m.arrival_time
 
     @classmethod
-    def from_request(cls, req: Request) -> RequestOutput:
-        completion = CompletionOutput(0, req.text, list(req.output_token_ids), finish_reason=req.finish_reason,
-                                      stop_reason=req.stop_reason)
-        first, last, n = req.first_token_time, req.finish_time, len(req.output_token_ids)
+    def from_requests(cls, requests: list[Request]) -> RequestOutput:
+        """The output of one prompt's requests (its ``n`` samples, in order). Its metrics span them all: the first
+        token of any, the last of all, the time per output token over the longest."""
+        completions = [CompletionOutput(r.sample_index, r.text, list(r.output_token_ids), r.cumulative_logprob,
+                                        r.logprobs, r.finish_reason, r.stop_reason) for r in requests]
+        firsts = [r.first_token_time for r in requests if r.first_token_time is not None]
+        lasts = [r.finish_time for r in requests]
+        first = min(firsts) if firsts else None
+        last = None if None in lasts else max(lasts)
+        arrival, n = min(r.arrival_time for r in requests), max(len(r.output_token_ids) for r in requests)
         metrics = RequestMetrics(
-            req.arrival_time, first, last, None if first is None else first - req.arrival_time,
+            arrival, first, last, None if first is None else first - arrival,
             (last - first) / (n - 1) if first is not None and last is not None and n > 1 else None)
-        return cls(str(req.index), req.prompt, req.prompt_token_ids, [completion], req.finish_reason is not None,
-                   metrics, req.num_cached_tokens)
+        head = requests[0]
+        return cls(str(head.index), head.prompt, head.prompt_token_ids, completions,
+                   all(r.finish_reason is not None for r in requests), metrics, head.num_cached_tokens,
+                   head.prompt_logprobs)
 
 
 class LLM:
     """An engine over one model, with vLLM's constructor keywords.
+
+    ``max_model_len=None`` (vLLM's default) is the model's max_position_embeddings, lowered to what the KV cache
+    holds (``llm.config.max_model_len`` says what it came to).
 
     ``model`` is a model config name (``tiny_deepseek_v3``, ``tiny_kimi_k2``, ``deepseek_v3``, ``kimi_k2``), a
     checkpoint directory, or a Hugging Face Hub id (``deepseek-ai/DeepSeek-V3``) already in the local Hugging Face
@@ -110,7 +122,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, runner_overrides=runner_overrides)
         self.config: RunConfig = compose_config(model_overrides(model) + [override(k, v) for k, v in settings.items()])
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(self.config, fit_max_model_len=max_model_len is None)
+        self.config = self.engine.cfg  # with max_model_len as resolved
         if tokenizer is not None and tokenizer != model:
             self.engine.tokenizer = load_tokenizer(resolve_path(tokenizer), trust_remote_code=trust_remote_code)
         self.tokenizer = self.engine.tokenizer
@@ -120,8 +133,9 @@ class LLM:
         return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """vLLM's defaults: the checkpoint's generation_config.json recommendations (temperature, top_p, top_k, and
-        max_new_tokens as max_tokens) over ``SamplingParams()``; ``SamplingParams()`` without one."""
+        """vLLM's defaults: the checkpoint's generation_config.json recommendations (repetition_penalty,
+        temperature, top_p, top_k, min_p, and max_new_tokens as max_tokens) over ``SamplingParams()``;
+        ``SamplingParams()`` without one."""
         gc = self.engine.generation_config
         diff = {ours: gc[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if gc.get(theirs) is not None}
         try:
@@ -186,10 +200,10 @@ class LLM:
         params = [sampling_params] * n if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         if len(params) != n:
             raise UserError(f"{n} prompts but {len(params)} sampling params")
-        requests = [self.engine.make_request(i, ids, sp, text) for i, ((text, ids), sp) in enumerate(zip(prompts,
-                                                                                                          params))]
-        self.engine.run(requests, progress=use_tqdm and self.config.progress)
-        return [RequestOutput.from_request(r) for r in requests]
+        groups = [self.engine.make_requests(i, ids, sp, text) for i, ((text, ids), sp) in enumerate(zip(prompts,
+                                                                                                         params))]
+        self.engine.run([r for group in groups for r in group], progress=use_tqdm and self.config.progress)
+        return [RequestOutput.from_requests(group) for group in groups]
 
 
-__all__ = ["LLM", "CompletionOutput", "RequestMetrics", "RequestOutput"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestMetrics", "RequestOutput"]

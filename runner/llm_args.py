@@ -29,7 +29,7 @@ VLLM_ONLY = {
     "download_dir": "not supported: a model comes from a directory or the local Hugging Face cache",
     "load_format": "not supported: checkpoints load from safetensors",
     "tokenizer_mode": "not supported: the tokenizer loads through transformers' AutoTokenizer",
-    "max_logprobs": "not supported: logprobs are not computed yet",
+    "max_logprobs": "not needed: SamplingParams.logprobs and prompt_logprobs may be up to the vocabulary size",
     "speculative_config": "not supported yet",
     "generation_config": "not supported: the checkpoint's generation_config.json is always read (vLLM's 'auto')",
 }
@@ -42,8 +42,9 @@ def vllm_overrides(*, trust_remote_code: bool, dtype: Any, seed: int, max_model_
                    tensor_parallel_size: int, quantization: Optional[str], kv_cache_dtype: str,
                    enable_prefix_caching: Optional[bool], max_num_batched_tokens: Optional[int],
                    block_size: Optional[int], runner_overrides: dict[str, Any]) -> dict[str, Any]:
-    """The runner's settings for vLLM's keywords (those left at None keep the runner's defaults), then the runner's
-    own keywords; a keyword given under both names is an error."""
+    """The runner's settings for vLLM's keywords (those left at None keep the runner's defaults, but for
+    ``max_model_len``, whose None the engine resolves: ``LLMEngine(fit_max_model_len=True)``), then the runner's own
+    keywords; a keyword given under both names is an error."""
     if kv_cache_dtype != "auto":
         raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported: the FP8 KV cache is not supported "
                           "yet (the cache is in the run dtype)")

@@ -30,6 +30,10 @@ FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "stop": ((str, list), "a string or a list of strings"), "ignore_eos": ((bool,), "true or false"),
     "stop_token_ids": ((list,), "a list of integers"), "min_tokens": (_INT, "an integer"),
     "include_stop_str_in_output": ((bool,), "true or false"), "skip_special_tokens": ((bool,), "true or false"),
+    "min_p": (_NUMBER, "a number"), "presence_penalty": (_NUMBER, "a number"),
+    "frequency_penalty": (_NUMBER, "a number"), "repetition_penalty": (_NUMBER, "a number"),
+    "logprobs": ((*_INT, type(None)), "an integer or null"),
+    "prompt_logprobs": ((*_INT, type(None)), "an integer or null"), "n": (_INT, "an integer"),
 }
 PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 
@@ -122,6 +126,9 @@ def _parse(item: Any) -> PromptSpec:
             ok = all(_is_int(t) for t in value)
         if not ok:
             raise UserError(f"field {name!r} must be {what}, got {_json_type(value)} {json.dumps(value)}")
+    if sampling.get("n", 1) != 1:
+        raise UserError(f"field 'n' must be 1 here, got {sampling['n']}: a prompt gives one completion (give the "
+                        "prompt on several lines for several samples; task.seed gives each line its own seed)")
     return PromptSpec(prompt=prompt, prompt_token_ids=ids, messages=messages, sampling=sampling)
 
 

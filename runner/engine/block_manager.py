@@ -49,8 +49,9 @@ class BlockManager:
 
     # ------------------------------------------------------------------------------------------ prefix cache
     def match_prefix(self, req: Request) -> list[int]:
-        """The cached pages that start ``req``'s tokens, in order (none with caching off); they are not taken yet."""
-        if not self.enable_prefix_caching:
+        """The cached pages that start ``req``'s tokens, in order (none with caching off, nor for a request that asks
+        for prompt logprobs: they need the logits of every prompt position); they are not taken yet."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return []
         tokens, size = req.token_ids, self.page_size
         keys = req.page_keys

@@ -1,21 +1,21 @@
 """The engine loop: requests in, outputs out.
 
-It checks each prompt, queues requests, asks the scheduler for each step's batch (decodes and chunks of prompts
-under one token budget), hands the batch to the model runner and books the results: how many tokens of each request
-are cached (and offered to the prefix cache), its sampled token, and whether it is done (EOS, a stop id, a stop
-string, ``max_tokens``, the context). It holds no tensor: the model, its cache and the step's buffers are the model
-runner's.
+It checks each prompt, makes its requests (one per sample: ``n``), queues them, asks the scheduler for each step's
+batch (decodes and chunks of prompts under one token budget), hands the batch to the model runner and books the
+results: how many tokens of each request are cached (and offered to the prefix cache), its sampled token with the log
+probabilities it asks for, and whether it is done (EOS, a stop id, a stop string, ``max_tokens``, the context). It
+holds no tensor: the model, its cache and the step's buffers are the model runner's.
 
 Under torchrun every rank runs this same loop over its shard of the model (``mla_runner.engine.distributed``): the
 same scheduler steps on the same requests, its own heads' attention, the whole latent cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 from tqdm.auto import tqdm
@@ -26,10 +26,12 @@ from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.distributed import setup
 from mla_runner.engine.model_runner import ModelRunner, resolve_device
 from mla_runner.engine.request import Request
+from mla_runner.engine.sampler import TokenLogprobs
 from mla_runner.engine.scheduler import Scheduler
-from mla_runner.errors import CheckpointError, ConfigError, Interrupted, UserError
+from mla_runner.errors import ConfigError, Interrupted, UserError
+from mla_runner.models.config import parse_token_ids
 from mla_runner.models.parallel import layout_problem
-from mla_runner.sampling import SamplingParams
+from mla_runner.sampling import Logprob, SamplingParams
 
 log = logging.getLogger(__name__)
 # A stop string that first shows up at a step ends in the text of that step's token, so each step decodes only the
@@ -49,8 +51,10 @@ class StepDone(NamedTuple):
 
 
 class LLMEngine:
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, fit_max_model_len: bool = False):
+        """``fit_max_model_len`` (``LLM(max_model_len=None)``, vLLM's default): ``cfg.max_model_len`` is replaced by
+        the model's max_position_embeddings, lowered to what the KV cache holds (and to max_num_batched_tokens
+        without chunked prefill)."""
         self.par, device = setup(cfg.parallel, resolve_device(cfg.device))
         self.progress = cfg.progress and self.par.rank == 0
         source = ModelSource.resolve(cfg.model)
@@ -58,18 +62,29 @@ class LLMEngine:
         problem = layout_problem(args, self.par)
         if problem is not None:
             raise ConfigError(f"model={cfg.model.name} cannot be split over {self.par.world} processes: {problem}")
+        if fit_max_model_len:
+            fit = args.max_position_embeddings
+            cfg = dataclasses.replace(cfg, max_model_len=fit if cfg.enable_chunked_prefill else
+                                      min(fit, cfg.max_num_batched_tokens))
         if cfg.max_model_len > args.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len={cfg.max_model_len} is larger than the model's "
                 f"max_position_embeddings={args.max_position_embeddings}"
             )
-        self.runner = ModelRunner(cfg, source, self.par, device, self.progress)
-        self.tokenizer = source.tokenizer()
         self.generation_config = source.generation_config()
         self.eos_token_ids = set(args.eos_token_ids)
         # generation_config.json's EOS ids beyond config.json's end a request as stop ids do (vLLM's
         # generation_config="auto"), except under ignore_eos
-        self.extra_eos_ids = set(generation_eos_ids(self.generation_config, source.path)) - self.eos_token_ids
+        self.extra_eos_ids = set(parse_token_ids(self.generation_config.get("eos_token_id"),
+                                                 f"{source.path}/generation_config.json: field 'eos_token_id'"))
+        self.extra_eos_ids -= self.eos_token_ids
+        self.runner = ModelRunner(cfg, source, self.par, device, self.progress,
+                                  eos_token_ids=sorted(self.eos_token_ids | self.extra_eos_ids),
+                                  fit_max_model_len=fit_max_model_len)
+        if self.runner.max_model_len != cfg.max_model_len:
+            cfg = dataclasses.replace(cfg, max_model_len=self.runner.max_model_len)
+        self.cfg = cfg
+        self.tokenizer = source.tokenizer()
         blocks = BlockManager(self.runner.num_pages, cfg.page_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, cfg.max_batch_size, cfg.max_num_batched_tokens,
                                    cfg.enable_chunked_prefill, cfg.chunk_attention_budget)
@@ -77,15 +92,30 @@ class LLMEngine:
         r = self.runner.resolved
         graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"
         log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s: %d pages of %d = %d tokens (%.2f GiB); "
-                 "CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"], r["dtype"], r["weights"],
-                 r["attention"], r["kv_cache_dtype"], r["kv_pages"], r["page_size"], r["kv_tokens"],
-                 r["kv_cache_gib"], graphs, r["load_seconds"])
+                 "max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"], r["dtype"],
+                 r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_pages"], r["page_size"], r["kv_tokens"],
+                 r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
 
     # ----------------------------------------------------------------------------------------- requests
+    def make_requests(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                      prompt: Optional[str] = None) -> list[Request]:
+        """The ``params.n`` requests of one prompt (vLLM's parallel sampling), or a ``UserError`` saying why it
+        cannot run. Each has ``n=1``; with a seed, sample i has ``seed + i`` (as in vLLM), so that the samples differ
+        and each is reproducible. Only the first computes prompt logprobs, so the others may take the prompt from
+        the prefix cache."""
+        if params.n == 1:
+            return [self.make_request(index, prompt_token_ids, params, prompt)]
+        return [self.make_request(index, prompt_token_ids, dataclasses.replace(
+            params, n=1, seed=None if params.seed is None else params.seed + i,
+            prompt_logprobs=params.prompt_logprobs if i == 0 else None), prompt, sample_index=i)
+            for i in range(params.n)]
+
     def make_request(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                     prompt: Optional[str] = None) -> Request:
+                     prompt: Optional[str] = None, sample_index: int = 0) -> Request:
         """A request, or a ``UserError`` saying why this prompt cannot run (nothing is queued then)."""
         n = len(prompt_token_ids)
+        if params.n != 1:
+            raise UserError(f"prompt {index}: n={params.n} samples make several requests: use make_requests")
         if n == 0:
             raise UserError(f"prompt {index} is empty")
         if n >= self.cfg.max_model_len:
@@ -96,7 +126,13 @@ class LLMEngine:
         if bad:
             raise UserError(f"prompt {index} has token id {bad[0]} outside the vocabulary "
                             f"(size {self.args.vocab_size})")
-        return Request(next(self._request_ids), index, prompt, list(prompt_token_ids), params)
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.args.vocab_size:
+                raise UserError(f"prompt {index}: {name}={k} is more than the vocabulary holds "
+                                f"({self.args.vocab_size} tokens)")
+        return Request(next(self._request_ids), index, prompt, list(prompt_token_ids), params,
+                       sample_index=sample_index)
 
     def run(self, requests: Iterable[Request], on_finish: Callable[[Request], None] | None = None,
             progress: bool | None = None, should_stop: Callable[[], bool] | None = None) -> list[Request]:
@@ -148,18 +184,23 @@ class LLMEngine:
     def step(self) -> StepDone:
         """One scheduled step: the requests it finished, the tokens it generated and those it prefilled."""
         batch = self.scheduler.schedule()
-        tokens = self.runner.execute(batch)
+        out = self.runner.execute(batch)
         now = time.perf_counter()
         finished, generated, prefilled = [], 0, 0
-        for req, n, token in zip(batch.requests, batch.num_new, tokens):
+        for req, n, token, logprobs, prompt_logprobs in zip(batch.requests, batch.num_new, *out):
             decoding = n == 1 and req.num_computed == req.num_tokens - 1 and req.output_token_ids
             prefilled += 0 if decoding else n
             req.num_computed += n  # every token the step fed the model is in the cache now
             self.scheduler.blocks.cache_full_pages(req)
+            if prompt_logprobs:
+                req.prompt_logprobs.extend(map(self._logprob_entry, prompt_logprobs))
             if token is None:  # a chunk of a prompt: more to come
                 continue
             generated += 1
             req.output_token_ids.append(token)
+            if logprobs is not None:
+                req.logprobs.append(self._logprob_entry(logprobs))
+                req.cumulative_logprob += logprobs.logprob
             req.first_token_time = req.first_token_time or now
             if self._check_finished(req):
                 req.finish_time = now
@@ -167,6 +208,17 @@ class LLMEngine:
                 self.runner.release(req)
                 finished.append(req)
         return StepDone(finished, generated, prefilled)
+
+    def _logprob_entry(self, p: TokenLogprobs) -> dict[int, Logprob]:
+        """vLLM's logprobs of one position: the chosen token first, then the top ones (the chosen one once)."""
+        def text(token: int) -> Optional[str]:  # each token decoded alone, as vLLM does
+            return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+        entry = {p.token_id: Logprob(p.logprob, p.rank, text(p.token_id))}
+        for rank, (token, logprob) in enumerate(zip(p.top_ids, p.top_logprobs), 1):
+            if token not in entry:
+                entry[token] = Logprob(logprob, rank, text(token))
+        return entry
 
     def _check_finished(self, req: Request) -> bool:
         """Set the finish reason, stop reason and final text of a request that is done; False while it goes on."""
@@ -236,12 +288,3 @@ class LLMEngine:
                 return self.detokenize(ids[:n], skip_special_tokens=True) + text[len(head):end]
         return text[:end]
 
-
-def generation_eos_ids(generation_config: dict, path: Optional[Path]) -> tuple[int, ...]:
-    """The ``eos_token_id`` of a generation_config.json (an int or a list of them), checked."""
-    value = generation_config.get("eos_token_id")
-    values = value if isinstance(value, list) else [] if value is None else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise CheckpointError(f"{path}/generation_config.json: eos_token_id={value!r} is not a token id or a list "
-                              "of them")
-    return tuple(values)

@@ -11,16 +11,18 @@ layers read are the step's input buffer itself, and runs the configured backend,
 with CUDA graphs, the metadata build, the model and the logits of such a step are one graph replay per batch bucket.
 A step with chunks of prompts runs eager: the one-token requests first, through the same backend, then the chunks,
 through the non-absorbed prefill attention with the step's ``PrefillMetadata``; logits only at each request's last
-token of the step.
+token of the step, and at every prompt position of a request that asks for prompt logprobs (made from the hidden
+states ``PROMPT_LOGPROB_ROWS`` positions at a time).
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -32,7 +34,7 @@ from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.cuda_graphs import DecodeGraphs
 from mla_runner.engine.profiling import StepProfiler
 from mla_runner.engine.request import Request
-from mla_runner.engine.sampler import sample
+from mla_runner.engine.sampler import TokenLogprobs, sample, top_logprobs
 from mla_runner.engine.scheduler import ScheduledBatch
 from mla_runner.errors import ConfigError
 from mla_runner.models.context import ForwardContext, PrefillMetadata
@@ -51,6 +53,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return TORCH_DTYPES[name]
+
+
+# Prompt positions whose logits one pass makes for prompt logprobs: [rows, vocab] fp32, 0.5 GiB at DeepSeek-V3's
+# vocabulary, however long the step's chunks are.
+PROMPT_LOGPROB_ROWS = 1024
+
+
+class StepOutput(NamedTuple):
+    """What a step gives the engine, per request of its batch."""
+
+    tokens: list[Optional[int]]  # the sampled token; None for a prompt with chunks still to come
+    logprobs: list[Optional[TokenLogprobs]]  # the sampled token's, where its request asks for logprobs
+    prompt_logprobs: list[list[TokenLogprobs]]  # those of the prompt tokens this step made, in order, where asked
 
 
 @dataclass
@@ -80,8 +95,13 @@ class DecodeBuffers:
 
 
 class ModelRunner:
-    def __init__(self, cfg: RunConfig, source: ModelSource, par: Parallel, device: torch.device, progress: bool):
+    def __init__(self, cfg: RunConfig, source: ModelSource, par: Parallel, device: torch.device, progress: bool,
+                 eos_token_ids: Sequence[int] = (), fit_max_model_len: bool = False):
+        """``eos_token_ids``: what ``min_tokens`` masks besides a request's stop ids. ``fit_max_model_len``: lower
+        ``max_model_len`` to what the KV cache holds where it holds less (``self.max_model_len``), instead of an
+        error."""
         self.cfg, self.par, self.device = cfg, par, device
+        self.eos_token_ids = tuple(eos_token_ids)
         self.args = args = source.args
         self.dtype = resolve_dtype(cfg.dtype, device)
         torch.manual_seed(cfg.seed)
@@ -105,7 +125,10 @@ class ModelRunner:
         latent_dim = args.kv_lora_rank + args.qk_rope_head_dim
         bytes_per_page = len(attention_layers) * cfg.page_size * latent_dim * self.dtype.itemsize
         self.num_pages = cfg.num_pages or par.agree(self._default_num_pages(bytes_per_page), device)
-        if self.num_pages < self.max_pages_per_seq:
+        self.max_model_len = cfg.max_model_len
+        if self.num_pages < self.max_pages_per_seq and fit_max_model_len:
+            self.max_model_len = self.num_pages * cfg.page_size  # the step buffers keep the width they were made with
+        elif self.num_pages < self.max_pages_per_seq:
             raise ConfigError(
                 f"the KV cache holds {self.num_pages * cfg.page_size} tokens ({self.num_pages} pages), fewer than "
                 f"max_model_len={cfg.max_model_len}: raise num_pages or kv_cache_memory_fraction, or lower "
@@ -146,7 +169,7 @@ class ModelRunner:
                 "kv_cache_dtype": str(self.kv_cache.dtype).removeprefix("torch."), "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
                 "kv_cache_gib": round(self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, 3),
-                "cuda_graphs": self.graphs is not None,
+                "max_model_len": self.max_model_len, "cuda_graphs": self.graphs is not None,
                 "graph_batch_sizes": self.graphs.buckets if self.graphs is not None else [],
                 "load_seconds": round(self.load_seconds, 2)}
 
@@ -169,20 +192,61 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------------------------- steps
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[Optional[int]]:
-        """Run one scheduled step: the sampled token of each request whose last token the step computes, None for
-        the others (prompts with chunks still to come)."""
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        """Run one scheduled step: the sampled token of each request whose last token the step computes (None for
+        the others: prompts with chunks still to come), and the log probabilities its request asks for."""
         reqs, D = batch.requests, batch.num_decode
         label = f"decode of {D} requests" if D == len(reqs) else f"step of {D} decodes, {len(reqs) - D} prompt chunks"
+        prompt_rows, targets, owners = self._prompt_logprob_rows(batch)
+        prompt_logprobs: list[list[TokenLogprobs]] = [[] for _ in reqs]
         with self._traced(label):
-            logits = self.decode_logits(reqs) if D == len(reqs) else self._mixed_logits(batch)
+            if D == len(reqs):  # one token per request: a prompt position's row is its request's logits row
+                logits = self.decode_logits(reqs)
+                if prompt_rows:
+                    index = torch.tensor(prompt_rows, device=logits.device)
+                    prompt_logprobs = self._prompt_logprobs(lambda lo, hi: logits[index[lo:hi]], targets, owners, reqs)
+            else:
+                logits, states = self._mixed_logits(batch, prompt_rows)
+                if prompt_rows:
+                    prompt_logprobs = self._prompt_logprobs(lambda lo, hi: self.model.compute_logits(states[lo:hi]),
+                                                            targets, owners, reqs)
             rows = [i for i in range(len(reqs)) if batch.completes(i)]
             if len(rows) < len(reqs):
                 logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
-            tokens = self._sample(logits, [reqs[i] for i in rows]) if rows else []
-        out: list[Optional[int]] = [None] * len(reqs)
-        for i, token in zip(rows, tokens):
-            out[i] = token
+            tokens, logprobs = self._sample(logits, [reqs[i] for i in rows]) if rows else ([], [])
+        out = StepOutput([None] * len(reqs), [None] * len(reqs), prompt_logprobs)
+        for i, token, entry in zip(rows, tokens, logprobs):
+            out.tokens[i], out.logprobs[i] = token, entry
+        return out
+
+    @staticmethod
+    def _prompt_logprob_rows(batch: ScheduledBatch) -> tuple[list[int], list[int], list[int]]:
+        """The prompt positions of this step whose logits give a prompt token's logprobs, where a request asks for
+        them and has not had them (a preempted request computes its prompt again): their rows in the step's hidden
+        states (each request's new tokens in turn), the prompt token after each, and its request's index."""
+        rows, targets, owners, offset = [], [], [], 0
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
+            if req.prompt_logprobs is not None:
+                start, prompt = req.num_computed, req.prompt_token_ids
+                lo, hi = max(start, len(req.prompt_logprobs) - 1), min(start + n, len(prompt) - 1)
+                rows += range(offset + lo - start, offset + hi - start)
+                targets += prompt[lo + 1 : hi + 1]
+                owners += [i] * max(0, hi - lo)
+            offset += n
+        return rows, targets, owners
+
+    def _prompt_logprobs(self, logits_of: Callable[[int, int], torch.Tensor], targets: list[int], owners: list[int],
+                         reqs: list[Request]) -> list[list[TokenLogprobs]]:
+        """Per request, the logprobs of its prompt tokens ``targets`` (in order); ``logits_of(lo, hi)`` gives the
+        logits of positions [lo, hi) of them."""
+        ks = [reqs[i].params.prompt_logprobs for i in owners]
+        k, target = max(ks), torch.tensor(targets, device=self.device)
+        out: list[list[TokenLogprobs]] = [[] for _ in reqs]
+        for lo in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+            hi = min(lo + PROMPT_LOGPROB_ROWS, len(targets))
+            logprobs = torch.log_softmax(logits_of(lo, hi).float(), dim=-1)
+            for owner, entry in zip(owners[lo:hi], top_logprobs(logprobs, target[lo:hi], k).to_host(ks[lo:hi])):
+                out[owner].append(entry)
         return out
 
     def _fill_decode_inputs(self, batch: list[Request]) -> list[int]:
@@ -213,10 +277,12 @@ class ModelRunner:
         buf.seq_lens[B:bs].zero_()
         return self.graphs.replay(B)
 
-    def _mixed_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _mixed_logits(self, batch: ScheduledBatch, state_rows: Sequence[int] = ()
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """A step with prompt chunks, eager: its first ``num_decode`` requests (one token each) through the
         backend's absorbed attention, the chunks after them through the non-absorbed prefill; logits [B, vocab] of
-        each request's last token in the step."""
+        each request's last token in the step, and the hidden states at ``state_rows`` (rows of the step's tokens in
+        batch order)."""
         D, device, buf, size = batch.num_decode, self.device, self.buffers, self.page_size
         decodes, chunks, q_lens = batch.requests[:D], batch.requests[D:], batch.num_new[D:]
         metadata = None
@@ -243,7 +309,8 @@ class ModelRunner:
                              backend=self.backend, attn_metadata=metadata, prefill=prefill)
         hidden = self.model(torch.cat([ids[0], *on_device[:P]]), ctx)
         last = list(range(D)) + [D + end - 1 for end in itertools.accumulate(q_lens)]
-        return self.model.compute_logits(hidden[torch.tensor(last, device=device)])
+        states = hidden[torch.tensor(list(state_rows), dtype=torch.long, device=device)]
+        return self.model.compute_logits(hidden[torch.tensor(last, device=device)]), states
 
     def _chunk_metadata(self, q_lens: list[int], context_lens: list[int], block_table: torch.Tensor
                         ) -> PrefillMetadata:
@@ -273,12 +340,17 @@ class ModelRunner:
                              attn_metadata=self.backend.build_metadata(inputs))
         return self.model.compute_logits(self.model(buf.input_ids[:bs], ctx))
 
-    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> list[int]:
-        """One token per request, on the device; the copy to the host is the step's one synchronization, after
-        which the backend reports a request its metadata had to drop."""
-        tokens = sample(logits, [r.params for r in batch], [self._generator(r) for r in batch]).tolist()
+    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+        """One token per request, on the device, and its logprobs where asked; the tokens' copy to the host is the
+        step's synchronization, after which the backend reports a request its metadata had to drop."""
+        params = [r.params for r in batch]
+        out = sample(logits, params, [self._generator(r) for r in batch], [r.prompt_token_ids for r in batch],
+                     [r.output_token_ids for r in batch], self.eos_token_ids)
+        tokens = out.tokens.tolist()
         self.backend.check()
-        return tokens
+        if out.logprobs is None:
+            return tokens, [None] * len(batch)
+        return tokens, out.logprobs.to_host([p.logprobs for p in params])
 
     def _generator(self, req: Request) -> torch.Generator | None:
         """The request's own generator when it has a seed (made at its first token, kept through preemption)."""

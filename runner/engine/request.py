@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
-from mla_runner.sampling import SamplingParams
+from mla_runner.sampling import Logprob, SamplingParams
 
 
 class Status(Enum):
@@ -35,6 +35,18 @@ class Request:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: Optional[float] = None
     finish_time: Optional[float] = None
+    sample_index: int = 0  # which of its prompt's ``n`` samples it is
+    # per output token, {token id: Logprob} of the sampled token and the top params.logprobs (None: not asked)
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None  # of the sampled tokens, where logprobs are asked
+    # per prompt token, as logprobs, the first None; as far as computed (None: not asked)
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs, self.cumulative_logprob = [], 0.0
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def token_ids(self) -> list[int]:

@@ -28,7 +28,7 @@ from mla_runner.engine.distributed import rank
 from mla_runner.engine.request import Request
 from mla_runner.errors import Interrupted, UserError
 from mla_runner.prompts import BUILTIN_PROMPTS, PromptSpec, encode, encode_chat, read_prompt_file
-from mla_runner.sampling import SamplingParams
+from mla_runner.sampling import Logprob, SamplingParams
 
 log = logging.getLogger(__name__)
 SHOWN = 8  # completions printed; all of them are in the output file
@@ -143,7 +143,10 @@ def _triple(summary: dict, name: str) -> str:
 
 
 def _result(req: Request) -> dict:
-    return {
+    """A completion's line; with logprobs asked, ``cumulative_logprob`` and ``logprobs`` (per token, vLLM's
+    {token id: Logprob} as {"id": {"logprob", "rank", "token"}}), with prompt logprobs, ``prompt_logprobs`` alike
+    (the first null)."""
+    row = {
         "index": req.index,
         "prompt": req.prompt,
         "text": req.text,
@@ -155,6 +158,18 @@ def _result(req: Request) -> dict:
         "time_to_first_token_s": round(req.first_token_time - req.arrival_time, 4),
         "latency_s": round(req.finish_time - req.arrival_time, 4),
     }
+    if req.logprobs is not None:
+        row["cumulative_logprob"] = req.cumulative_logprob
+        row["logprobs"] = [_logprobs_json(entry) for entry in req.logprobs]
+    if req.prompt_logprobs is not None:
+        row["prompt_logprobs"] = [_logprobs_json(entry) for entry in req.prompt_logprobs]
+    return row
+
+
+def _logprobs_json(entry: Optional[dict[int, Logprob]]) -> Optional[dict[str, dict]]:
+    if entry is None:
+        return None
+    return {str(t): {"logprob": p.logprob, "rank": p.rank, "token": p.decoded_token} for t, p in entry.items()}
 
 
 def previous_lines(path: Path, resume: bool) -> set[int]:

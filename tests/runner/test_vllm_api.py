@@ -1,9 +1,12 @@
 """vLLM's offline API on the tiny DeepSeek-V3 checkpoint: a vLLM-style script runs unchanged, and each vLLM field
-(stop ids, min_tokens, max_tokens=None, stop strings on special tokens, generation_config.json, Hub ids) against a
-plain greedy reference: the same prompt generated with none of them."""
+(stop ids, min_tokens, max_tokens=None, stop strings on special tokens, generation_config.json, Hub ids, n, the
+penalties, logprobs and prompt logprobs) against a plain reference: the same prompt generated with none of them, or
+transformers' model on the whole sequence (``dsv3_oracle``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -14,9 +17,10 @@ from mla_runner import LLM, SamplingParams
 from mla_runner.config import GenerateTaskConfig
 from mla_runner.errors import ConfigError, UserError
 from mla_runner.prompts import encode_chat, parse_prompt
-from mla_runner.tasks.generate import _request
+from mla_runner.tasks.generate import _request, _result
 
 PROMPT = [273, 56, 93, 175]  # greedy on the tiny DeepSeek-V3 reaches EOS (id 1) at its 9th token
+LONG = torch.randint(2, 500, (30,), generator=torch.Generator().manual_seed(2)).tolist()  # prompt logprobs' prompt
 N = 12  # tokens of the reference
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -50,6 +54,38 @@ def run(llm: LLM, params: list[SamplingParams], prompt=None):
     return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+@torch.no_grad()
+def log_softmax_of(oracle, ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every position of ``ids``, in one forward over the whole sequence."""
+    return torch.log_softmax(oracle(torch.tensor([ids])).logits[0].double(), -1)
+
+
+@torch.no_grad()
+def oracle_greedy(oracle, prompt: list[int], max_tokens: int, banned: set[int] = frozenset(), min_tokens: int = 0,
+                  stop: set[int] = frozenset()) -> list[int]:
+    """transformers' greedy continuation, from scratch each token: ``banned`` masked out while fewer than
+    ``min_tokens`` are out, a token of ``stop`` ends it from min_tokens on."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        logits = oracle(torch.tensor([prompt + out])).logits[0, -1]
+        if len(out) < min_tokens:
+            logits[list(banned)] = float("-inf")
+        out.append(int(logits.argmax()))
+        if out[-1] in stop and len(out) >= min_tokens:
+            break
+    return out
+
+
+def assert_logprobs(entry: dict, logprobs: torch.Tensor, token: int, k: int, tok) -> None:
+    """One position's {token id: Logprob}: the chosen token first, then the k most likely, each with its logprob,
+    rank and text as ``logprobs`` (the reference's log-softmax at that position) gives them."""
+    order = logprobs.argsort(descending=True).tolist()
+    assert next(iter(entry)) == token and set(entry) == {token, *order[:k]}
+    for t, p in entry.items():
+        assert p.logprob == pytest.approx(float(logprobs[t]), abs=1e-4)
+        assert (p.rank, p.decoded_token) == (order.index(t) + 1, tok.decode([t]))
+
+
 def test_a_vllm_script_runs_unchanged(llm):
     assert (llm.config.max_batch_size, llm.config.page_size, llm.config.cuda_graphs) == (8, 16, False)
     assert (llm.config.kv_cache_memory_fraction, llm.config.model.trust_remote_code) == (0.5, True)
@@ -81,12 +117,23 @@ def test_a_vllm_script_runs_unchanged(llm):
     assert [o.prompt for o in two] == ["Be brief.|Hi|Hello.|Bye|A:", "Be brief.|Hi|A:"]
     same = llm.generate({"prompt_token_ids": tok(two[0].prompt, add_special_tokens=False).input_ids}, params)
     assert two[0].outputs[0].token_ids == same[0].outputs[0].token_ids
+    every = SamplingParams(n=2, temperature=0.8, top_p=0.9, top_k=40, min_p=0.01, seed=1, max_tokens=4, min_tokens=2,
+                           stop=["zzz"], stop_token_ids=[7], ignore_eos=False, presence_penalty=0.5,
+                           frequency_penalty=0.5, repetition_penalty=1.1, logprobs=2, prompt_logprobs=1,
+                           skip_special_tokens=False, include_stop_str_in_output=True)
+    for output in llm.generate(["Hello, my name is", "The capital of France is"], every):
+        assert [c.index for c in output.outputs] == [0, 1] and output.finished
+        assert len(output.prompt_logprobs) == len(output.prompt_token_ids) and output.prompt_logprobs[0] is None
+        for c in output.outputs:
+            assert len(c.logprobs) == len(c.token_ids) and 2 <= len(c.token_ids) <= 4
+            assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(c.logprobs, c.token_ids)))
 
 
-def test_stop_token_ids_and_min_tokens(llm, ref):
+def test_stop_token_ids_and_min_tokens(llm, ref, dsv3_oracle):
+    """Below min_tokens the stop id and EOS are masked out of the logits (under ignore_eos too, as in vLLM): the
+    reference is transformers' greedy with them masked."""
     k = new_token(ref, 2)
     t = ref[k]
-    j = next((i for i in range(k + 2, N) if ref[i] == t), None)
     outs = run(llm, [SamplingParams(max_tokens=N, stop_token_ids=[t], **GREEDY),
                      SamplingParams(max_tokens=N, stop_token_ids=[t], include_stop_str_in_output=True, **GREEDY),
                      SamplingParams(max_tokens=N, stop_token_ids=[t], min_tokens=k + 2, **GREEDY)])
@@ -94,11 +141,26 @@ def test_stop_token_ids_and_min_tokens(llm, ref):
     assert (outs[0].token_ids, outs[0].finish_reason, outs[0].stop_reason) == (ref[: k + 1], "stop", t)
     assert outs[0].text == decode(ref[:k], skip_special_tokens=True)
     assert outs[1].text == decode(ref[: k + 1], skip_special_tokens=True)
-    expect = (ref[: j + 1], "stop", t) if j is not None else (ref[:N], "length", None)
+    masked = oracle_greedy(dsv3_oracle, PROMPT, N, banned={t, 1}, min_tokens=k + 2, stop={t})
+    assert masked[:k] == ref[:k] and masked[k] != t and t not in masked[: k + 1] and 1 not in masked[: k + 2]
+    expect = (masked, "stop", t) if masked[-1] == t else (masked, "length", None)
     assert (outs[2].token_ids, outs[2].finish_reason, outs[2].stop_reason) == expect
 
 
-def test_eos_stop_strings_on_special_tokens_and_min_tokens(llm, ref):
+def test_min_tokens_masks_what_would_be_sampled(llm, ref):
+    """At a low temperature nearly every sample starts with the greedy token (0.23 above the next logit); made a stop
+    id under min_tokens=1, none can."""
+    first = ref[0]
+    free = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(n=16, temperature=0.02, seed=0, max_tokens=1),
+                        use_tqdm=False)[0]
+    masked = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(n=16, temperature=0.02, seed=0, max_tokens=1,
+                                                                      min_tokens=1, stop_token_ids=[first]),
+                          use_tqdm=False)[0]
+    assert sum(c.token_ids == [first] for c in free.outputs) >= 12
+    assert all(c.token_ids[0] != first for c in masked.outputs)
+
+
+def test_eos_stop_strings_on_special_tokens_and_min_tokens(llm, ref, dsv3_oracle):
     tok = llm.tokenizer
     e = ref.index(tok.eos_token_id)
     text = tok.decode(ref[:e], skip_special_tokens=True)
@@ -114,13 +176,106 @@ def test_eos_stop_strings_on_special_tokens_and_min_tokens(llm, ref):
     assert (outs[1].token_ids, outs[1].text, outs[1].stop_reason) == (ref[: e + 1], text, tok.eos_token)
     assert outs[2].text == tok.decode(ref[: e + 1], skip_special_tokens=False) and outs[2].text.endswith(tok.eos_token)
     assert (outs[3].text, outs[3].stop_reason, outs[3].finish_reason) == (text[: cut + len(stop)], stop, "stop")
-    assert (outs[4].token_ids, outs[4].finish_reason) == (ref[: e + 3], "length")  # EOS at e is no stop yet
+    masked = oracle_greedy(dsv3_oracle, PROMPT, e + 3, banned={1}, min_tokens=e + 2, stop={1})
+    assert masked[:e] == ref[:e] and 1 not in masked[: e + 2]  # EOS at e is masked out
+    assert outs[4].token_ids == masked
 
 
 def test_max_tokens_none_stops_at_the_context(llm):
     ids = torch.randint(2, 500, (112,), generator=torch.Generator().manual_seed(1)).tolist()
     out = run(llm, [SamplingParams(max_tokens=None, **GREEDY)], {"prompt_token_ids": ids})[0]
     assert (len(out.token_ids), out.finish_reason) == (128 - 112, "length")
+
+
+def test_max_model_len_none_is_the_model_context_capped_by_the_kv_cache(dsv3_ckpt):
+    """vLLM's default: the model's max_position_embeddings (5120 for the tiny model), here capped by a KV cache of
+    8 pages of 16 tokens."""
+    small = LLM(str(dsv3_ckpt), dtype="float32", device="cpu", block_size=16, num_pages=8, progress=False)
+    assert small.config.max_model_len == small.engine.runner.resolved["max_model_len"] == 128
+    with pytest.raises(UserError, match="has 128 tokens, max_model_len=128 leaves no room"):
+        small.generate({"prompt_token_ids": [5] * 128}, use_tqdm=False)
+
+
+def test_n_samples_are_seeded_distinct_and_each_its_own_request(llm):
+    """Sample i of a seeded request draws from seed + i (vLLM's): the samples differ, a rerun repeats them, and each
+    equals a request of its own with that seed."""
+    params = SamplingParams(n=3, seed=11, temperature=1.0, max_tokens=4, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)
+    assert len(out) == 1 and [c.index for c in out[0].outputs] == [0, 1, 2]
+    samples = [c.token_ids for c in out[0].outputs]
+    assert len({tuple(t) for t in samples}) == 3
+    again = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == samples
+    alone = run(llm, [dataclasses.replace(params, n=1, seed=11 + i) for i in range(3)])
+    assert [c.token_ids for c in alone] == samples
+    unseeded = llm.generate({"prompt_token_ids": PROMPT}, dataclasses.replace(params, seed=None), use_tqdm=False)[0]
+    assert len({tuple(c.token_ids) for c in unseeded.outputs}) == 3
+
+
+def test_logprobs_and_prompt_logprobs_equal_a_full_forward(llm, dsv3_oracle):
+    """Sampled with penalties and top-k, the logprobs are still those of the raw model: transformers' log-softmax of
+    the whole sequence at each position, for the sampled or prompt token, its rank and the top k."""
+    params = SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.3, seed=3, max_tokens=6, logprobs=4,
+                            prompt_logprobs=3, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": LONG}, params, use_tqdm=False)[0]
+    c, tok, P = out.outputs[0], llm.tokenizer, len(LONG)
+    full = log_softmax_of(dsv3_oracle, LONG + c.token_ids)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == P
+    for j in range(1, P):
+        assert_logprobs(out.prompt_logprobs[j], full[j - 1], LONG[j], 3, tok)
+    assert len(c.logprobs) == len(c.token_ids) == 6
+    for i, token in enumerate(c.token_ids):
+        assert_logprobs(c.logprobs[i], full[P - 1 + i], token, 4, tok)
+    expected = sum(float(full[P - 1 + i, t]) for i, t in enumerate(c.token_ids))
+    assert math.isclose(c.cumulative_logprob, expected, abs_tol=1e-3)
+
+
+def test_prompt_logprobs_in_chunks_and_in_one_token_steps(llm, monkeypatch):
+    """The prompt computed in one step, in chunks of 8 (a token budget of 8), and one token a step beside three
+    decoding requests (a budget of 4: all steps of one token each) gives the same prompt logprobs (of a prefix of
+    the prompt: the model is causal); a prompt logprobs request takes nothing from the prefix cache."""
+    params = SamplingParams(max_tokens=1, prompt_logprobs=2, **GREEDY)
+    whole = llm.generate({"prompt_token_ids": LONG}, params, use_tqdm=False)[0]
+    plain = llm.generate({"prompt_token_ids": LONG}, SamplingParams(max_tokens=1, **GREEDY), use_tqdm=False)[0]
+    assert (whole.num_cached_tokens, plain.num_cached_tokens) == (0, 16)  # LONG's first page is cached by now
+    monkeypatch.setattr(llm.engine.scheduler, "max_num_batched_tokens", 8)
+    chunked = llm.generate({"prompt_token_ids": LONG}, params, use_tqdm=False)[0]
+    monkeypatch.setattr(llm.engine.scheduler, "max_num_batched_tokens", 4)
+    others = [{"prompt_token_ids": [10 + i]} for i in range(3)]
+    beside = llm.generate(others + [{"prompt_token_ids": LONG[:8]}],
+                          [SamplingParams(max_tokens=8, **GREEDY)] * 3 + [params], use_tqdm=False)[-1]
+    assert chunked.outputs[0].token_ids == whole.outputs[0].token_ids
+    for out, n in ((chunked, len(LONG)), (beside, 8)):
+        assert out.num_cached_tokens == 0 and len(out.prompt_logprobs) == n and out.prompt_logprobs[0] is None
+        for got, want in zip(out.prompt_logprobs[1:], whole.prompt_logprobs[1:n]):
+            assert list(got) == list(want)
+            assert [p.logprob for p in got.values()] == pytest.approx([p.logprob for p in want.values()], abs=1e-4)
+
+
+def test_batched_equals_one_at_a_time_with_every_new_field(llm):
+    prompts = [{"prompt_token_ids": PROMPT}, {"prompt_token_ids": LONG}, {"prompt_token_ids": LONG[:9]}]
+    params = [
+        SamplingParams(n=2, seed=1, temperature=0.9, top_k=50, top_p=0.9, min_p=0.02, presence_penalty=0.5,
+                       frequency_penalty=0.3, repetition_penalty=1.2, logprobs=2, prompt_logprobs=1, min_tokens=3,
+                       max_tokens=5, stop_token_ids=[7]),
+        SamplingParams(seed=2, temperature=0.0, repetition_penalty=1.5, frequency_penalty=-0.5, logprobs=0,
+                       max_tokens=4, ignore_eos=True),
+        SamplingParams(seed=3, temperature=1.3, min_p=0.1, presence_penalty=-1.0, prompt_logprobs=2, min_tokens=4,
+                       max_tokens=5),
+    ]
+    batched = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, p, together in zip(prompts, params, batched):
+        alone = llm.generate(prompt, p, use_tqdm=False)[0]
+        assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in together.outputs]
+        for a, b in zip(alone.outputs, together.outputs):
+            assert (a.finish_reason, a.stop_reason, a.index) == (b.finish_reason, b.stop_reason, b.index)
+            assert (a.cumulative_logprob is None) == (b.cumulative_logprob is None) == (p.logprobs is None)
+            if p.logprobs is not None:
+                assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+                assert [list(e) for e in a.logprobs] == [list(e) for e in b.logprobs]
+        assert (alone.prompt_logprobs is None) == (p.prompt_logprobs is None)
+        if p.prompt_logprobs is not None:
+            assert [e and list(e) for e in alone.prompt_logprobs] == [e and list(e) for e in together.prompt_logprobs]
 
 
 def fake_hub_cache(root: Path, ckpt: Path, config: dict, generation_config: dict) -> Path:
@@ -139,7 +294,8 @@ def fake_hub_cache(root: Path, ckpt: Path, config: dict, generation_config: dict
     return snapshot
 
 
-def test_a_hub_id_from_the_local_cache_with_its_generation_config(llm, ref, dsv3_ckpt, tmp_path, monkeypatch):
+def test_a_hub_id_from_the_local_cache_with_its_generation_config(llm, ref, dsv3_ckpt, dsv3_oracle, tmp_path,
+                                                                  monkeypatch):
     """config.json gives its EOS ids as a list; generation_config.json adds one (a stop id: vLLM's
     generation_config="auto") and sets the default sampling."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
@@ -148,19 +304,24 @@ def test_a_hub_id_from_the_local_cache_with_its_generation_config(llm, ref, dsv3
     b = new_token(ref, 1)
     a = new_token(ref, b + 1)  # config.json's extra EOS, after generation_config's
     config = {**json.loads((dsv3_ckpt / "config.json").read_text()), "eos_token_id": [1, ref[a]]}
-    gen = {"eos_token_id": [1, ref[b]], "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 3}
+    gen = {"eos_token_id": [1, ref[b]], "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 3,
+           "repetition_penalty": 1.05, "min_p": 0.01}
     snapshot = fake_hub_cache(tmp_path, dsv3_ckpt, config, gen)
     hub = LLM("org/tiny", dtype="float32", device="cpu", max_model_len=128, block_size=16, progress=False)
     assert Path(hub.config.model.path) == snapshot
     defaults = hub.get_default_sampling_params()
-    assert defaults == SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=3)
+    assert defaults == SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=3, repetition_penalty=1.05,
+                                      min_p=0.01)
     outs = run(hub, [SamplingParams(temperature=0.0, max_tokens=N),
                      SamplingParams(temperature=0.0, max_tokens=N, min_tokens=b + 2),
                      SamplingParams(max_tokens=a + 1, **GREEDY)])
     ends = [first_at(ref, {1, ref[a], ref[b]}), first_at(ref, {1, ref[a], ref[b]}, b + 1)]
     assert ends[0] == b and ends[1] <= a
     assert (outs[0].token_ids, outs[0].stop_reason) == (ref[: b + 1], ref[b])
-    assert (outs[1].token_ids, outs[1].stop_reason) == (ref[: ends[1] + 1], ref[b] if ref[ends[1]] == ref[b] else None)
+    stops = {1, ref[a], ref[b]}  # masked below min_tokens: config.json's EOS ids and generation_config.json's
+    masked = oracle_greedy(dsv3_oracle, PROMPT, N, banned=stops, min_tokens=b + 2, stop=stops)
+    assert masked[:b] == ref[:b] and not stops.intersection(masked[: b + 2])
+    assert (outs[1].token_ids, outs[1].stop_reason) == (masked, ref[b] if masked[-1] == ref[b] else None)
     assert (outs[2].token_ids, outs[2].finish_reason) == (ref[: a + 1], "length")  # ignore_eos: neither stops it
     sampled = hub.generate({"prompt_token_ids": PROMPT}, use_tqdm=False)[0].outputs[0]  # generation_config's defaults
     assert len(sampled.token_ids) <= 3
@@ -211,9 +372,24 @@ def test_prompt_lines_with_messages_and_the_new_fields(llm):
     text, ids = encode_chat(llm.tokenizer, line["messages"])
     assert (req.prompt, req.prompt_token_ids) == (text, ids)
     assert (req.params.max_tokens, req.params.stop_token_ids, req.params.stop) == (None, [3], ["x"])
+    new_fields = {"prompt_token_ids": PROMPT, "n": 1, "min_p": 0.05, "presence_penalty": 0.5,
+                  "frequency_penalty": -0.5, "repetition_penalty": 1.1, "logprobs": 1, "prompt_logprobs": 0,
+                  "max_tokens": 2}
+    req = _request(llm.engine, 1, parse_prompt(new_fields, "line"), defaults, task)
+    assert (req.params.min_p, req.params.repetition_penalty, req.params.logprobs) == (0.05, 1.1, 1)
+    llm.engine.run([req], progress=False)
+    row = json.loads(json.dumps(_result(req)))  # the completions file's line
+    assert row["prompt_logprobs"][0] is None and len(row["prompt_logprobs"]) == len(PROMPT) == 4
+    first, token = row["logprobs"][0], req.output_token_ids[0]
+    assert next(iter(first)) == str(token) and first[str(token)]["logprob"] == req.logprobs[0][token].logprob
+    assert row["cumulative_logprob"] == req.cumulative_logprob == sum(e[t].logprob for e, t in zip(
+        req.logprobs, req.output_token_ids))
     for bad, what in (({"stop_token_ids": [1.5]}, "'stop_token_ids' must be a list of integers"),
                       ({"min_tokens": True}, "'min_tokens' must be an integer"),
-                      ({"skip_special_tokens": 0}, "'skip_special_tokens' must be true or false")):
+                      ({"skip_special_tokens": 0}, "'skip_special_tokens' must be true or false"),
+                      ({"n": 2}, "'n' must be 1 here, got 2: a prompt gives one completion"),
+                      ({"logprobs": 1.5}, "'logprobs' must be an integer or null"),
+                      ({"repetition_penalty": "x"}, "'repetition_penalty' must be a number")):
         with pytest.raises(UserError, match=what):
             parse_prompt({"prompt": "p", **bad}, "line")
     for bad in ({"messages": []}, {"messages": [{"role": "user"}]}, {"messages": "hi"}):
