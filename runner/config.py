@@ -158,6 +158,62 @@ class ParallelConfig:
         _check_positive("parallel.size", self.size, allow_none=True)
 
 
+SPECULATIVE_METHODS = ("none", "mtp", "ngram")
+NGRAM_DEFAULT_LOOKUP = 5  # vLLM's prompt_lookup_min and prompt_lookup_max when neither is given
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative.md): each step a request drafts up to ``num_tokens`` tokens and the
+    target model verifies them in one step of q_len = drafts + 1, emitting 1 to num_tokens + 1 tokens.
+
+    ``method``: none | mtp (DeepSeek-V3's MTP layer, applied num_tokens times on its own output) | ngram (prompt
+    lookup: the tokens that followed the latest earlier occurrence of the context's last n-gram, n from
+    prompt_lookup_max down to prompt_lookup_min; no model, so Kimi-K2 too). ``none`` ignores the other fields, so a
+    sweep ``speculative=none,mtp speculative.num_tokens=3`` compares the two.
+
+    ``force_acceptance_length`` (benchmarks, as vLLM's ``synthetic_acceptance_length`` and SGLang's
+    ``SGLANG_SIMULATE_ACC_LEN``): the mean number of tokens a verify step emits per request, the accepted drafts plus
+    the target's own token, so 1 <= value <= num_tokens + 1. Each step a request accepts floor(value - 1) drafts, and
+    one more with probability frac(value - 1) (1.8 at k = 1: its draft 80% of steps), whatever the tokens; a request
+    that drafted fewer accepts at most what it drafted. The text is then meaningless: it measures speed only.
+    """
+
+    method: str = "none"
+    num_tokens: int = 1  # k: drafts per request and step (a request near max_tokens or max_model_len drafts fewer)
+    force_acceptance_length: Optional[float] = None  # unset: the target model decides what is accepted
+    # ngram: the longest and shortest suffix n-gram looked up; neither set: both 5 (vLLM's), one set: both equal it
+    prompt_lookup_min: Optional[int] = None
+    prompt_lookup_max: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("speculative.method", self.method, SPECULATIVE_METHODS)
+        _check_positive("speculative.num_tokens", self.num_tokens)
+        length = self.force_acceptance_length
+        if length is not None and not 1 <= length <= self.num_tokens + 1:
+            raise ConfigError(f"speculative.force_acceptance_length={length} is not valid: it counts the accepted "
+                              f"drafts and the target's own token, so it must be in [1, num_tokens + 1] = "
+                              f"[1, {self.num_tokens + 1}]")
+        _check_positive("speculative.prompt_lookup_min", self.prompt_lookup_min, allow_none=True)
+        _check_positive("speculative.prompt_lookup_max", self.prompt_lookup_max, allow_none=True)
+        if self.method == "ngram":
+            if self.prompt_lookup_min is None and self.prompt_lookup_max is None:
+                self.prompt_lookup_min = self.prompt_lookup_max = NGRAM_DEFAULT_LOOKUP
+            self.prompt_lookup_min = self.prompt_lookup_min or self.prompt_lookup_max
+            self.prompt_lookup_max = self.prompt_lookup_max or self.prompt_lookup_min
+        if self.prompt_lookup_min and self.prompt_lookup_max and self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"speculative.prompt_lookup_min={self.prompt_lookup_min} is larger than "
+                              f"speculative.prompt_lookup_max={self.prompt_lookup_max}")
+
+
+def check_speculative(spec: SpeculativeConfig, has_mtp: bool, model_name: str) -> None:
+    """What only the model's config.json can decide, for the engine to call once it is read: ``speculative=mtp``
+    needs an MTP layer (``num_nextn_predict_layers`` >= 1; Kimi-K2 has none)."""
+    if spec.method == "mtp" and not has_mtp:
+        raise ConfigError(f"speculative=mtp needs a model with an MTP layer and {model_name} has none "
+                          "(num_nextn_predict_layers: 0): use speculative=ngram or speculative=none")
+
+
 @dataclass
 class RunConfig:
     """One run: a model, an attention backend, a metadata strategy, a task and the run settings."""
@@ -193,6 +249,7 @@ class RunConfig:
     # checkpoint on a GPU, else dequantized (random weights: fp8 only when asked).
     weights: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # several GPUs (torchrun or srun)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # drafts verified in one step
     # the metric a run returns to a sweeper that optimizes (Optuna, Ax, Nevergrad); unset: the task's headline,
     # tokens_per_s (time_us for task.mode=kernel, metadata_us for task.mode=metadata, prefill_tokens_per_s for
     # task.mode=prefill)
@@ -234,5 +291,6 @@ def register_configs() -> None:
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="attention", name="base_attention", node=AttentionConfig)
     cs.store(group="metadata", name="base_metadata", node=MetadataConfig)
+    cs.store(group="speculative", name="base_speculative", node=SpeculativeConfig)
     cs.store(group="task", name="base_generate", node=GenerateTaskConfig)
     cs.store(group="task", name="base_bench", node=BenchTaskConfig)

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 from tqdm.auto import tqdm
 
-from mla_runner.config import RunConfig
+from mla_runner.config import RunConfig, check_speculative
 from mla_runner.engine.block_manager import BlockManager
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.distributed import setup
@@ -62,6 +62,11 @@ class LLMEngine:
         problem = layout_problem(args, self.par)
         if problem is not None:
             raise ConfigError(f"model={cfg.model.name} cannot be split over {self.par.world} processes: {problem}")
+        check_speculative(cfg.speculative, args.has_mtp, cfg.model.name)
+        if cfg.speculative.method != "none":
+            raise ConfigError(f"speculative={cfg.speculative.method}: the engine does not run speculative decoding yet "
+                              "(the drafters and the verification are built, the verify step is not): use "
+                              "speculative=none")
         if fit_max_model_len:
             fit = args.max_position_embeddings
             cfg = dataclasses.replace(cfg, max_model_len=fit if cfg.enable_chunked_prefill else
@@ -91,10 +96,10 @@ class LLMEngine:
         self._request_ids = itertools.count()
         r = self.runner.resolved
         graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"
-        log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s: %d pages of %d = %d tokens (%.2f GiB); "
-                 "max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"], r["dtype"],
-                 r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_pages"], r["page_size"], r["kv_tokens"],
-                 r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
+        log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s, %d bytes a token: %d pages of %d = %d tokens "
+                 "(%.2f GiB); max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"],
+                 r["dtype"], r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_bytes_per_token"], r["kv_pages"],
+                 r["page_size"], r["kv_tokens"], r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
 
     # ----------------------------------------------------------------------------------------- requests
     def make_requests(self, index: int, prompt_token_ids: list[int], params: SamplingParams,

@@ -45,7 +45,7 @@ SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 
 # The field of each group's config that holds the option chosen on the command line (``metadata=per_step``).
-CHOICE_FIELDS = {"model": "name", "attention": "name", "metadata": "strategy", "task": "name"}
+CHOICE_FIELDS = {"model": "name", "attention": "name", "metadata": "strategy", "task": "name", "speculative": "method"}
 # The keys a reader looks for first, in this order; the rest follow in declaration order.
 KEY_ORDER = ("task", "model", "attention", "metadata", "dtype", "device")
 

@@ -12,10 +12,13 @@ from mla_runner.config import (
     MetadataConfig,
     ModelConfig,
     RunConfig,
+    SpeculativeConfig,
+    check_speculative,
 )
 from mla_runner.errors import ConfigError
 
-GROUP_TYPES = {"model": ModelConfig, "attention": AttentionConfig, "metadata": MetadataConfig, "task": None}
+GROUP_TYPES = {"model": ModelConfig, "attention": AttentionConfig, "metadata": MetadataConfig,
+               "speculative": SpeculativeConfig, "task": None}
 TASK_TYPES = {"generate": GenerateTaskConfig, "bench": BenchTaskConfig}
 
 
@@ -27,6 +30,7 @@ def test_every_group_has_its_documented_options():
     assert options("model") == ["deepseek_v3", "kimi_k2", "tiny_deepseek_v3", "tiny_kimi_k2"]
     assert options("attention") == ["aiter", "auto", "flashmla", "torch", "triton"]
     assert options("metadata") == ["per_step", "persistent"]
+    assert options("speculative") == ["mtp", "ngram", "none"]
     assert options("task") == ["bench", "generate"]
     assert options("sweep") == ["backends", "decode_grid", "metadata_grid"]
 
@@ -37,7 +41,7 @@ def test_every_option_composes_to_its_schema(group, option):
     assert isinstance(cfg, RunConfig)
     node = getattr(cfg, group)
     assert type(node) is (GROUP_TYPES[group] or TASK_TYPES[option])
-    key = {"model": "name", "attention": "name", "metadata": "strategy", "task": "name"}[group]
+    key = {"model": "name", "attention": "name", "metadata": "strategy", "speculative": "method", "task": "name"}[group]
     assert getattr(node, key) == option
 
 
@@ -50,6 +54,7 @@ def test_defaults():
     assert compose_config(["metadata=per_step"]).metadata.num_kv_splits == 4
     assert compose_config([]).metadata.dram_ratio is None  # the device's own
     assert compose_config(["metadata.dram_ratio=0"]).metadata.dram_ratio == 0
+    assert compose_config([]).speculative == SpeculativeConfig(method="none")
 
 
 def test_overrides_reach_the_dataclasses():
@@ -83,6 +88,15 @@ def test_overrides_reach_the_dataclasses():
     (["attention=auto", "metadata=per_step", "cuda_graphs=true"], "cuda_graphs"),
     (["task=bench", "task.output_len=0"], "task.output_len"),
     (["max_batch=4"], "max_batch"),
+    (["speculative=eagle"], "speculative"),
+    (["speculative.method=eagle"], "speculative.method"),
+    (["speculative=mtp", "speculative.num_tokens=0"], "speculative.num_tokens"),
+    (["speculative=mtp", "speculative.force_acceptance_length=2.5"], "speculative.force_acceptance_length"),
+    (["speculative=mtp", "speculative.force_acceptance_length=0.9"], "speculative.force_acceptance_length"),
+    (["speculative=ngram", "speculative.prompt_lookup_min=0"], "speculative.prompt_lookup_min"),
+    (["speculative=ngram", "speculative.prompt_lookup_min=4", "speculative.prompt_lookup_max=2"],
+     "speculative.prompt_lookup_min"),
+    (["speculative=ngram", "speculative.draft_model=x"], "speculative.draft_model"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
@@ -108,3 +122,33 @@ def test_python_keyword_overrides():
 def test_bench_sweep_presets_select_the_bench_task(preset, mode):
     cfg = compose_config([f"+sweep={preset}"])
     assert isinstance(cfg.task, BenchTaskConfig) and cfg.task.mode == mode
+
+
+def test_speculative_options_and_their_values():
+    mtp = compose_config(["speculative=mtp", "speculative.num_tokens=3", "speculative.force_acceptance_length=2.5"])
+    assert mtp.speculative == SpeculativeConfig(method="mtp", num_tokens=3, force_acceptance_length=2.5)
+    assert compose_config(["speculative=mtp"]).speculative.num_tokens == 1
+    ngram = compose_config(["speculative=ngram"]).speculative
+    assert (ngram.num_tokens, ngram.prompt_lookup_min, ngram.prompt_lookup_max) == (3, 5, 5)  # vLLM's lookup defaults
+    one = compose_config(["speculative=ngram", "speculative.prompt_lookup_max=3"]).speculative
+    assert (one.prompt_lookup_min, one.prompt_lookup_max) == (3, 3)  # one given: the other equals it (vLLM)
+    one = compose_config(["speculative=ngram", "speculative.prompt_lookup_min=2"]).speculative
+    assert (one.prompt_lookup_min, one.prompt_lookup_max) == (2, 2)
+    both = compose_config(["speculative=ngram", "speculative.prompt_lookup_min=2", "speculative.prompt_lookup_max=4"])
+    assert (both.speculative.prompt_lookup_min, both.speculative.prompt_lookup_max) == (2, 4)
+    # none ignores the rest, so that a sweep speculative=none,mtp compares the two with one set of values
+    none = compose_config(["speculative=none", "speculative.num_tokens=3", "speculative.force_acceptance_length=4"])
+    assert none.speculative.method == "none"
+    assert compose_config(["speculative=mtp", "speculative.force_acceptance_length=1"]).speculative.num_tokens == 1
+    assert compose_config([override("speculative", "ngram")]).speculative.method == "ngram"
+
+
+def test_mtp_needs_a_model_with_an_mtp_layer():
+    check_speculative(SpeculativeConfig(method="mtp"), has_mtp=True, model_name="deepseek_v3")
+    check_speculative(SpeculativeConfig(method="ngram"), has_mtp=False, model_name="kimi_k2")
+    check_speculative(SpeculativeConfig(), has_mtp=False, model_name="kimi_k2")
+    with pytest.raises(ConfigError) as info:
+        check_speculative(SpeculativeConfig(method="mtp"), has_mtp=False, model_name="kimi_k2")
+    message = str(info.value)
+    assert "\n" not in message and "speculative=mtp" in message and "kimi_k2" in message
+    assert "speculative=ngram" in message

@@ -187,6 +187,15 @@ def test_max_tokens_none_stops_at_the_context(llm):
     assert (len(out.token_ids), out.finish_reason) == (128 - 112, "length")
 
 
+@pytest.mark.parametrize("method", ["mtp", "ngram"])
+def test_speculative_decoding_is_refused_until_the_engine_runs_it(dsv3_ckpt, kimi_ckpt, method):
+    with pytest.raises(ConfigError, match=f"^speculative={method}: the engine does not run speculative decoding yet"):
+        LLM(str(dsv3_ckpt), dtype="float32", device="cpu", speculative=method, progress=False)
+    if method == "mtp":  # a model without an MTP layer says so first
+        with pytest.raises(ConfigError, match="^speculative=mtp needs a model with an MTP layer"):
+            LLM(str(kimi_ckpt), dtype="float32", device="cpu", speculative=method, progress=False)
+
+
 def test_max_model_len_none_is_the_model_context_capped_by_the_kv_cache(dsv3_ckpt):
     """vLLM's default: the model's max_position_embeddings (5120 for the tiny model), here capped by a KV cache of
     8 pages of 16 tokens."""
