@@ -96,10 +96,10 @@ class LLMEngine:
         self._request_ids = itertools.count()
         r = self.runner.resolved
         graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"
-        log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s, %d bytes a token: %d pages of %d = %d tokens "
-                 "(%.2f GiB); max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"],
-                 r["dtype"], r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_bytes_per_token"], r["kv_pages"],
-                 r["page_size"], r["kv_tokens"], r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
+        log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s: %d pages of %d = %d tokens (%.2f GiB); "
+                 "max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"], r["dtype"],
+                 r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_pages"], r["page_size"], r["kv_tokens"],
+                 r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
 
     # ----------------------------------------------------------------------------------------- requests
     def make_requests(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
