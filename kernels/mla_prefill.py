@@ -326,9 +326,10 @@ def mla_prefill_reference(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mla_prefill_attention`` in plain torch (fp32 math). Where the scores of every query against every key fit in
-    ``MAX_SCORES``, all requests at once with the other requests' keys masked (a step of many short prompts is a few
-    ops, not a few per request); else one request at a time, queries in chunks of at most ``MAX_SCORES`` scores.
+    """``mla_prefill_attention`` in plain torch (fp32 math). Where the scores of padded batches (every request's
+    queries and keys padded to the longest) fit in ``MAX_SCORES`` and are at most 8 times the scores needed, all
+    requests at once (a step of many short prompts is a few ops, not a few per request); else one request at a time,
+    queries in chunks of at most ``MAX_SCORES`` scores.
     Rows outside every request: out 0, lse -inf when allocated here, else left as they are."""
     T, H, _ = q.shape
     Dn, Dv = k_nope.shape[2], v.shape[2]
@@ -337,8 +338,12 @@ def mla_prefill_reference(
     if lse is None:
         lse = torch.full((T, H), float("-inf"), dtype=torch.float32, device=q.device)
     cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    n_q, n_k = cu_q[-1] - cu_q[0], cu_k[-1] - cu_k[0]
-    if len(cu_q) > 2 and 0 < n_q * H * n_k <= MAX_SCORES:
+    q_lens, k_lens = [b - a for a, b in zip(cu_q, cu_q[1:])], [b - a for a, b in zip(cu_k, cu_k[1:])]
+    if not q_lens:
+        return out, lse
+    padded_scores = len(q_lens) * H * max(q_lens) * max(k_lens)
+    scores = H * sum(n * L for n, L in zip(q_lens, k_lens))
+    if len(q_lens) > 1 and scores > 0 and padded_scores <= min(MAX_SCORES, 8 * scores):
         _all_requests_at_once(q, k_nope, k_pe, v, cu_q, cu_k, max_q_len, sm_scale, causal, out, lse)
         return out, lse
     for b in range(len(cu_q) - 1):
@@ -370,26 +375,36 @@ def mla_prefill_reference(
 
 
 def _all_requests_at_once(q, k_nope, k_pe, v, cu_q, cu_k, max_q_len, sm_scale, causal, out, lse) -> None:
-    """The reference over every request in one set of ops: scores of all queries against all keys, a key of another
-    request (or past a query's causal bound) masked."""
+    """The reference over every request in one set of ops: queries and keys gathered into [B, longest, ...] padded
+    batches, the padding (and keys past a query's causal bound) masked."""
     device, Dn = q.device, k_nope.shape[2]
-    q_lens = torch.tensor([b - a for a, b in zip(cu_q, cu_q[1:])], device=device)
-    k_lens = torch.tensor([b - a for a, b in zip(cu_k, cu_k[1:])], device=device)
-    if int(q_lens.max()) > max_q_len:
-        raise ValueError(f"request {int(q_lens.argmax())} has {int(q_lens.max())} queries, over max_q_len {max_q_len}")
-    requests = torch.arange(len(q_lens), device=device)
-    req_q, req_k = requests.repeat_interleave(q_lens), requests.repeat_interleave(k_lens)
-    i = torch.arange(len(req_q), device=device) - (q_lens.cumsum(0) - q_lens)[req_q]  # query index in its request
-    j = torch.arange(len(req_k), device=device) - (k_lens.cumsum(0) - k_lens)[req_k]  # key index in its request
-    ok = req_q[:, None] == req_k[None, :]
-    if causal:
-        ok &= j[None, :] <= (k_lens[req_q] - q_lens[req_q] + i)[:, None]
-    rows, keys = slice(cu_q[0], cu_q[-1]), slice(cu_k[0], cu_k[-1])
-    qq = q[rows].float()
-    s = (torch.einsum("qhd,khd->qhk", qq[..., :Dn], k_nope[keys].float())
-         + torch.einsum("qhd,kd->qhk", qq[..., Dn:], k_pe[keys].float())) * sm_scale
-    s.masked_fill_(~ok[:, None, :], float("-inf"))
-    row_lse = torch.logsumexp(s, dim=-1)
+    q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    k_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    if max(q_lens) > max_q_len:
+        b = q_lens.index(max(q_lens))
+        raise ValueError(f"request {b} has {q_lens[b]} queries, over max_q_len {max_q_len}")
+
+    def padded(starts: list[int], lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows [B, longest] of each request (0 in the padding), which are real, and the lengths."""
+        n = torch.tensor(lens, device=device)
+        pos = torch.arange(max(lens), device=device)[None, :]
+        real = pos < n[:, None]
+        return torch.where(real, torch.tensor(starts, device=device)[:, None] + pos, 0), real, n
+
+    qi, q_real, ql = padded(cu_q[:-1], q_lens)
+    ki, k_real, kl = padded(cu_k[:-1], k_lens)
+    qq = q[qi].float()  # [B, mq, H, D]
+    s = (torch.einsum("bqhd,bkhd->bhqk", qq[..., :Dn], k_nope[ki].float())
+         + torch.einsum("bqhd,bkd->bhqk", qq[..., Dn:], k_pe[ki].float())) * sm_scale
+    ok = k_real[:, None, :]  # [B, 1 (queries), mk]
+    if causal:  # query i of a request sees its keys up to k_len - q_len + i
+        i = torch.arange(qi.shape[1], device=device)
+        key = torch.arange(ki.shape[1], device=device)
+        ok = ok & (key[None, None, :] <= (kl - ql)[:, None, None] + i[None, :, None])
+    s.masked_fill_(~ok[:, None], float("-inf"))
+    row_lse = torch.logsumexp(s, dim=-1)  # [B, H, mq]
     p = torch.exp(s - torch.where(torch.isfinite(row_lse), row_lse, 0.0)[..., None])
-    out[rows] = torch.einsum("qhk,khd->qhd", p, v[keys].float()).to(out.dtype)
-    lse[rows] = row_lse
+    o = torch.einsum("bhqk,bkhd->bqhd", p, v[ki].float())
+    rows = qi[q_real]
+    out[rows] = o[q_real].to(out.dtype)
+    lse[rows] = row_lse.transpose(1, 2)[q_real]

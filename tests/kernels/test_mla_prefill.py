@@ -155,12 +155,16 @@ def test_reference_chunks_queries(monkeypatch):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_reference_all_requests_at_once_equals_one_at_a_time(monkeypatch, causal):
-    # small steps take the masked all-requests form, large ones the per-request loop: the same numbers, rows of a
+    # small steps take the padded all-requests form, large ones the per-request loop: the same numbers, rows of a
     # request without keys included (out 0, lse -inf)
     from mla_runner.kernels import mla_prefill
 
     args = make([5, 1, 7, 3], [9, 1, 7, 0], 3, seed=10)
+    batched = []
+    at_once = mla_prefill._all_requests_at_once
+    monkeypatch.setattr(mla_prefill, "_all_requests_at_once", lambda *a: batched.append(1) or at_once(*a))
     together = mla_prefill.mla_prefill_reference(*args, 7, 0.25, causal)
+    assert batched == [1]
     monkeypatch.setattr(mla_prefill, "MAX_SCORES", 3 * 17)  # below every query's scores: one request at a time
     alone = mla_prefill.mla_prefill_reference(*args, 7, 0.25, causal)
     torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-6)
