@@ -25,7 +25,9 @@ class AttentionBackend(Protocol):
     q:        [T, H, D] with D = kv_lora_rank + rope_dim (576 for the real models): the absorbed query
               (q_nope @ W_UK, then the rotated q_pe).
     kv_cache: [num_pages, page_size, D], one layer's latent cache; the first kv_lora_rank values of each
-              vector are the (normalized) c_kv, the last rope_dim are the rotated k_pe. Values are c_kv.
+              vector are the (normalized) c_kv, the last rope_dim are the rotated k_pe. Values are c_kv. An FP8
+              cache (``kernels.kv_cache``: e4m3 [.., D] with the per-tensor ``kv_scale`` [1], or the uint8
+              fp8_ds_mla layout) is dequantized inside the kernel.
     returns:  [T, H, kv_lora_rank] in q's dtype.
     Query token i of request b (q_len_b tokens, KV length seq_len_b including them) sits at position
     seq_len_b - q_len_b + i and attends causally to KV positions 0 .. that position.
@@ -36,7 +38,8 @@ class AttentionBackend(Protocol):
     rows cu_k[b]:cu_k[b+1]; causal: bottom-right aligned.
     """
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, sm_scale: float) -> torch.Tensor: ...
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, sm_scale: float,
+                kv_scale: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def prefill(self, q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_q_len: int, sm_scale: float,

@@ -17,6 +17,11 @@ Tensor parallel: a rank holds H/world heads (its rows of q_b_proj and kv_b_proj,
 returns its partial o_proj sum, which the decoder layer all-reduces. q_a_proj, kv_a_proj_with_mqa and the
 latent cache are replicated: the latent vector is shared by all heads, so each rank needs all of it.
 
+The cache's layout (``kv_layout``, set by the engine with the cache; docs/kv_cache_fp8.md) is the model dtype
+(``auto``) or an FP8 one: the new latents are quantized as they are written (``write_latent``), and every attention
+reads every key as the cache holds it (the chunk's own keys too, gathered back dequantized), so a result does not
+depend on how a prompt was chunked, found in the prefix cache or recomputed after preemption.
+
 q_a_proj and kv_a_proj_with_mqa read the same x: after loading, ``fuse_input_projections`` concatenates their
 weights into one [q_lora_rank + kv_cache_dim, hidden] GEMM (decode runs one call instead of two, each on the
 ~12-19 us floor of a graph-replayed GEMM: docs/fp8.md#5-one-gemm-for-the-two-input-projections); the modules keep
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from mla_runner.kernels.attention_merge import merge_attention_states, merge_attention_states_reference
+from mla_runner.kernels.kv_cache import KVCacheLayout, gather_latent, write_latent
 from mla_runner.models.config import ModelArgs
 from mla_runner.models.context import ForwardContext
 from mla_runner.models.fp8_linear import fuse_linears, linear
@@ -57,8 +63,11 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(args.kv_lora_rank, args.rms_norm_eps)
         self.kv_b_proj = nn.Linear(args.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.hidden_size, bias=False)
-        # Assigned by the engine: this layer's paged cache [num_pages, page_size, kv_cache_dim].
+        # Assigned by the engine: this layer's paged cache [num_pages, page_size, width], its layout (None: the model
+        # dtype, width kv_cache_dim) and, for the fp8 layout, its per-tensor scale ([1] float32 on the cache's device).
         self.kv_cache: torch.Tensor | None = None
+        self.kv_layout: KVCacheLayout | None = None
+        self.kv_scale: torch.Tensor | None = None
         # Views of kv_b_proj.weight, [H, nope, kv_lora] and [H, v, kv_lora]; set by absorb_weights().
         self.w_uk: torch.Tensor | None = None
         self.w_uv: torch.Tensor | None = None
@@ -119,7 +128,11 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(-1, self.n_heads, self.nope_dim + self.rope_dim).split([self.nope_dim, self.rope_dim], -1)
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], -1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
-        self.kv_cache.view(-1, latent.shape[-1])[ctx.slot_mapping] = latent.to(self.kv_cache.dtype)
+        fp8 = self.kv_layout is not None and self.kv_layout.is_fp8
+        if fp8:  # quantized in the kernel that scatters it
+            write_latent(self.kv_cache, latent, ctx.slot_mapping, self.kv_layout, self.kv_scale)
+        else:
+            self.kv_cache.view(-1, latent.shape[-1])[ctx.slot_mapping] = latent.to(self.kv_cache.dtype)
 
         q_pe = apply_rope(q_pe, cos, sin)
         if ctx.prefill is None:
@@ -131,8 +144,9 @@ class MLA(nn.Module):
                 o[:D] = self._absorbed(q_nope[:D], q_pe[:D], ctx, ctx.attn_metadata)
             if ctx.prefill.absorbed is not None:
                 o[D:] = self._absorbed(q_nope[D:], q_pe[D:], ctx, ctx.prefill.absorbed)
-            else:
-                o[D:] = self._prefill(q_nope[D:], q_pe[D:], latent[D:], ctx)
+            else:  # the chunks' own keys as the cache holds them
+                own = self._read_cache(ctx.slot_mapping[D:], latent.dtype) if fp8 else latent[D:]
+                o[D:] = self._prefill(q_nope[D:], q_pe[D:], own, ctx)
         return self.o_proj(o.flatten(1))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: ForwardContext,
@@ -141,7 +155,7 @@ class MLA(nn.Module):
         [T, H, v_dim]."""
         q_abs = torch.cat([torch.einsum("thn,hnc->thc", q_nope, self.w_uk), q_pe], dim=-1)
         metadata = ctx.attn_metadata if metadata is None else metadata
-        o_lat = ctx.backend.forward(q_abs, self.kv_cache, metadata, self.softmax_scale)
+        o_lat = ctx.backend.forward(q_abs, self.kv_cache, metadata, self.softmax_scale, kv_scale=self.kv_scale)
         return torch.einsum("thc,hvc->thv", o_lat, self.w_uv)
 
     def _up_project(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,10 +174,17 @@ class MLA(nn.Module):
         o, lse = backend.prefill(q, k_nope, k_pe, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_q_len, scale,
                                  causal=True)
         for chunk in meta.context:
-            k_nope, k_pe, v = self._up_project(self.kv_cache.view(-1, latent.shape[-1])[chunk.slots].to(q.dtype))
+            k_nope, k_pe, v = self._up_project(self._read_cache(chunk.slots, q.dtype))
             o_c, lse_c = backend.prefill(q, k_nope, k_pe, v, meta.cu_seqlens_q, chunk.cu_seqlens_k, meta.max_q_len,
                                          scale, causal=False)
             # the Triton merge on a GPU; plain torch elsewhere (the interpreter would run it element by element)
             merge = merge_attention_states if o.is_cuda else merge_attention_states_reference
             o, lse = merge(o, lse, o_c, lse_c)
         return o
+
+    def _read_cache(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The latent vectors of cache ``slots`` [S] as [S, kv_lora_rank + rope] of ``dtype``: dequantized from an
+        FP8 layout (``gather_latent``), else as stored."""
+        if self.kv_layout is not None and self.kv_layout.is_fp8:
+            return gather_latent(self.kv_cache, slots, self.kv_layout, self.kv_scale, dtype)
+        return self.kv_cache.view(-1, self.kv_cache.shape[-1])[slots].to(dtype)

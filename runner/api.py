@@ -104,7 +104,8 @@ class LLM:
     cache. vLLM's keywords map to the runner's settings: ``max_num_seqs`` -> ``max_batch_size``,
     ``gpu_memory_utilization`` -> ``kv_cache_memory_fraction``, ``enforce_eager`` -> ``cuda_graphs=false``,
     ``block_size`` -> ``page_size``, ``quantization="fp8"`` -> ``weights=fp8``, ``tensor_parallel_size`` -> the
-    torchrun world size (checked). Further keywords are the runner's settings or group choices, as on the command
+    torchrun world size (checked), ``speculative_config={"method": "ngram", "num_speculative_tokens": 3}`` -> the
+    ``speculative`` group. Further keywords are the runner's settings or group choices, as on the command
     line: ``LLM("tiny_kimi_k2", attention="triton", metadata="per_step", dtype="float32", device="cpu")``.
     """
 
@@ -114,13 +115,14 @@ class LLM:
                  gpu_memory_utilization: Optional[float] = None, enforce_eager: bool = False,
                  tensor_parallel_size: int = 1, quantization: Optional[str] = None, kv_cache_dtype: str = "auto",
                  enable_prefix_caching: Optional[bool] = None, max_num_batched_tokens: Optional[int] = None,
-                 block_size: Optional[int] = None, **runner_overrides: Any):
+                 block_size: Optional[int] = None, speculative_config: Optional[dict] = None,
+                 **runner_overrides: Any):
         settings = vllm_overrides(
             trust_remote_code=trust_remote_code, dtype=dtype, seed=seed, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
             enable_prefix_caching=enable_prefix_caching, max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size, runner_overrides=runner_overrides)
+            block_size=block_size, speculative_config=speculative_config, runner_overrides=runner_overrides)
         self.config: RunConfig = compose_config(model_overrides(model) + [override(k, v) for k, v in settings.items()])
         self.engine = LLMEngine(self.config, fit_max_model_len=max_model_len is None)
         self.config = self.engine.cfg  # with max_model_len as resolved

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from mla_runner.attention import CHOICES, TRITON_STRATEGIES, check_choice
 from mla_runner.errors import ConfigError
+from mla_runner.kernels.kv_cache import KV_CACHE_DTYPES
 from mla_runner.sampling import check_sampling_values
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -168,7 +169,7 @@ class SpeculativeConfig:
     target model verifies them in one step of q_len = drafts + 1, emitting 1 to num_tokens + 1 tokens.
 
     ``method``: none | mtp (DeepSeek-V3's MTP layer, applied num_tokens times on its own output) | ngram (prompt
-    lookup: the tokens that followed the latest earlier occurrence of the context's last n-gram, n from
+    lookup: the tokens that followed the earliest occurrence of the context's last n-gram, n from
     prompt_lookup_max down to prompt_lookup_min; no model, so Kimi-K2 too). ``none`` ignores the other fields, so a
     sweep ``speculative=none,mtp speculative.num_tokens=3`` compares the two.
 
@@ -241,6 +242,14 @@ class RunConfig:
     # With num_pages unset: enough pages for max_batch_size full-length requests, but on a GPU no more than
     # this fraction of the memory free once the weights are loaded (the rest is for activations and graphs).
     kv_cache_memory_fraction: float = 0.8
+    # the latent cache's layout (docs/kv_cache_fp8.md): auto (the run dtype) | fp8 (e4m3 latent and rope, one scale for
+    # the whole cache: 576 bytes a token and layer at DeepSeek-V3's widths, half of bf16) | fp8_ds_mla (DeepSeek's: e4m3
+    # latent with a power-of-two scale per 128 values, rope in bf16: 656 bytes)
+    kv_cache_dtype: str = "auto"
+    # fp8: the per-tensor scale, every layer's at start (a value is stored as x / scale: |x| up to 448 * scale fits,
+    # e4m3's normal range starts at scale / 64); 1.0 is vLLM's k_scale for MLA without calibration. The other
+    # layouts ignore it.
+    kv_cache_scale: float = 1.0
     cuda_graphs: Optional[bool] = None  # capture the decode step; unset: on wherever it can work
     progress: bool = True  # progress bars
     profile: bool = False  # a torch.profiler trace of steps 3-7 of a generate run: trace.json in the run directory
@@ -278,10 +287,17 @@ class RunConfig:
         if not 0 < self.kv_cache_memory_fraction <= 1:
             raise ConfigError(f"kv_cache_memory_fraction={self.kv_cache_memory_fraction} is not valid: "
                               "it must be in (0, 1]")
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if not 0 < self.kv_cache_scale < float("inf"):
+            raise ConfigError(f"kv_cache_scale={self.kv_cache_scale!r} is not valid: it must be a positive finite "
+                              "number")
+        if self.kv_cache_dtype != "auto" and self.dtype == "float16":
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype} needs dtype=bfloat16 or float32 (the FP8 cache is "
+                              "dequantized to them), not float16")
         # what the backend declares it supports, as far as it is known before the model's config.json is read
         check_choice(self.attention.name, self.metadata.strategy, cuda_graphs=self.cuda_graphs,
                      device=None if self.device == "auto" else self.device,
-                     dtype=TORCH_DTYPES.get(self.dtype), page_size=self.page_size)
+                     dtype=TORCH_DTYPES.get(self.dtype), page_size=self.page_size, kv_cache_dtype=self.kv_cache_dtype)
 
 
 def register_configs() -> None:

@@ -30,10 +30,13 @@ VLLM_ONLY = {
     "load_format": "not supported: checkpoints load from safetensors",
     "tokenizer_mode": "not supported: the tokenizer loads through transformers' AutoTokenizer",
     "max_logprobs": "not needed: SamplingParams.logprobs and prompt_logprobs may be up to the vocabulary size",
-    "speculative_config": "not supported yet",
     "generation_config": "not supported: the checkpoint's generation_config.json is always read (vLLM's 'auto')",
+    "calculate_kv_scales": "not supported: kv_cache_dtype='fp8' takes its per-tensor scale from kv_cache_scale (1.0 "
+                           "by default, vLLM's uncalibrated k_scale)",
 }
 VLLM_DTYPES = {"half": "float16", "float": "float32"}
+# vLLM's kv_cache_dtype names -> the runner's (fp8 is e4m3 in both)
+VLLM_KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_ds_mla": "fp8_ds_mla"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -41,13 +44,14 @@ def vllm_overrides(*, trust_remote_code: bool, dtype: Any, seed: int, max_model_
                    max_num_seqs: Optional[int], gpu_memory_utilization: Optional[float], enforce_eager: bool,
                    tensor_parallel_size: int, quantization: Optional[str], kv_cache_dtype: str,
                    enable_prefix_caching: Optional[bool], max_num_batched_tokens: Optional[int],
-                   block_size: Optional[int], runner_overrides: dict[str, Any]) -> dict[str, Any]:
+                   block_size: Optional[int], runner_overrides: dict[str, Any],
+                   speculative_config: Optional[dict] = None) -> dict[str, Any]:
     """The runner's settings for vLLM's keywords (those left at None keep the runner's defaults, but for
     ``max_model_len``, whose None the engine resolves: ``LLMEngine(fit_max_model_len=True)``), then the runner's own
     keywords; a keyword given under both names is an error."""
-    if kv_cache_dtype != "auto":
-        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported: the FP8 KV cache is not supported "
-                          "yet (the cache is in the run dtype)")
+    if kv_cache_dtype not in VLLM_KV_CACHE_DTYPES:
+        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} is not supported: choose one of "
+                          f"{', '.join(map(repr, VLLM_KV_CACHE_DTYPES))} ('auto' is the run dtype; FP8 is e4m3 only)")
     if quantization not in (None, "fp8"):
         raise ConfigError(f"quantization={quantization!r} is not supported: None (as the checkpoint says) or 'fp8'")
     dtype = str(dtype).removeprefix("torch.")
@@ -58,16 +62,44 @@ def vllm_overrides(*, trust_remote_code: bool, dtype: Any, seed: int, max_model_
         "weights": quantization, "enable_prefix_caching": enable_prefix_caching,
         "max_num_batched_tokens": max_num_batched_tokens, "page_size": block_size,
         "parallel.size": _tensor_parallel_size(tensor_parallel_size),
+        "kv_cache_dtype": None if kv_cache_dtype == "auto" else VLLM_KV_CACHE_DTYPES[kv_cache_dtype],
+        **_speculative(speculative_config),
     }
     vllm = {k: v for k, v in vllm.items() if v is not None}
     names = {"max_batch_size": "max_num_seqs", "kv_cache_memory_fraction": "gpu_memory_utilization",
              "cuda_graphs": "enforce_eager", "weights": "quantization", "page_size": "block_size",
-             "parallel.size": "tensor_parallel_size", "model.trust_remote_code": "trust_remote_code"}
+             "parallel.size": "tensor_parallel_size", "model.trust_remote_code": "trust_remote_code",
+             "speculative": "speculative_config"}
     for key in runner_overrides:
         check_runner_key(key)
         if key in vllm and key in names:
             raise ConfigError(f"LLM() got both {names[key]}= and {key}=: they set the same thing, give one")
     return {**vllm, **runner_overrides}
+
+
+# vLLM's speculative_config keys -> the speculative group's fields; its methods -> the group's options
+VLLM_SPECULATIVE_KEYS = {"num_speculative_tokens": "num_tokens", "prompt_lookup_max": "prompt_lookup_max",
+                         "prompt_lookup_min": "prompt_lookup_min"}
+VLLM_SPECULATIVE_METHODS = {"ngram": "ngram", "mtp": "mtp", "deepseek_mtp": "mtp"}
+
+
+def _speculative(config: Optional[dict]) -> dict[str, Any]:
+    """The ``speculative`` group's settings for vLLM's ``speculative_config`` dict (None: none)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"speculative_config={config!r} is not valid: a dict such as {{'method': 'ngram', "
+                          "'num_speculative_tokens': 3}")
+    method = config.get("method")
+    if method not in VLLM_SPECULATIVE_METHODS:
+        raise ConfigError(f"speculative_config method={method!r} is not supported: choose one of "
+                          f"{', '.join(map(repr, VLLM_SPECULATIVE_METHODS))}")
+    unknown = sorted(set(config) - {"method"} - set(VLLM_SPECULATIVE_KEYS))
+    if unknown:
+        raise ConfigError(f"speculative_config key {unknown[0]!r} is not supported: the runner takes "
+                          f"{', '.join(map(repr, ['method', *VLLM_SPECULATIVE_KEYS]))}")
+    return {"speculative": VLLM_SPECULATIVE_METHODS[method],
+            **{f"speculative.{VLLM_SPECULATIVE_KEYS[k]}": v for k, v in config.items() if k != "method"}}
 
 
 def _tensor_parallel_size(size: Any) -> Optional[int]:

@@ -1,12 +1,12 @@
 """Attention backends: one per choice, each building its own per-step metadata and declaring what it supports.
 
-| choice | metadata it builds per step | CUDA graphs | runs on |
-|---|---|---|---|
-| ``attention=torch`` | lengths and block table (what the reference reads) | no | CPU, GPU |
-| ``attention=triton metadata=persistent`` | the work plan, on the device, fixed buffers | yes | GPU, CPU interpreter |
-| ``attention=triton metadata=per_step`` | the work plan, on the host, copied in | no | GPU, CPU interpreter |
-| ``attention=flashmla`` | FlashMLA's schedule, on the device | yes | Hopper |
-| ``attention=aiter`` | per-token kv indices, on the device | no | ROCm |
+| choice | metadata it builds per step | CUDA graphs | runs on | ``kv_cache_dtype`` |
+|---|---|---|---|---|
+| ``attention=torch`` | lengths and block table (what the reference reads) | no | CPU, GPU | all |
+| ``attention=triton metadata=persistent`` | the work plan, on the device, fixed buffers | yes | GPU, CPU | all |
+| ``attention=triton metadata=per_step`` | the work plan, on the host, copied in | no | GPU, CPU | all |
+| ``attention=flashmla`` | FlashMLA's schedule, on the device | yes | Hopper | auto |
+| ``attention=aiter`` | per-token kv indices, on the device | no | ROCm | auto |
 
 ``attention=auto`` (the default) is ``triton`` on a GPU and ``torch`` on a CPU (``resolve_name``); an explicit
 ``attention=triton`` on a CPU runs the kernels under Triton's interpreter. ``metadata=`` picks the strategy of
@@ -57,7 +57,8 @@ def backend_class(name: str, strategy: str) -> type[AttentionBackend]:
 
 def check_choice(name: str, strategy: str, *, cuda_graphs: bool | None = None, device: str | None = None,
                  dtype: torch.dtype | None = None, page_size: int | None = None, num_heads: int | None = None,
-                 kv_lora_rank: int | None = None, rope_dim: int | None = None) -> type[AttentionBackend] | None:
+                 kv_lora_rank: int | None = None, rope_dim: int | None = None, kv_cache_dtype: str | None = None
+                 ) -> type[AttentionBackend] | None:
     """The backend class of this choice, or a one-line ``ConfigError`` naming what it does not support. Settings left
     at None are not checked (at config time the model's heads and the resolved device may be unknown); ``auto`` with
     the device unknown checks only what holds for both of its choices (None returned)."""
@@ -71,7 +72,7 @@ def check_choice(name: str, strategy: str, *, cuda_graphs: bool | None = None, d
         name = resolve_name(name, device)
     cls = backend_class(name, strategy)
     unmet = cls.capabilities.unmet(device=device, dtype=dtype, page_size=page_size, num_heads=num_heads,
-                                   kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
+                                   kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, kv_cache_dtype=kv_cache_dtype)
     if unmet:
         other = "attention=torch" if name == "triton" else "attention=triton"
         raise ConfigError(f"attention={name} needs {' and '.join(unmet)}; use {other}")
@@ -95,7 +96,8 @@ def make_backend(name: str, strategy: str, spec: AttentionSpec, *, num_kv_splits
     if reason is not None:
         raise ConfigError(reason)
     check_choice(name, strategy, device=spec.device.type, dtype=spec.dtype, page_size=spec.page_size,
-                 num_heads=spec.num_heads, kv_lora_rank=spec.kv_lora_rank, rope_dim=spec.rope_dim)
+                 num_heads=spec.num_heads, kv_lora_rank=spec.kv_lora_rank, rope_dim=spec.rope_dim,
+                 kv_cache_dtype=spec.kv_cache_dtype)
     if cls is TritonPersistentBackend:
         return cls(spec, max_kv_splits=num_kv_splits, dram_ratio=dram_ratio)
     if cls is TritonPerStepBackend:

@@ -4,7 +4,8 @@ aiter reads the cache through per-token indices: the cache is viewed as pages of
 ``kv_indptr`` (the prefix sum of the lengths) and ``kv_indices`` (every token's flat slot), built on the device by
 ``mla_runner.kernels.plan_kernels.build_kv_indices`` into buffers sized once, plus ``kv_last_page_lens`` (all 1) and
 the query offsets. Not run on AMD hardware by this project yet: the metadata is checked against the reference through
-a stand-in of aiter's documented call (tests/runner/attention/test_backends.py); graphs stay off.
+a stand-in of aiter's documented call (tests/runner/attention/test_backends.py); graphs stay off. A cache in the model
+dtype only (``kv_cache_dtype=auto``).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class AiterBackend(AttentionBackend):
     name = "aiter"
     # forward allocates its output and aiter its split buffers per call
     capabilities = Capabilities(graph_forward=False, graph_metadata=True, devices=("cuda",), dtypes=(torch.bfloat16,),
-                                kv_lora_ranks=(512,), rope_dims=(64,))
+                                kv_lora_ranks=(512,), rope_dims=(64,), kv_cache_dtypes=("auto",))
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
@@ -60,8 +61,8 @@ class AiterBackend(AttentionBackend):
         build_kv_indices(inputs.seq_lens, kv_indptr, inputs.block_table, self.spec.page_size, self.kv_indices)
         return AiterMetadata(inputs.qo_indptr, kv_indptr, self.kv_indices, self.kv_last_page_lens[:B], inputs.q_len)
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AiterMetadata,
-                sm_scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AiterMetadata, sm_scale: float,
+                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         from aiter.mla import mla_decode_fwd
 
         T, H, D = q.shape

@@ -27,11 +27,12 @@ class AttentionSpec:
     kv_lora_rank: int  # latent width: the values, and the first part of every cached vector
     rope_dim: int  # the rotary part of every cached vector
     page_size: int
-    dtype: torch.dtype  # of q, the cache and the output
+    dtype: torch.dtype  # of q and the output, and of the cache where kv_cache_dtype is auto
     device: torch.device
     max_batch: int = 1  # requests in one step
     max_pages_per_seq: int = 1  # block-table width
     max_q_len: int = 1  # query tokens of one request in one step
+    kv_cache_dtype: str = "auto"  # the cache's layout (mla_runner.kernels.kv_cache): auto, fp8 or fp8_ds_mla
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Capabilities:
     kv_lora_ranks: tuple[int, ...] | None = None
     rope_dims: tuple[int, ...] | None = None
     varlen_q: bool = True  # requests of one step may have different q_len (False: one q_len for all of them)
+    kv_cache_dtypes: tuple[str, ...] | None = None  # the cache layouts forward reads (kernels.kv_cache)
     # build_chunk_metadata serves prompt chunks of up to ABSORBED_MAX_Q_LEN tokens in the absorbed form (eager steps)
     absorbed_chunks: bool = False
 
@@ -56,8 +58,8 @@ class Capabilities:
         return self.graph_forward and self.graph_metadata
 
     def unmet(self, *, device: str | None = None, dtype: torch.dtype | None = None, page_size: int | None = None,
-              num_heads: int | None = None, kv_lora_rank: int | None = None, rope_dim: int | None = None
-              ) -> list[str]:
+              num_heads: int | None = None, kv_lora_rank: int | None = None, rope_dim: int | None = None,
+              kv_cache_dtype: str | None = None) -> list[str]:
         """The requirements the given settings miss, each as "what it needs (here: the value)". A setting left at
         None is not checked: config validation knows some of them before the model's config.json is read."""
         checks = (
@@ -67,6 +69,7 @@ class Capabilities:
             (num_heads, self.head_counts, "{} heads"),
             (kv_lora_rank, self.kv_lora_ranks, "kv_lora_rank={}"),
             (rope_dim, self.rope_dims, "qk_rope_head_dim={}"),
+            (kv_cache_dtype, self.kv_cache_dtypes, "kv_cache_dtype={}"),
         )
         out = []
         for value, allowed, form in checks:
@@ -125,9 +128,12 @@ class AttentionBackend(ABC):
         step."""
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, sm_scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: Any, sm_scale: float,
+                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q [T, H, kv_lora_rank + rope_dim] (the absorbed query) against one layer's cache [pages, page_size,
-        kv_lora_rank + rope_dim] -> [T, H, kv_lora_rank] in q's dtype."""
+        width] -> [T, H, kv_lora_rank] in q's dtype. The cache's layout is read from its dtype
+        (``kernels.kv_cache.layout_of``: q's dtype, or an FP8 layout, which ``capabilities.kv_cache_dtypes`` lists);
+        ``kv_scale``: the ``fp8`` layout's [1] float32 per-tensor scale, else None."""
 
     def build_chunk_metadata(self, inputs: StepInputs) -> Any:
         """Metadata with which ``forward`` attends a step's short prompt chunks in absorbed form (q_len up to

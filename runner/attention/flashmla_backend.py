@@ -1,6 +1,7 @@
 """``attention=flashmla``: FlashMLA's dense MLA decode (``mla_runner.kernels.flashmla``, from ``pip install
 sgl-flash-mla``). Its metadata is FlashMLA's own split-KV schedule, computed on the GPU once per step from the lengths
-(no sync: captured with the step). Hopper only, page size 64, bf16, one q_len for every request of a step."""
+(no sync: captured with the step). Hopper only, page size 64, bf16, one q_len for every request of a step; a bf16
+cache only (FlashMLA's dense decode reads no FP8: ``kv_cache_dtype=fp8`` runs on attention=triton)."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,7 @@ class FlashMLABackend(AttentionBackend):
     name = "flashmla"
     capabilities = Capabilities(graph_forward=True, graph_metadata=True, devices=("cuda",), dtypes=(torch.bfloat16,),
                                 page_sizes=(flashmla.PAGE_SIZE,), head_counts=flashmla.HEAD_COUNTS,
-                                kv_lora_ranks=(512,), rope_dims=(64,), varlen_q=False)
+                                kv_lora_ranks=(512,), rope_dims=(64,), varlen_q=False, kv_cache_dtypes=("auto",))
 
     @classmethod
     def unavailable(cls, device: torch.device) -> str | None:
@@ -23,6 +24,6 @@ class FlashMLABackend(AttentionBackend):
     def build_metadata(self, inputs: StepInputs) -> flashmla.FlashMLAPlan:
         return flashmla.plan(inputs.seq_lens, inputs.block_table, inputs.q_len, self.spec.num_heads)
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: flashmla.FlashMLAPlan,
-                sm_scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: flashmla.FlashMLAPlan, sm_scale: float,
+                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         return flashmla.flashmla_decode(q, kv_cache, metadata, sm_scale, self.spec.kv_lora_rank)

@@ -39,9 +39,9 @@ class TritonBackend(AttentionBackend):
         super().__init__(spec)
         self._chunk_builder: PerStepMetadataBuilder | None = None  # made by the first build_chunk_metadata
 
-    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: MLAMetadata,
-                sm_scale: float) -> torch.Tensor:
-        return mla_decode(q, kv_cache, metadata, sm_scale, kv_lora_rank=self.spec.kv_lora_rank)
+    def forward(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: MLAMetadata, sm_scale: float,
+                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+        return mla_decode(q, kv_cache, metadata, sm_scale, kv_lora_rank=self.spec.kv_lora_rank, kv_scale=kv_scale)
 
     def build_chunk_metadata(self, inputs: StepInputs) -> MLAMetadata:
         if inputs.seq_lens_host is None or inputs.q_lens_host is None:

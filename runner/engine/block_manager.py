@@ -25,8 +25,8 @@ def page_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockManager:
-    """A request's page list only grows (``allocate`` extends it in place) until ``free`` replaces it with an
-    empty one: ``BlockTable`` relies on that to rewrite only what changed."""
+    """A request's page list only grows (``allocate`` extends it in place) until ``free`` or ``trim`` replaces it
+    with a new one: ``BlockTable`` relies on that to rewrite only what changed."""
 
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         self.num_pages = num_pages
@@ -127,14 +127,26 @@ class BlockManager:
 
     def free(self, req: Request) -> None:
         """Drop ``req``'s hold on its pages, last page first (a prefix's tail is evicted before its head)."""
-        for page in reversed(req.pages):
+        self._release(reversed(req.pages))
+        req.pages = []
+        req.num_computed = req.num_keyed_pages = 0
+
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Release ``req``'s pages past those its first ``num_tokens`` tokens need (a verify step allocated pages
+        for drafts it rejected). Such pages were never keyed: only pages of computed tokens are. The page list is
+        replaced by a shorter one, so ``BlockTable`` rewrites the request's row."""
+        keep = self.pages_needed(num_tokens)
+        if len(req.pages) > keep:
+            self._release(reversed(req.pages[keep:]))
+            req.pages = req.pages[:keep]
+
+    def _release(self, pages) -> None:
+        for page in pages:
             self.refs[page] -= 1
             if self.refs[page] == 0:
                 self.free_pages[page] = None
                 if self.page_key[page] is None:
                     self.free_pages.move_to_end(page, last=False)
-        req.pages = []
-        req.num_computed = req.num_keyed_pages = 0
 
     def _take(self, page: int) -> None:
         if self.refs[page] == 0:

@@ -6,6 +6,10 @@ results: how many tokens of each request are cached (and offered to the prefix c
 probabilities it asks for, and whether it is done (EOS, a stop id, a stop string, ``max_tokens``, the context). It
 holds no tensor: the model, its cache and the step's buffers are the model runner's.
 
+With ``speculative=ngram`` each request that goes on decoding drafts up to ``speculative.num_tokens`` tokens at the end
+of a step (prompt lookup over its prompt and output, on the host); the next step verifies them and the request emits
+1 to d + 1 tokens, each booked as a sampled one is, up to the one that finishes it (docs/speculative.md#4-the-engine).
+
 Under torchrun every rank runs this same loop over its shard of the model (``mla_runner.engine.distributed``): the
 same scheduler steps on the same requests, its own heads' attention, the whole latent cache.
 """
@@ -14,16 +18,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple, Optional
 
 from tqdm.auto import tqdm
 
-from mla_runner.config import RunConfig, check_speculative
+from mla_runner.attention import backend_class, resolve_name
+from mla_runner.attention.prefill import ABSORBED_MAX_Q_LEN
+from mla_runner.config import RunConfig, SpeculativeConfig, check_speculative
 from mla_runner.engine.block_manager import BlockManager
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.distributed import setup
+from mla_runner.engine.drafters import ngram_propose
 from mla_runner.engine.model_runner import ModelRunner, resolve_device
 from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import TokenLogprobs
@@ -50,6 +58,28 @@ class StepDone(NamedTuple):
     prompt_tokens: int  # tokens it prefilled (a preempted request's outputs included)
 
 
+def check_speculative_engine(cfg: RunConfig, device) -> None:
+    """What the engine can verify, before any weights load: ``ngram`` drafts through a backend that attends
+    q_len > 1 in absorbed form; ``mtp`` drafting is not wired into the engine."""
+    spec: SpeculativeConfig = cfg.speculative
+    if spec.method == "none":
+        return
+    if spec.method != "ngram":
+        raise ConfigError(f"speculative={spec.method}: the engine does not run MTP drafting yet (the MTP module is "
+                          "built, its drafting step is not): use speculative=ngram or speculative=none")
+    cls = backend_class(resolve_name(cfg.attention.name, device.type), cfg.metadata.strategy)
+    if not cls.capabilities.absorbed_chunks:
+        raise ConfigError(f"speculative={spec.method} verifies drafts with q_len > 1 in absorbed form, which "
+                          f"{cls.label()} does not run: use attention=triton or attention=torch")
+    if spec.num_tokens + 1 > ABSORBED_MAX_Q_LEN:
+        raise ConfigError(f"speculative.num_tokens={spec.num_tokens}: a verify step of 1 + {spec.num_tokens} tokens "
+                          f"per request is longer than the {ABSORBED_MAX_Q_LEN} the absorbed path runs")
+
+
+def _rate(value: float) -> Optional[float]:
+    return None if math.isnan(value) else round(value, 4)
+
+
 class LLMEngine:
     def __init__(self, cfg: RunConfig, fit_max_model_len: bool = False):
         """``fit_max_model_len`` (``LLM(max_model_len=None)``, vLLM's default): ``cfg.max_model_len`` is replaced by
@@ -63,10 +93,7 @@ class LLMEngine:
         if problem is not None:
             raise ConfigError(f"model={cfg.model.name} cannot be split over {self.par.world} processes: {problem}")
         check_speculative(cfg.speculative, args.has_mtp, cfg.model.name)
-        if cfg.speculative.method != "none":
-            raise ConfigError(f"speculative={cfg.speculative.method}: the engine does not run speculative decoding yet "
-                              "(the drafters and the verification are built, the verify step is not): use "
-                              "speculative=none")
+        check_speculative_engine(cfg, device)
         if fit_max_model_len:
             fit = args.max_position_embeddings
             cfg = dataclasses.replace(cfg, max_model_len=fit if cfg.enable_chunked_prefill else
@@ -89,6 +116,9 @@ class LLMEngine:
         if self.runner.max_model_len != cfg.max_model_len:
             cfg = dataclasses.replace(cfg, max_model_len=self.runner.max_model_len)
         self.cfg = cfg
+        self.speculative = cfg.speculative if cfg.speculative.method != "none" else None
+        if self.speculative is not None:
+            self.runner.speculate(self.speculative)
         self.tokenizer = source.tokenizer()
         blocks = BlockManager(self.runner.num_pages, cfg.page_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(blocks, cfg.max_batch_size, cfg.max_num_batched_tokens,
@@ -96,10 +126,10 @@ class LLMEngine:
         self._request_ids = itertools.count()
         r = self.runner.resolved
         graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"
-        log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s: %d pages of %d = %d tokens (%.2f GiB); "
-                 "max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"], r["dtype"],
-                 r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_pages"], r["page_size"], r["kv_tokens"],
-                 r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
+        log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s, %d bytes a token: %d pages of %d = %d tokens "
+                 "(%.2f GiB); max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"],
+                 r["dtype"], r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_bytes_per_token"], r["kv_pages"],
+                 r["page_size"], r["kv_tokens"], r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
 
     # ----------------------------------------------------------------------------------------- requests
     def make_requests(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
@@ -179,11 +209,23 @@ class LLMEngine:
         return step % STOP_CHECK_STEPS == 0 and self.par.agree(int(asked), self.runner.device, largest=True) > 0
 
     def stats(self) -> dict:
-        """Counters since the engine started: the share of prompt tokens admitted that the prefix cache held, and
-        the preemptions."""
+        """Counters since the engine started, flat scalars (the run's metrics): the share of prompt tokens admitted
+        that the prefix cache held and the preemptions; with speculative decoding, the acceptance
+        (``AcceptanceStats.summary``): ``mean_acceptance_length`` (tokens a verify step emits per request that
+        drafted), ``acceptance_rate`` (accepted / drafted tokens), ``acceptance_rate_<j>`` for draft position j = 1..k,
+        and the counts. A rate with nothing to count is None."""
         blocks = self.scheduler.blocks
-        return {"prefix_cache_hit_rate": round(blocks.hits / blocks.queries, 4) if blocks.queries else 0.0,
-                "preemptions": self.scheduler.num_preemptions}
+        out = {"prefix_cache_hit_rate": round(blocks.hits / blocks.queries, 4) if blocks.queries else 0.0,
+               "preemptions": self.scheduler.num_preemptions}
+        if self.runner.verifier is not None:
+            s = self.runner.verifier.stats.summary()
+            drafted, accepted = s["num_draft_tokens"], s["num_accepted_tokens"]
+            out["mean_acceptance_length"] = _rate(s["mean_acceptance_length"])
+            out["acceptance_rate"] = _rate(accepted / drafted if drafted else math.nan)
+            for j, rate in enumerate(s["acceptance_rate_per_position"], 1):
+                out[f"acceptance_rate_{j}"] = _rate(rate)
+            out.update(num_draft_tokens=drafted, num_accepted_tokens=accepted, num_verify_steps=s["num_verify_steps"])
+        return out
 
     # --------------------------------------------------------------------------------------------- step
     def step(self) -> StepDone:
@@ -192,27 +234,52 @@ class LLMEngine:
         out = self.runner.execute(batch)
         now = time.perf_counter()
         finished, generated, prefilled = [], 0, 0
-        for req, n, token, logprobs, prompt_logprobs in zip(batch.requests, batch.num_new, *out):
-            decoding = n == 1 and req.num_computed == req.num_tokens - 1 and req.output_token_ids
+        blocks = self.scheduler.blocks
+        for req, n, d, tokens, logprobs, prompt_logprobs in zip(batch.requests, batch.num_new, batch.num_drafts,
+                                                                 *out):
+            decoding = n - d == 1 and req.num_computed == req.num_tokens - 1 and req.output_token_ids
             prefilled += 0 if decoding else n
-            req.num_computed += n  # every token the step fed the model is in the cache now
-            self.scheduler.blocks.cache_full_pages(req)
+            # every token the step fed the model is in the cache now, but drafts only as far as they were accepted
+            # (the slots of rejected ones are written over later): the emitted tokens less the target's own
+            computed = req.num_computed + n - d + max(len(tokens) - 1, 0)
+            req.draft_token_ids = []
             if prompt_logprobs:
                 req.prompt_logprobs.extend(map(self._logprob_entry, prompt_logprobs))
-            if token is None:  # a chunk of a prompt: more to come
+            done = False
+            for i, token in enumerate(tokens):  # through the same checks one at a time: the first that ends it wins
+                generated += 1
+                req.output_token_ids.append(token)
+                if logprobs:
+                    req.logprobs.append(self._logprob_entry(logprobs[i]))
+                    req.cumulative_logprob += logprobs[i].logprob
+                done = self._check_finished(req)
+                if done:
+                    break
+            req.num_computed = min(computed, req.num_tokens)
+            if d:
+                blocks.trim(req, req.num_tokens)  # pages taken for rejected drafts
+            blocks.cache_full_pages(req)
+            if not tokens:  # a chunk of a prompt: more to come
                 continue
-            generated += 1
-            req.output_token_ids.append(token)
-            if logprobs is not None:
-                req.logprobs.append(self._logprob_entry(logprobs))
-                req.cumulative_logprob += logprobs.logprob
             req.first_token_time = req.first_token_time or now
-            if self._check_finished(req):
+            if done:
                 req.finish_time = now
                 self.scheduler.finish(req)
                 self.runner.release(req)
                 finished.append(req)
+            elif self.speculative is not None:
+                req.draft_token_ids = self._propose(req)
         return StepDone(finished, generated, prefilled)
+
+    def _propose(self, req: Request) -> list[int]:
+        """The drafts a decoding request's next step verifies: up to ``speculative.num_tokens``, fewer where its
+        ``max_tokens`` or the context would end within them (a step of d drafts emits up to d + 1 tokens)."""
+        spec, params = self.speculative, req.params
+        limit = params.max_tokens if params.max_tokens is not None else self.cfg.max_model_len
+        room = min(spec.num_tokens, limit - len(req.output_token_ids) - 1, self.cfg.max_model_len - 1 - req.num_tokens)
+        if room <= 0:
+            return []
+        return ngram_propose(req.token_array(), room, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _logprob_entry(self, p: TokenLogprobs) -> dict[int, Logprob]:
         """vLLM's logprobs of one position: the chosen token first, then the top ones (the chosen one once)."""

@@ -13,6 +13,12 @@ A step with chunks of prompts runs eager: the one-token requests first, through 
 through the non-absorbed prefill attention with the step's ``PrefillMetadata``; logits only at each request's last
 token of the step, and at every prompt position of a request that asks for prompt logprobs (made from the hidden
 states ``PROMPT_LOGPROB_ROWS`` positions at a time).
+
+A step where requests verify drafts (speculative decoding, docs/speculative.md#4-the-engine) runs eager too: each
+such request feeds its last token and its d drafts (q_len = 1 + d) and attends in absorbed form, causal over them
+after its cached tokens, together with the step's plain decodes, through the backend's ``build_chunk_metadata``
+(per-request q_len); logits at every one of its positions, which the ``Verifier`` turns into the tokens it emits.
+CUDA graphs of verify steps are not built yet.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 
 from mla_runner.attention import AttentionSpec, StepInputs, check_choice, make_backend
 from mla_runner.attention.prefill import absorbed_is_cheaper, build_prefill_metadata, context_chunk_tokens
-from mla_runner.config import TORCH_DTYPES, RunConfig
+from mla_runner.config import TORCH_DTYPES, RunConfig, SpeculativeConfig
 from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.cuda_graphs import DecodeGraphs
@@ -36,7 +42,9 @@ from mla_runner.engine.profiling import StepProfiler
 from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import TokenLogprobs, sample, top_logprobs
 from mla_runner.engine.scheduler import ScheduledBatch
+from mla_runner.engine.verifier import Verifier
 from mla_runner.errors import ConfigError
+from mla_runner.kernels.kv_cache import KVCacheLayout, write_latent
 from mla_runner.models.context import ForwardContext, PrefillMetadata
 from mla_runner.models.parallel import Parallel
 
@@ -55,6 +63,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def kv_cache_pages(wanted: int, bytes_per_page: int, free_bytes: Optional[int], fraction: float) -> int:
+    """Pages of the KV cache with ``num_pages`` unset: ``wanted`` (max_batch_size full-length requests), capped where
+    the device's free memory is known (a GPU, once the weights are loaded) by ``fraction`` of it; ``bytes_per_page``
+    over all layers, from the cache's layout, so an FP8 layout fits 1152 / 576 = 2x (``fp8``) or 1152 / 656 = 1.76x
+    (``fp8_ds_mla``) the pages of a bf16 cache."""
+    if free_bytes is None:
+        return wanted
+    return min(wanted, int(free_bytes * fraction) // bytes_per_page)
+
+
 # Prompt positions whose logits one pass makes for prompt logprobs: [rows, vocab] fp32, 0.5 GiB at DeepSeek-V3's
 # vocabulary, however long the step's chunks are.
 PROMPT_LOGPROB_ROWS = 1024
@@ -63,8 +81,10 @@ PROMPT_LOGPROB_ROWS = 1024
 class StepOutput(NamedTuple):
     """What a step gives the engine, per request of its batch."""
 
-    tokens: list[Optional[int]]  # the sampled token; None for a prompt with chunks still to come
-    logprobs: list[Optional[TokenLogprobs]]  # the sampled token's, where its request asks for logprobs
+    # the tokens it emits, in order: the sampled one, or 1 to d + 1 for a request that verified d drafts (its accepted
+    # drafts, then the target's own token); none for a prompt with chunks still to come
+    tokens: list[list[int]]
+    logprobs: list[list[TokenLogprobs]]  # one per emitted token, where its request asks for logprobs (else none)
     prompt_logprobs: list[list[TokenLogprobs]]  # those of the prompt tokens this step made, in order, where asked
 
 
@@ -95,6 +115,8 @@ class DecodeBuffers:
 
 
 class ModelRunner:
+    verifier: Optional[Verifier] = None  # set by speculate(): steps may verify drafts
+
     def __init__(self, cfg: RunConfig, source: ModelSource, par: Parallel, device: torch.device, progress: bool,
                  eos_token_ids: Sequence[int] = (), fit_max_model_len: bool = False):
         """``eos_token_ids``: what ``min_tokens`` masks besides a request's stop ids. ``fit_max_model_len``: lower
@@ -107,9 +129,14 @@ class ModelRunner:
         torch.manual_seed(cfg.seed)
         self.page_size = cfg.page_size
         self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
+        try:
+            self.kv_layout = KVCacheLayout(cfg.kv_cache_dtype, args.kv_lora_rank, args.qk_rope_head_dim, self.dtype)
+        except ValueError as e:  # the model's widths do not fit the layout
+            raise ConfigError(f"kv_cache_dtype={cfg.kv_cache_dtype}: {e}") from None
         spec = AttentionSpec(num_heads=par.part(args.num_attention_heads), kv_lora_rank=args.kv_lora_rank,
                              rope_dim=args.qk_rope_head_dim, page_size=cfg.page_size, dtype=self.dtype,
-                             device=device, max_batch=cfg.max_batch_size, max_pages_per_seq=self.max_pages_per_seq)
+                             device=device, max_batch=cfg.max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
+                             kv_cache_dtype=cfg.kv_cache_dtype)
         # the backend and the graph decision come before the weights load: a combination that cannot run fails fast
         self.backend = make_backend(cfg.attention.name, cfg.metadata.strategy, spec,
                                     num_kv_splits=cfg.metadata.num_kv_splits, dram_ratio=cfg.metadata.dram_ratio)
@@ -122,8 +149,7 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
 
         attention_layers = self.model.attention_layers
-        latent_dim = args.kv_lora_rank + args.qk_rope_head_dim
-        bytes_per_page = len(attention_layers) * cfg.page_size * latent_dim * self.dtype.itemsize
+        bytes_per_page = len(attention_layers) * cfg.page_size * self.kv_layout.bytes_per_token
         self.num_pages = cfg.num_pages or par.agree(self._default_num_pages(bytes_per_page), device)
         self.max_model_len = cfg.max_model_len
         if self.num_pages < self.max_pages_per_seq and fit_max_model_len:
@@ -135,11 +161,16 @@ class ModelRunner:
                 "max_model_len"
             )
         # One page more than the block manager hands out: CUDA-graph padding slots write their latent there.
-        self.kv_cache = torch.zeros(len(attention_layers), self.num_pages + 1, cfg.page_size, latent_dim,
-                                    dtype=self.dtype, device=device)
+        L, layout = len(attention_layers), self.kv_layout
+        self.kv_cache = layout.allocate(L * (self.num_pages + 1), cfg.page_size, device).view(
+            L, self.num_pages + 1, cfg.page_size, layout.width)
+        # fp8: each layer's per-tensor scale, on the device (a new value needs no graph recapture)
+        self.kv_scales = (torch.full((L,), cfg.kv_cache_scale, dtype=torch.float32, device=device)
+                          if layout.kind == "fp8" else None)
         self.scratch_slot = self.num_pages * cfg.page_size
-        for attn, cache in zip(attention_layers, self.kv_cache):
-            attn.kv_cache = cache
+        for i, (attn, cache) in enumerate(zip(attention_layers, self.kv_cache)):
+            attn.kv_cache, attn.kv_layout = cache, layout
+            attn.kv_scale = self.kv_scales[i : i + 1] if self.kv_scales is not None else None
         self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, device)
         self.block_table = BlockTable(cfg.max_batch_size, self.max_pages_per_seq)
         self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress) if use_graphs else None
@@ -164,9 +195,12 @@ class ModelRunner:
         """What the run's ``auto`` settings came to, and the sizes the cache and graphs were made with."""
         dtype = str(self.dtype).removeprefix("torch.")
         attention = self.backend.label().removeprefix("attention=")  # "triton metadata=persistent", "torch"
+        layout = self.kv_layout
         return {"device": str(self.device), "dtype": dtype, "attention": attention,
                 "weights": "fp8" if self.fp8 else dtype,
-                "kv_cache_dtype": str(self.kv_cache.dtype).removeprefix("torch."), "page_size": self.page_size,
+                "kv_cache_dtype": dtype if layout.kind == "auto" else layout.kind,
+                "kv_cache_scale": self.cfg.kv_cache_scale if layout.kind == "fp8" else None,
+                "kv_bytes_per_token": layout.bytes_per_token * self.kv_cache.shape[0], "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
                 "kv_cache_gib": round(self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, 3),
                 "max_model_len": self.max_model_len, "cuda_graphs": self.graphs is not None,
@@ -175,12 +209,24 @@ class ModelRunner:
 
     def _default_num_pages(self, bytes_per_page: int) -> int:
         """Pages for max_batch_size full-length requests, capped on a GPU by the configured fraction of the
-        memory left free by the weights."""
-        wanted = self.cfg.max_batch_size * self.max_pages_per_seq
-        if self.device.type != "cuda":
-            return wanted
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return min(wanted, int(free * self.cfg.kv_cache_memory_fraction) // bytes_per_page)
+        memory left free by the weights (``kv_cache_pages``)."""
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        return kv_cache_pages(self.cfg.max_batch_size * self.max_pages_per_seq, bytes_per_page, free,
+                              self.cfg.kv_cache_memory_fraction)
+
+    def randomize_kv_cache(self) -> None:
+        """Fill every page of every layer with N(0, 1) latent vectors, written in the cache's layout (for benchmarks
+        that decode over a context they did not prefill; ``kv_cache.normal_()`` of a bf16 cache)."""
+        layout, rows, chunk = self.kv_layout, self.kv_cache.shape[1] * self.page_size, 1 << 16
+        for i, cache in enumerate(self.kv_cache):
+            if not layout.is_fp8:
+                cache.normal_()
+                continue
+            scale = self.kv_scales[i : i + 1] if self.kv_scales is not None else None
+            for start in range(0, rows, chunk):
+                slots = torch.arange(start, min(start + chunk, rows), device=self.device)
+                latent = torch.randn(len(slots), layout.dim, device=self.device, dtype=self.dtype)
+                write_latent(cache, latent, slots, layout, scale)
 
     def _use_cuda_graphs(self) -> bool:
         """Graphs wherever the backend's step can be captured; ``cuda_graphs=true`` where it cannot is a config
@@ -191,16 +237,23 @@ class ModelRunner:
         return possible if cfg.cuda_graphs is None else cfg.cuda_graphs
 
     # ----------------------------------------------------------------------------------------------- steps
+    def speculate(self, spec: SpeculativeConfig) -> None:
+        """Let steps verify drafts (``ScheduledBatch.num_drafts``), with ``spec``'s settings."""
+        self.verifier = Verifier(spec, self.device, seed=self.cfg.seed)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        """Run one scheduled step: the sampled token of each request whose last token the step computes (None for
-        the others: prompts with chunks still to come), and the log probabilities its request asks for."""
+        """Run one scheduled step: the tokens of each request whose last token the step computes (the sampled one,
+        or those its verified drafts give; none for the others: prompts with chunks still to come), and the log
+        probabilities its request asks for."""
         reqs, D = batch.requests, batch.num_decode
         label = f"decode of {D} requests" if D == len(reqs) else f"step of {D} decodes, {len(reqs) - D} prompt chunks"
+        if batch.has_drafts:
+            label += f", {sum(batch.num_drafts)} drafts"
         prompt_rows, targets, owners = self._prompt_logprob_rows(batch)
         prompt_logprobs: list[list[TokenLogprobs]] = [[] for _ in reqs]
         with self._traced(label):
-            if D == len(reqs):  # one token per request: a prompt position's row is its request's logits row
+            if D == len(reqs) and not batch.has_drafts:  # a prompt position's row is its request's logits row
                 logits = self.decode_logits(reqs)
                 if prompt_rows:
                     index = torch.tensor(prompt_rows, device=logits.device)
@@ -210,13 +263,35 @@ class ModelRunner:
                 if prompt_rows:
                     prompt_logprobs = self._prompt_logprobs(lambda lo, hi: self.model.compute_logits(states[lo:hi]),
                                                             targets, owners, reqs)
-            rows = [i for i in range(len(reqs)) if batch.completes(i)]
-            if len(rows) < len(reqs):
+            # the logits rows: every position of the first D requests (one, or 1 + d with drafts), then one per chunk
+            done, rows, offset = [], [], 0
+            for i, d in enumerate(batch.num_drafts):
+                width = 1 + d if i < D else 1
+                if batch.completes(i):
+                    done.append(i)
+                    rows += range(offset, offset + width)
+                offset += width
+            if len(rows) < offset:
                 logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
-            tokens, logprobs = self._sample(logits, [reqs[i] for i in rows]) if rows else ([], [])
-        out = StepOutput([None] * len(reqs), [None] * len(reqs), prompt_logprobs)
-        for i, token, entry in zip(rows, tokens, logprobs):
-            out.tokens[i], out.logprobs[i] = token, entry
+            if batch.has_drafts:
+                tokens, logprobs = self._verify(logits, [reqs[i] for i in done], [batch.num_drafts[i] for i in done])
+            else:
+                sampled, entries = self._sample(logits, [reqs[i] for i in done]) if done else ([], [])
+                tokens = [[t] for t in sampled]
+                logprobs = [[] if e is None else [e] for e in entries]
+        out = StepOutput([[] for _ in reqs], [[] for _ in reqs], prompt_logprobs)
+        for i, emitted, entries in zip(done, tokens, logprobs):
+            out.tokens[i], out.logprobs[i] = emitted, entries
+        return out
+
+    def _verify(self, logits: torch.Tensor, batch: list[Request], num_drafts: list[int]
+                ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
+        """The tokens each request emits from its d + 1 logits rows (``Verifier.emit``); as ``_sample``, the copy to
+        the host is the step's synchronization."""
+        if self.verifier is None:
+            raise RuntimeError("a step with drafts needs speculate() first")
+        out = self.verifier.emit(logits, batch, num_drafts, [self._generator(r) for r in batch], self.eos_token_ids)
+        self.backend.check()
         return out
 
     @staticmethod
@@ -279,38 +354,69 @@ class ModelRunner:
 
     def _mixed_logits(self, batch: ScheduledBatch, state_rows: Sequence[int] = ()
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A step with prompt chunks, eager: its first ``num_decode`` requests (one token each) through the
-        backend's absorbed attention, the chunks after them through the non-absorbed prefill; logits [B, vocab] of
-        each request's last token in the step, and the hidden states at ``state_rows`` (rows of the step's tokens in
-        batch order)."""
+        """An eager step: its first ``num_decode`` requests (one token each, or their last token and drafts) through
+        the backend's absorbed attention, the prompt chunks after them in the form ``_chunk_metadata`` picks; logits
+        [rows, vocab] at every token of the first ones and at each chunk's last token, and the hidden states at
+        ``state_rows`` (rows of the step's tokens in batch order)."""
         D, device, buf, size = batch.num_decode, self.device, self.buffers, self.page_size
-        decodes, chunks, q_lens = batch.requests[:D], batch.requests[D:], batch.num_new[D:]
+        chunks, q_lens = batch.requests[D:], batch.num_new[D:]
         metadata = None
-        if D:
-            seq_lens = self._fill_decode_inputs(decodes)
-            metadata = self.backend.build_metadata(StepInputs(
-                seq_lens=buf.seq_lens[:D], qo_indptr=buf.qo_indptr[: D + 1], block_table=buf.block_table[:D],
-                seq_lens_host=seq_lens, q_lens_host=[1] * D))
-        ids, positions, slots = [buf.input_ids[:D]], [buf.positions[:D]], [buf.slot_mapping[:D]]
-        block_table = torch.zeros(len(chunks), max(len(r.pages) for r in chunks), dtype=torch.int32)
-        for i, (req, n) in enumerate(zip(chunks, q_lens)):
-            start = req.num_computed
-            pages = torch.tensor(req.pages, dtype=torch.int64)
-            block_table[i, : len(req.pages)] = pages.to(torch.int32)
-            pos = torch.arange(start, start + n)
-            ids.append(torch.tensor(req.token_ids[start : start + n]))
-            positions.append(pos)
-            slots.append(pages[pos // size] * size + pos % size)
-        prefill = self._chunk_metadata(q_lens, [r.num_computed for r in chunks], block_table.to(device))
+        if batch.has_drafts:
+            (first_ids, first_positions, first_slots), metadata = self._verify_inputs(batch.requests[:D],
+                                                                                      batch.num_new[:D])
+        else:
+            first_ids, first_positions, first_slots = buf.input_ids[:D], buf.positions[:D], buf.slot_mapping[:D]
+            if D:
+                seq_lens = self._fill_decode_inputs(batch.requests[:D])
+                metadata = self.backend.build_metadata(StepInputs(
+                    seq_lens=buf.seq_lens[:D], qo_indptr=buf.qo_indptr[: D + 1], block_table=buf.block_table[:D],
+                    seq_lens_host=seq_lens, q_lens_host=[1] * D))
+        T = first_ids.shape[0]
+        ids, positions, slots = [first_ids], [first_positions], [first_slots]
+        prefill = None
+        if chunks:
+            block_table = torch.zeros(len(chunks), max(len(r.pages) for r in chunks), dtype=torch.int32)
+            for i, (req, n) in enumerate(zip(chunks, q_lens)):
+                start = req.num_computed
+                pages = torch.tensor(req.pages, dtype=torch.int64)
+                block_table[i, : len(req.pages)] = pages.to(torch.int32)
+                pos = torch.arange(start, start + n)
+                ids.append(torch.tensor(req.token_ids[start : start + n]))
+                positions.append(pos)
+                slots.append(pages[pos // size] * size + pos % size)
+            prefill = self._chunk_metadata(q_lens, [r.num_computed for r in chunks], block_table.to(device))
         on_device = [t.to(device, non_blocking=True) for t in (*ids[1:], *positions[1:], *slots[1:])]
         P = len(chunks)
         ctx = ForwardContext(positions=torch.cat([positions[0], *on_device[P : 2 * P]]),
                              slot_mapping=torch.cat([slots[0], *on_device[2 * P :]]),
                              backend=self.backend, attn_metadata=metadata, prefill=prefill)
         hidden = self.model(torch.cat([ids[0], *on_device[:P]]), ctx)
-        last = list(range(D)) + [D + end - 1 for end in itertools.accumulate(q_lens)]
+        last = list(range(T)) + [T + end - 1 for end in itertools.accumulate(q_lens)]
         states = hidden[torch.tensor(list(state_rows), dtype=torch.long, device=device)]
         return self.model.compute_logits(hidden[torch.tensor(last, device=device)]), states
+
+    def _verify_inputs(self, reqs: list[Request], num_new: list[int]
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Any]:
+        """Token ids, positions and cache slots of requests that feed their last token and their drafts (``num_new``
+        = 1 + d, d = 0 for a plain decode), and the absorbed metadata of their attention: per-request q_len, each
+        causal over its own tokens after its cached ones, which is what ``build_chunk_metadata`` serves."""
+        ids, positions, slots, seq_lens = [], [], [], []
+        block_table = torch.zeros(len(reqs), max(len(r.pages) for r in reqs), dtype=torch.int32)
+        for i, (req, n) in enumerate(zip(reqs, num_new)):
+            start = req.num_computed
+            block_table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
+            ids += [req.token_at(start), *req.draft_token_ids[: n - 1]]
+            positions += range(start, start + n)
+            slots += [self._slot(req, p) for p in range(start, start + n)]
+            seq_lens.append(start + n)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        inputs = StepInputs(seq_lens=torch.tensor(seq_lens, **i32),
+                            qo_indptr=torch.tensor(list(itertools.accumulate(num_new, initial=0)), **i32),
+                            block_table=block_table.to(self.device), q_len=max(num_new), seq_lens_host=seq_lens,
+                            q_lens_host=list(num_new))
+        tensors = tuple(torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
+                        for x in (ids, positions, slots))
+        return tensors, self.backend.build_chunk_metadata(inputs)
 
     def _chunk_metadata(self, q_lens: list[int], context_lens: list[int], block_table: torch.Tensor
                         ) -> PrefillMetadata:

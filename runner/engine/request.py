@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+import numpy as np
+
 from mla_runner.sampling import Logprob, SamplingParams
 
 
@@ -41,6 +43,12 @@ class Request:
     cumulative_logprob: Optional[float] = None  # of the sampled tokens, where logprobs are asked
     # per prompt token, as logprobs, the first None; as far as computed (None: not asked)
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    # speculative decoding: the tokens drafted after its last one, which its next step verifies (the scheduler may cut
+    # them to the token budget; a preempted request drops them)
+    draft_token_ids: list[int] = field(default_factory=list)
+    # prompt plus output as int64, the first _array_len entries valid (``token_array``); capacity doubles as it grows
+    _array: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    _array_len: int = field(default=0, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None and self.logprobs is None:
@@ -58,6 +66,23 @@ class Request:
         ``token_ids``."""
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def token_array(self) -> np.ndarray:
+        """Prompt plus output as an int64 numpy array (what the n-gram drafter reads), kept between calls and
+        extended by the outputs appended since the last one: O(new tokens) a call."""
+        n, prompt = self.num_tokens, len(self.prompt_token_ids)
+        if self._array is None or n > len(self._array):
+            grown = np.empty(max(2 * n, 64), dtype=np.int64)
+            if self._array is not None:
+                grown[: self._array_len] = self._array[: self._array_len]
+            else:
+                grown[:prompt] = self.prompt_token_ids
+                self._array_len = prompt
+            self._array = grown
+        if self._array_len < n:
+            self._array[self._array_len : n] = self.output_token_ids[self._array_len - prompt :]
+            self._array_len = n
+        return self._array[:n]
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,9 @@
 5. The others: temperature, ``min_p`` (tokens below min_p times the most likely one's probability dropped), top-k,
    then top-p over the distribution top-k left (renormalized), then one draw.
 
+``sample_with_probs`` gives the same tokens and, per row, the distribution of step 5 (after steps 2, 3 and 5's
+filters), which speculative decoding's verification compares drafts against (``mla_runner.engine.rejection``).
+
 Each step is a few batched tensor operations whatever the batch holds; Python loops run over requests only to
 build the small per-request tensors (parameters, the masked ids, the token ids of penalized requests) and over the
 seeded requests' generators.
@@ -140,6 +143,50 @@ def sample(
     output_ids = no_ids if output_ids is None else output_ids
     ks = [p.logprobs for p in params]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in ks) else None
+    logits = processed_logits(logits, params, prompt_ids, output_ids, eos_token_ids)
+    tokens = logits.argmax(dim=-1)
+    if not all(p.greedy for p in params):
+        is_greedy = torch.tensor([p.greedy for p in params], device=device)
+        tokens = torch.where(is_greedy, tokens, _draw(torch.softmax(_filtered(logits, params), dim=-1), generators))
+    if raw_logprobs is None:
+        return SamplerOutput(tokens, None)
+    return SamplerOutput(tokens, top_logprobs(raw_logprobs, tokens, max(k for k in ks if k is not None)))
+
+
+class TargetDistributions(NamedTuple):
+    tokens: torch.Tensor  # [R] int64: what ``sample`` would give each row (argmax for greedy rows, else one draw)
+    probs: Optional[torch.Tensor]  # [R, V] fp32: the distributions those draws come from; None when all are greedy
+
+
+def sample_with_probs(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[Optional[torch.Generator]],
+    prompt_ids: Optional[Sequence[Sequence[int]]] = None,
+    output_ids: Optional[Sequence[Sequence[int]]] = None,
+    eos_token_ids: Sequence[int] = (),
+) -> TargetDistributions:
+    """``sample``'s tokens (the same for the same generator states; no logprobs) and, per row, the distribution a
+    sampled row draws from: min_tokens masking, penalties, temperature, min_p, top-k and top-p applied, then softmax
+    (a greedy row's is at temperature 1 and unused). What speculative verification compares drafts against
+    (``rejection.verify``'s ``target_tokens`` and ``target_probs``)."""
+    B = logits.shape[0]
+    no_ids: list[list[int]] = [[] for _ in range(B)]
+    logits = processed_logits(logits, params, no_ids if prompt_ids is None else prompt_ids,
+                              no_ids if output_ids is None else output_ids, eos_token_ids)
+    tokens = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return TargetDistributions(tokens, None)
+    probs = torch.softmax(_filtered(logits, params), dim=-1)
+    is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    return TargetDistributions(torch.where(is_greedy, tokens, _draw(probs, generators)), probs)
+
+
+def processed_logits(logits: torch.Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
+                     output_ids: Sequence[Sequence[int]], eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """``logits`` after ``min_tokens`` masking and the penalties (steps 2 and 3), what greedy rows take the argmax
+    of."""
+    device = logits.device
     logits = mask_stop_ids(logits, params, output_ids, eos_token_ids)
     penalized = [i for i, p in enumerate(params) if p.penalized]
     if penalized:
@@ -147,19 +194,22 @@ def sample(
         logits = logits.index_copy(0, rows, apply_penalties(logits[rows], [params[i] for i in penalized],
                                                             [prompt_ids[i] for i in penalized],
                                                             [output_ids[i] for i in penalized]))
-    tokens = logits.argmax(dim=-1)
-    if not all(p.greedy for p in params):
-        is_greedy = torch.tensor([p.greedy for p in params], device=device)
-        tokens = torch.where(is_greedy, tokens, _draw(logits, params, generators))
-    if raw_logprobs is None:
-        return SamplerOutput(tokens, None)
-    return SamplerOutput(tokens, top_logprobs(raw_logprobs, tokens, max(k for k in ks if k is not None)))
+    return logits
 
 
-def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]],
-          ) -> torch.Tensor:
-    """One draw per row after temperature, min_p, top-k and top-p (greedy rows draw at temperature 1; the caller
-    discards them)."""
+def _draw(probs: torch.Tensor, generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
+    """One draw per row of ``probs`` [B, V]: argmax(p / noise) with exponential noise, a seeded row's from its own
+    generator."""
+    noise = torch.empty_like(probs).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            noise[i].exponential_(generator=g)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _filtered(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Logits after temperature, min_p, top-k and top-p, -inf where dropped (greedy rows at temperature 1; their
+    callers discard them)."""
     B, V = logits.shape
     device = logits.device
 
@@ -181,9 +231,4 @@ def _draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Se
         keep &= sorted_p.cumsum(dim=-1) - sorted_p < top_p  # the mass before a token is under top_p
         logits = torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits.masked_fill(~keep,
                                                                                                     float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for i, g in enumerate(generators):
-        if g is not None:
-            noise[i].exponential_(generator=g)
-    return (probs / noise).argmax(dim=-1)
+    return logits

@@ -10,12 +10,17 @@ the decoding requests' steps stay short (at least ``MIN_CHUNK`` tokens a step, s
 When a request cannot get pages for its tokens, the newest running request is preempted: its pages are released
 (their prefix stays cached until evicted) and it goes back to the front of the queue, to be computed again (prompt
 plus what it generated so far) when pages free up; no request is admitted in a step that preempted one.
+
+Speculative decoding (docs/speculative.md, section 4): a decoding request with drafts (``draft_token_ids``) is
+scheduled as one request of 1 + d tokens, its last token and its d drafts, counted against the budget and given pages
+like any other tokens. Its drafts are cut to what the budget and the free pages hold before any request is preempted
+for them (a request never preempts another for its drafts); a preempted request drops its drafts.
 """
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mla_runner.engine.block_manager import BlockManager
 from mla_runner.engine.request import Request, Status
@@ -34,25 +39,37 @@ def chunk_within(pairs: int, context: int, wanted: int) -> int:
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: ``num_new[i]`` tokens of ``requests[i]``, starting at its ``num_computed``. Requests with one
-    new token (decoding, or the last token of a prompt) come first, then the chunks of prompts."""
+    """One step's work: ``num_new[i]`` tokens of ``requests[i]``, starting at its ``num_computed``; of them the last
+    ``num_drafts[i]`` are its drafts (``draft_token_ids``), verified by the step. Requests with one new token of their
+    own (decoding, with or without drafts, or the last token of a prompt) come first, then the chunks of prompts."""
 
     requests: list[Request]
     num_new: list[int]
+    num_drafts: list[int] = field(default_factory=list)  # empty: none
+
+    def __post_init__(self) -> None:
+        if not self.num_drafts:
+            self.num_drafts = [0] * len(self.requests)
 
     @property
     def num_decode(self) -> int:
-        """The leading requests with one new token."""
-        return next((i for i, n in enumerate(self.num_new) if n > 1), len(self.num_new))
+        """The leading requests with one new token of their own (and their drafts)."""
+        return next((i for i, (n, d) in enumerate(zip(self.num_new, self.num_drafts)) if n - d > 1),
+                    len(self.num_new))
+
+    @property
+    def has_drafts(self) -> bool:
+        return any(self.num_drafts)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new)
 
     def completes(self, i: int) -> bool:
-        """Whether the step computes the last token of request i, so a token is sampled for it."""
+        """Whether the step computes the last token of request i, so a token is sampled for it (or, with drafts,
+        its drafts are verified)."""
         req = self.requests[i]
-        return req.num_computed + self.num_new[i] == req.num_tokens
+        return req.num_computed + self.num_new[i] - self.num_drafts[i] == req.num_tokens
 
 
 class Scheduler:
@@ -85,7 +102,11 @@ class Scheduler:
         while queue:
             req = queue.pop(0)
             n = min(req.num_tokens - req.num_computed, budget)
-            if n > 1 and pairs is not None:
+            if req.draft_token_ids:  # decoding: its last token, then as many drafts as the budget and pages hold
+                room = (len(req.pages) + self.blocks.num_free) * self.blocks.page_size - req.num_computed
+                n = min(1 + len(req.draft_token_ids), budget, max(room, 1))
+                del req.draft_token_ids[max(n - 1, 0):]
+            elif n > 1 and pairs is not None:
                 n = chunk_within(pairs, req.num_computed, n)
                 pairs = max(0, pairs - _pairs(n, req.num_computed))
             if n > 0:
@@ -125,8 +146,11 @@ class Scheduler:
             if n > 1 and pairs is not None:
                 pairs = max(0, pairs - _pairs(n, cached))
 
-        scheduled.sort(key=lambda item: item[1] > 1)  # stable: decodes first, each group in running order
-        return ScheduledBatch([r for r, _ in scheduled], [n for _, n in scheduled])
+        drafts = [len(r.draft_token_ids) for r, _ in scheduled]
+        # stable: decodes (with their drafts) first, then the prompt chunks, each group in running order
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i][1] - drafts[i] > 1)
+        return ScheduledBatch([scheduled[i][0] for i in order], [scheduled[i][1] for i in order],
+                              [drafts[i] for i in order])
 
     def abort_all(self) -> list[Request]:
         """Drop every waiting and running request (their pages freed); returns them."""
@@ -144,6 +168,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.blocks.free(req)
+        req.draft_token_ids.clear()
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1

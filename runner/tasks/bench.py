@@ -42,7 +42,7 @@ from mla_runner.kernels.cuda_graph import graph_time
 from mla_runner.kernels.synthetic import make_problem
 from mla_runner.roofline import measure_ceilings, touched_weight_bytes
 from mla_runner.sampling import SamplingParams
-from mla_runner.tasks.bench_serving import bench_prefill, bench_throughput
+from mla_runner.tasks.bench_serving import bench_prefill, bench_throughput, speculative_stats
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +69,28 @@ def bench_decode(cfg: RunConfig) -> dict:
     task: BenchTaskConfig = cfg.task
     B, L = task.batch, task.context
     steps = task.warmup + task.iters
+    # a step emits up to 1 + k tokens per request with speculative decoding: none may finish within the run
+    per_step = 1 + (cfg.speculative.num_tokens if cfg.speculative.method != "none" else 0)
+    max_tokens = (steps + 2) * per_step
     cfg = dataclasses.replace(
-        cfg, max_batch_size=B, max_model_len=max(cfg.max_model_len, L + steps + 2), num_pages=None,
+        cfg, max_batch_size=B, max_model_len=max(cfg.max_model_len, L + max_tokens), num_pages=None,
     )
     engine = LLMEngine(cfg)
     runner = engine.runner
     ceilings = measure_ceilings(runner.device)
-    fill_running(engine, [L] * B, max_tokens=steps + 2)
+    fill_running(engine, [L] * B, max_tokens=max_tokens)
     experts = count_experts(engine)
-    times = []
+    times, generated = [], 0
     for i in range(steps):
         _sync(runner.device)
         start = time.perf_counter()
-        engine.step()
+        done = engine.step()
         _sync(runner.device)
         if i >= task.warmup:
             times.append(time.perf_counter() - start)
+            generated += done.output_tokens
     step_s = statistics.median(times)
+    tokens_per_step = generated / len(times)  # B without speculative decoding
     weight_bytes = engine.par.agree(touched_weight_bytes(runner.model, B, experts), runner.device, largest=True)
     cache = runner.kv_cache
     kv_bytes = B * (L + steps // 2) * cache[0, 0, 0].numel() * cache.element_size() * cache.shape[0]
@@ -93,11 +98,12 @@ def bench_decode(cfg: RunConfig) -> dict:
     return {
         "mode": "decode", "tp": engine.par.world, "moe": cfg.parallel.moe, "batch": B, "context": L,
         "cuda_graphs": runner.graphs is not None,
-        "step_ms": step_s * 1e3, "tokens_per_s": B / step_s,
+        "step_ms": step_s * 1e3, "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / step_s,
+        "tokens_per_s_per_request": tokens_per_step / step_s / B,
         "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
         "gb_s": (weight_bytes + kv_bytes) / step_s / 1e9,
         **_roofline(runner.device, "floor_ms", floor_s * 1e3, floor_s / step_s),
-        "copy_gb_s": ceilings.copy_gbps, "device_name": ceilings.device,
+        "copy_gb_s": ceilings.copy_gbps, "device_name": ceilings.device, **speculative_stats(engine),
     }
 
 
@@ -219,7 +225,7 @@ def fill_running(engine: LLMEngine, contexts: list[int], max_tokens: int) -> lis
         req.num_computed = context
         engine.scheduler.running.append(req)
         requests.append(req)
-    engine.runner.kv_cache.normal_()
+    engine.runner.randomize_kv_cache()
     return requests
 
 

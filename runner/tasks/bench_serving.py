@@ -75,8 +75,15 @@ def bench_throughput(cfg: RunConfig) -> dict:
         "tokens_per_s": N * O / seconds, "total_tokens_per_s": N * (I + O) / seconds,
         **{k: v for k, v in summary.items() if k.startswith(("ttft_s", "tpot_s"))},
         **_roofline(device, roofline, seconds), "copy_gb_s": ceilings.copy_gbps,
-        "matmul_tflops": ceilings.matmul_tflops, "device_name": ceilings.device,
+        "matmul_tflops": ceilings.matmul_tflops, "device_name": ceilings.device, **speculative_stats(engine),
     }
+
+
+def speculative_stats(engine: LLMEngine) -> dict:
+    """The acceptance figures of ``LLMEngine.stats`` (with speculative decoding on; none otherwise), over every
+    step the engine ran, warm-up included."""
+    stats = engine.stats()
+    return {k: v for k, v in stats.items() if "accept" in k or k in ("num_draft_tokens", "num_verify_steps")}
 
 
 def decode_floor(engine: LLMEngine, N: int, I: int, O: int, copy_gbps: float, matmul_tflops: float) -> float:

@@ -84,6 +84,12 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
              "%s s  ->  %s", len(requests), errors, resumed, summary["seconds"], summary["prompt_tokens"],
              100 * summary["prefix_cache_hit_rate"], summary["prompt_tokens_per_s"], summary["generated_tokens"],
              summary["tokens_per_s"], _triple(summary, "ttft_s"), _triple(summary, "tpot_s"), output_path)
+    if "mean_acceptance_length" in summary:
+        rates = [summary[f"acceptance_rate_{j}"] for j in range(1, cfg.speculative.num_tokens + 1)]
+        log.info("speculative=%s: mean acceptance length %s over %d verify steps (tokens a step emits per request "
+                 "that drafted); acceptance rate per draft position %s", cfg.speculative.method,
+                 summary["mean_acceptance_length"], summary["num_verify_steps"],
+                 ", ".join("-" if r is None else f"{r:.3f}" for r in rates))
     if cfg.model.path is None:
         log.info("note: %s has random weights, so its text is noise; a real checkpoint: mla-runner "
                  "model=deepseek_v3 model.path=/path/to/DeepSeek-V3", cfg.model.name)

@@ -152,3 +152,26 @@ def test_mtp_needs_a_model_with_an_mtp_layer():
     message = str(info.value)
     assert "\n" not in message and "speculative=mtp" in message and "kimi_k2" in message
     assert "speculative=ngram" in message
+
+
+def test_kv_cache_dtype_options_and_their_errors():
+    """kv_cache_dtype and kv_cache_scale compose from the command line; a bad value, an FP8 cache with float16 or with
+    a backend that cannot read it is one line naming the field (and, for a backend, the one that can)."""
+    assert (compose_config([]).kv_cache_dtype, compose_config([]).kv_cache_scale) == ("auto", 1.0)
+    cfg = compose_config(["kv_cache_dtype=fp8", "kv_cache_scale=0.02", "attention=triton"])
+    assert (cfg.kv_cache_dtype, cfg.kv_cache_scale) == ("fp8", 0.02)
+    assert compose_config(["kv_cache_dtype=fp8_ds_mla", "dtype=bfloat16"]).kv_cache_dtype == "fp8_ds_mla"
+    cases = [
+        (["kv_cache_dtype=fp8_e5m2"], "kv_cache_dtype='fp8_e5m2' is not valid: choose one of auto, fp8, fp8_ds_mla"),
+        (["kv_cache_scale=0"], "kv_cache_scale=0.0 is not valid: it must be a positive finite number"),
+        (["kv_cache_scale=-1"], "kv_cache_scale=-1.0 is not valid"),
+        (["kv_cache_scale=inf"], "kv_cache_scale=inf is not valid"),
+        (["kv_cache_dtype=fp8", "dtype=float16"], "kv_cache_dtype=fp8 needs dtype=bfloat16 or float32"),
+        (["kv_cache_dtype=fp8_ds_mla", "attention=flashmla"],
+         "attention=flashmla needs kv_cache_dtype=auto (here fp8_ds_mla); use attention=triton"),
+        (["kv_cache_dtype=fp8", "attention=aiter"], "attention=aiter needs kv_cache_dtype=auto (here fp8)"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as info:
+            compose_config(overrides)
+        assert message in str(info.value) and "\n" not in str(info.value), (overrides, str(info.value))

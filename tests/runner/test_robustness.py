@@ -227,10 +227,10 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the RSS from /proc")
-def test_twenty_thousand_prompts_in_flat_host_memory(env, tmp_path):
-    """The host memory of a run of 20,000 short prompts at 10% of its completions and at its end (measured here:
-    587 MB at 10%, at most 590 MB after, 49 s on two CPU cores)."""
-    n = 20_000
+def test_thousands_of_prompts_in_flat_host_memory(env, tmp_path):
+    """The host memory of a run of 6,000 short prompts at 10% of its completions and at its end: what the run keeps
+    per finished request (nothing but its line in the output file) must not add up."""
+    n = 6_000
     path = tmp_path / "prompts.txt"
     path.write_text("".join(f"prompt number {i} says\n" for i in range(n)))
     out, log = tmp_path / "run", (tmp_path / "stderr").open("w")

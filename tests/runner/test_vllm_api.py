@@ -187,13 +187,11 @@ def test_max_tokens_none_stops_at_the_context(llm):
     assert (len(out.token_ids), out.finish_reason) == (128 - 112, "length")
 
 
-@pytest.mark.parametrize("method", ["mtp", "ngram"])
-def test_speculative_decoding_is_refused_until_the_engine_runs_it(dsv3_ckpt, kimi_ckpt, method):
-    with pytest.raises(ConfigError, match=f"^speculative={method}: the engine does not run speculative decoding yet"):
-        LLM(str(dsv3_ckpt), dtype="float32", device="cpu", speculative=method, progress=False)
-    if method == "mtp":  # a model without an MTP layer says so first
-        with pytest.raises(ConfigError, match="^speculative=mtp needs a model with an MTP layer"):
-            LLM(str(kimi_ckpt), dtype="float32", device="cpu", speculative=method, progress=False)
+def test_mtp_drafting_is_refused_until_the_engine_runs_it(dsv3_ckpt, kimi_ckpt):
+    with pytest.raises(ConfigError, match="^speculative=mtp: the engine does not run MTP drafting yet"):
+        LLM(str(dsv3_ckpt), dtype="float32", device="cpu", speculative="mtp", progress=False)
+    with pytest.raises(ConfigError, match="^speculative=mtp needs a model with an MTP layer"):  # said first
+        LLM(str(kimi_ckpt), dtype="float32", device="cpu", speculative="mtp", progress=False)
 
 
 def test_max_model_len_none_is_the_model_context_capped_by_the_kv_cache(dsv3_ckpt):
@@ -348,8 +346,17 @@ def test_bad_sampling_values_are_one_line_errors(kwargs, field):
     assert "\n" not in str(info.value)
 
 
+def test_vllm_speculative_config_sets_the_speculative_group(dsv3_ckpt):
+    llm = LLM(str(dsv3_ckpt), dtype="float32", device="cpu", progress=False, max_model_len=256,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4})
+    spec = llm.config.speculative
+    assert (spec.method, spec.num_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min) == ("ngram", 2, 4, 4)
+
+
 @pytest.mark.parametrize("kwargs,message", [
-    ({"kv_cache_dtype": "fp8"}, "the FP8 KV cache is not supported yet"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype='fp8_e5m2' is not supported"),
+    ({"speculative_config": {"method": "eagle"}}, "speculative_config method='eagle' is not supported"),
+    ({"speculative_config": {"method": "ngram", "draft_tp": 2}}, "speculative_config key 'draft_tp' is not"),
     ({"quantization": "awq"}, "quantization='awq' is not supported"),
     ({"tensor_parallel_size": 2}, "started as one process .* torchrun --nproc-per-node 2"),
     ({"tensor_parallel_size": 0}, "it must be a positive integer"),

@@ -194,3 +194,41 @@ def test_flashmla_matches_the_reference_at_every_declared_head_count(heads):
     p = make_problem(lens, [1] * len(lens), heads, 64, dtype=torch.bfloat16, device="cuda")
     out = run(make_backend("flashmla", "persistent", spec_for(p, heads)), p)
     assert rel_err(out, reference(p)) < REL_TOL[torch.bfloat16]
+
+
+def test_only_the_backends_that_read_fp8_caches_take_them():
+    """flashmla and aiter read model-dtype caches only: an FP8 kv_cache_dtype with them is a one-line config error
+    naming the backend that reads it; torch and triton take every layout."""
+    for name in ("flashmla", "aiter"):
+        for kind in ("fp8", "fp8_ds_mla"):
+            with pytest.raises(ConfigError) as info:
+                check_choice(name, "persistent", kv_cache_dtype=kind)
+            assert str(info.value) == f"attention={name} needs kv_cache_dtype=auto (here {kind}); use attention=triton"
+        assert check_choice(name, "persistent", kv_cache_dtype="auto") is BACKENDS[name]
+    for name in ("torch", "triton", "auto"):
+        for kind in ("auto", "fp8", "fp8_ds_mla"):
+            check_choice(name, "persistent", kv_cache_dtype=kind, device="cpu" if name != "triton" else None)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs its interpreter")
+@pytest.mark.parametrize("kind", ["fp8", "fp8_ds_mla"])
+def test_backends_read_fp8_caches_with_their_scale(kind):
+    """torch and both Triton strategies on an FP8 cache (the model's kv_scale passed through forward, here not 1):
+    the attention of the dequantized cache, q_len 1 and 2 and a padding slot among the requests."""
+    from mla_runner.kernels.kv_cache import KVCacheLayout, dequantize_reference, quantize_reference
+
+    lens, q_lens = [1, 64, 0, 200, 37], [1, 1, 1, 2, 1]
+    p = make_problem(lens, q_lens, 3, 64, dtype=torch.float32)
+    layout = KVCacheLayout(kind, 512, 64, torch.float32)
+    scale = torch.tensor([1 / 32]) if kind == "fp8" else None
+    fp8 = quantize_reference(p.kv_cache.view(-1, 576), layout, scale).view(*p.kv_cache.shape[:2], layout.width)
+    dequantized = dequantize_reference(fp8, layout, scale)
+    want = mla_attention_reference(p.q, dequantized, p.qo_indptr, p.seq_lens, p.block_table, SCALE, 512)
+    rows = [r for b in range(len(lens)) if lens[b] for r in range(int(p.qo_indptr[b]), int(p.qo_indptr[b + 1]))]
+    for name, strategy in (("torch", "persistent"), ("triton", "persistent"), ("triton", "per_step")):
+        backend = make_backend(name, strategy, spec_for(p, 3, kv_cache_dtype=kind))
+        out = backend.forward(p.q, fp8, backend.build_metadata(inputs_of(p)), SCALE, kv_scale=scale)
+        assert rel_err(out[rows], want[rows]) < REL_TOL[torch.float32], (name, strategy)
+    if kind == "fp8":  # without its scale the cache is refused, never read as if the scale were 1
+        with pytest.raises(ValueError, match="per-tensor scale"):
+            make_backend("torch", "persistent", spec_for(p, 3)).forward(p.q, fp8, None, SCALE)

@@ -28,26 +28,32 @@ def check_pages(blocks: BlockManager, reqs: list[Request]) -> None:
 
 
 def simulate(reqs: list[Request], num_pages: int, page_size: int, max_batch: int = 8, budget: int = 64,
-             prefix_caching: bool = True, on_step=None):
+             prefix_caching: bool = True, on_step=None, drafts=None):
     """Drive the scheduler as the engine does (the model's token: 7 for every request), checking after every step the
     budget, the order of the batch, page coverage and reference counts, and on steps of one token per request the
-    incrementally kept block table against one built from scratch."""
+    incrementally kept block table against one built from scratch.
+
+    ``drafts(req) -> (number drafted, number accepted)``: a decoding request drafts that many 7s after each step and
+    the next step accepts that many of them (at most what the scheduler left it), as the engine books a verify
+    step: the accepted drafts and the target's token appended, the cache holding all but the last, pages of rejected
+    drafts released."""
     blocks = BlockManager(num_pages, page_size, enable_prefix_caching=prefix_caching)
     sched = Scheduler(blocks, max_batch, max_num_batched_tokens=budget)
     max_pages = -(-max(r.num_tokens + r.params.max_tokens for r in reqs) // page_size)
     table = BlockTable(max_batch, max_pages)
     for r in reqs:
         sched.add(r)
-    steps = []
+    steps, accepts = [], {}
     while sched.has_work():
         batch = sched.schedule()
         assert batch.requests, "a step with nothing to run would spin forever"
         assert batch.num_tokens <= budget and len(batch.requests) <= max_batch
         D = batch.num_decode
-        assert all(n == 1 for n in batch.num_new[:D]) and all(n > 1 for n in batch.num_new[D:])
+        own = [n - d for n, d in zip(batch.num_new, batch.num_drafts)]
+        assert all(n == 1 for n in own[:D]) and all(n > 1 for n in own[D:]) and not any(batch.num_drafts[D:])
         for r, n in zip(batch.requests, batch.num_new):
             assert len(r.pages) == -(-(r.num_computed + n) // page_size), "pages must cover exactly what is computed"
-        if D == len(batch.requests):
+        if D == len(batch.requests) and not batch.has_drafts:
             rows = table.update(batch.requests)
             fresh = torch.zeros(D, max_pages, dtype=torch.int32)
             for i, r in enumerate(batch.requests):
@@ -57,13 +63,23 @@ def simulate(reqs: list[Request], num_pages: int, page_size: int, max_batch: int
         if on_step is not None:
             on_step(batch)
         done = [batch.completes(i) for i in range(len(batch.requests))]
-        for r, n, sampled in zip(batch.requests, batch.num_new, done):
-            r.num_computed += n
-            blocks.cache_full_pages(r)
+        for r, n, d, sampled in zip(batch.requests, batch.num_new, batch.num_drafts, done):
+            assert r.draft_token_ids == [7] * d
+            accepted = min(d, accepts.get(r.request_id, 0))
+            r.num_computed += n - d + accepted
             if sampled:
-                r.output_token_ids.append(7)
-                if len(r.output_token_ids) >= r.params.max_tokens:
-                    sched.finish(r)
+                r.output_token_ids += [7] * (accepted + 1)
+                assert len(r.output_token_ids) <= r.params.max_tokens
+            r.draft_token_ids = []
+            if d:
+                blocks.trim(r, r.num_tokens)
+            blocks.cache_full_pages(r)
+            if sampled and len(r.output_token_ids) >= r.params.max_tokens:
+                sched.finish(r)
+            elif sampled and drafts is not None:
+                drafted, accepts[r.request_id] = drafts(r)
+                room = r.params.max_tokens - len(r.output_token_ids) - 1
+                r.draft_token_ids = [7] * min(drafted, room)
         check_pages(blocks, reqs)
         assert len(steps) < 10_000
     return steps, sched
@@ -229,3 +245,92 @@ def test_while_requests_decode_the_attention_budget_shrinks_chunks_as_their_cont
     sched = Scheduler(BlockManager(256, 16), 8, max_num_batched_tokens=512, chunk_attention_budget=pairs)
     sched.add(alone)
     assert sched.schedule().num_new == [512]
+
+
+def test_drafts_ride_with_their_request_under_the_budget_and_preemption():
+    """Requests that draft 0 to 3 tokens a step and accept some: every request still finishes with exactly its
+    max_tokens, pages cover exactly what each step computes, and references stay right, through preemption and
+    prefix caching."""
+    g = torch.Generator().manual_seed(0)
+
+    def drafts(req):
+        d = int(torch.randint(0, 4, (1,), generator=g))
+        return d, int(torch.randint(0, d + 1, (1,), generator=g))
+
+    system = list(range(200, 210))
+    reqs = make_requests([system + [i] * (i + 1) for i in range(6)], [9, 3, 12, 5, 8, 10])
+    verified = []
+    _, sched = simulate(reqs, num_pages=9, page_size=4, budget=8, max_batch=4, drafts=drafts,
+                        on_step=lambda batch: verified.append(sum(batch.num_drafts)))
+    assert all(r.status is Status.FINISHED and len(r.output_token_ids) == r.params.max_tokens for r in reqs)
+    assert sched.num_preemptions > 0 and sum(verified) > 10
+
+
+def decoding(blocks: BlockManager, prompt: list[int], drafts: list[int]) -> Request:
+    """A request whose prompt is in the cache and whose first token was sampled, with ``drafts``."""
+    req = make_requests([prompt], [100])[0]
+    assert blocks.admit(req, [], len(prompt))
+    req.num_computed = len(prompt)
+    req.output_token_ids.append(7)
+    req.status = Status.RUNNING
+    req.draft_token_ids = list(drafts)
+    return req
+
+
+def test_a_request_with_drafts_is_one_request_of_1_plus_d_tokens():
+    blocks = BlockManager(32, 4)
+    sched = Scheduler(blocks, 8, max_num_batched_tokens=7)
+    a = decoding(blocks, [1, 2, 3], [4, 5, 6])
+    b = decoding(blocks, [9, 9], [])
+    c = decoding(blocks, [8, 8, 8, 8], [1, 2, 3])
+    sched.running.extend([a, b, c])
+    sched.add(make_requests([list(range(20))], [1])[0])
+    batch = sched.schedule()
+    # a: its token and 3 drafts; b: 1; c: what the budget leaves (2: one draft); the prompt gets nothing
+    assert [r.index for r in batch.requests] == [0, 0, 0] and len(batch.requests) == 3
+    assert (batch.num_new, batch.num_drafts, batch.num_decode) == ([4, 1, 2], [3, 0, 1], 3)
+    assert c.draft_token_ids == [1] and all(batch.completes(i) for i in range(3))
+    assert [len(r.pages) for r in (a, b, c)] == [2, 1, 2]  # pages for positions up to 3 + 3, 2, 4 + 1
+
+
+def test_drafts_are_cut_to_the_free_pages_rather_than_preempting():
+    blocks = BlockManager(4, 4)
+    sched = Scheduler(blocks, 8, max_num_batched_tokens=64)
+    old = decoding(blocks, [1, 2, 3, 4, 5], [])  # 2 pages
+    new = decoding(blocks, [6, 7, 8], [1, 2, 3, 4])  # 1 page, 1 free: room for 5 tokens, its token and 4 drafts
+    new.draft_token_ids += [5, 6]
+    sched.running.extend([old, new])
+    batch = sched.schedule()
+    assert batch.num_new == [1, 5] and batch.num_drafts == [0, 4] and sched.num_preemptions == 0
+    assert new.draft_token_ids == [1, 2, 3, 4] and blocks.num_free == 0
+
+
+def test_a_preempted_request_drops_its_drafts():
+    blocks = BlockManager(2, 4)
+    sched = Scheduler(blocks, 8, max_num_batched_tokens=64)
+    old = decoding(blocks, [1, 2, 3, 4], [])  # its next token needs the one free page
+    new = decoding(blocks, [5, 6, 7], [1, 2])
+    sched.running.extend([old, new])
+    blocks.allocate(new, 4)
+    batch = sched.schedule()
+    assert batch.requests == [old] and sched.num_preemptions == 1
+    assert new.status is Status.WAITING and new.draft_token_ids == [] and new.pages == []
+
+
+def test_pages_of_rejected_drafts_are_released_and_never_keyed():
+    blocks = BlockManager(8, 4)
+    table = BlockTable(2, 8)
+    req = decoding(blocks, [1, 2, 3], [10, 11, 12, 13, 14])  # token at 3, drafts at 4-8: pages 0-2
+    table.update([req])
+    blocks.allocate(req, req.num_computed + 6)
+    assert len(req.pages) == 3
+    kept = req.pages[:2]
+    req.num_computed += 1 + 1  # one draft accepted: positions 3 and 4 hold tokens 7 and 10
+    req.output_token_ids += [10, 99]  # the accepted draft, then the target's token at 5
+    blocks.trim(req, req.num_tokens)
+    blocks.cache_full_pages(req)
+    assert req.pages == kept and blocks.num_free == 6
+    assert list(blocks.cached.values()) == [kept[0]]  # the page of positions 4-7 is not full of computed tokens
+    fresh = torch.zeros(1, 8, dtype=torch.int32)
+    fresh[0, :2] = torch.tensor(kept, dtype=torch.int32)
+    assert torch.equal(table.update([req]), fresh)
