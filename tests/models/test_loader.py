@@ -181,10 +181,8 @@ def test_scale_of_an_unquantized_weight(ckpt: Path) -> None:
         load(ckpt)
 
 
-def test_streams_one_tensor_at_a_time_and_skips_mtp_and_inv_freq(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Never a whole-shard read; each needed tensor read exactly once; MTP / inv_freq tensors never read."""
+def count_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Make the loader's safe_open count every tensor read through it; the counts, by tensor name."""
     reads: Counter[str] = Counter()
     real_open = loader.safe_open
 
@@ -206,10 +204,19 @@ def test_streams_one_tensor_at_a_time_and_skips_mtp_and_inv_freq(
         def keys(self) -> list[str]:
             return self.handle.keys()
 
+    monkeypatch.setattr(loader, "safe_open", CountingHandle)
+    return reads
+
+
+def test_streams_one_tensor_at_a_time_and_skips_mtp_and_inv_freq(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never a whole-shard read; each needed tensor read exactly once; MTP / inv_freq tensors never read."""
+    reads = count_tensor_reads(monkeypatch)
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the loader read a whole shard")
 
-    monkeypatch.setattr(loader, "safe_open", CountingHandle)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(safetensors.torch, "load", refuse)
     for name in ("dsv3", "kimi"):
@@ -273,25 +280,7 @@ def test_tokenizer_code_runs_only_when_asked(tmp_path: Path) -> None:
 def test_mtp_flag_reads_the_mtp_layer_once(dsv3_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``mtp=True`` every stored tensor is read exactly once, the MTP layer's included (its embedding and head
     too: they are compared with the main model's)."""
-    reads: Counter[str] = Counter()
-    real_open = loader.safe_open
-
-    class CountingHandle:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            self.handle = real_open(*args, **kwargs)
-
-        def __enter__(self) -> CountingHandle:
-            self.handle.__enter__()
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.handle.__exit__(*exc)
-
-        def get_tensor(self, name: str) -> torch.Tensor:
-            reads[name] += 1
-            return self.handle.get_tensor(name)
-
-    monkeypatch.setattr(loader, "safe_open", CountingHandle)
+    reads = count_tensor_reads(monkeypatch)
     model = load_model(dsv3_ckpt, dtype=torch.float32, progress=False, mtp=True)
     assert set(reads) == set(read_weight_map(dsv3_ckpt)) and set(reads.values()) == {1}
     assert any(n.startswith("model.layers.3.") for n in reads) and model.mtp is not None

@@ -10,6 +10,7 @@ import torch
 
 from mla_runner import LLM, SamplingParams
 from mla_testing import INTERPRETER
+from mla_testing.oracle import oracle_greedy
 
 # Mixed prompt lengths (1 to 250 tokens) and different max_tokens, all in one generate call.
 PROMPT_LENGTHS = (1, 7, 33, 250)
@@ -24,18 +25,6 @@ def prompts_for(vocab: int, eos: int) -> list[list[int]]:
         out.append([t for t in ids if t != eos] or [2])
     return out
 
-
-@torch.no_grad()
-def oracle_greedy(oracle, ids: list[int], max_tokens: int, eos: int) -> list[int]:
-    """transformers' greedy continuation, recomputed from scratch each token (no cache to get wrong)."""
-    seq, out = list(ids), []
-    for _ in range(max_tokens):
-        token = int(oracle(torch.tensor([seq])).logits[0, -1].argmax())
-        out.append(token)
-        seq.append(token)
-        if token == eos:
-            break
-    return out
 
 
 @pytest.fixture(scope="module", params=["dsv3", "kimi"])

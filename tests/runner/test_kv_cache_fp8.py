@@ -21,6 +21,7 @@ from mla_runner.engine.model_runner import kv_cache_pages
 from mla_runner.errors import ConfigError
 from mla_runner.kernels.kv_cache import KVCacheLayout, dequantize_reference, quantize_reference
 from mla_testing import INTERPRETER
+from mla_testing.oracle import oracle_greedy
 
 PROMPT_LENGTHS = (1, 7, 33, 250)
 MAX_TOKENS = (6, 3, 5, 4)
@@ -82,17 +83,6 @@ def quantized_latents(oracle, kind: str | None, scale: float = 1.0):
         for name in names:
             setattr(hf, name, originals[name])
 
-
-@torch.no_grad()
-def oracle_greedy(oracle, ids: list[int], max_tokens: int, eos: int) -> list[int]:
-    seq, out = list(ids), []
-    for _ in range(max_tokens):
-        token = int(oracle(torch.tensor([seq])).logits[0, -1].argmax())
-        out.append(token)
-        seq.append(token)
-        if token == eos:
-            break
-    return out
 
 
 def expected_greedy(oracle, prompts, max_tokens, kind, scale: float = 1.0) -> list[list[int]]:

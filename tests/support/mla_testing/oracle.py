@@ -95,6 +95,19 @@ class ExpertRecorder:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def oracle_greedy(oracle: nn.Module, ids: list[int], max_tokens: int, eos: int) -> list[int]:
+    """transformers' greedy continuation, recomputed from scratch each token (no cache to get wrong)."""
+    seq, out = list(ids), []
+    for _ in range(max_tokens):
+        token = int(oracle(torch.tensor([seq])).logits[0, -1].argmax())
+        out.append(token)
+        seq.append(token)
+        if token == eos:
+            break
+    return out
+
+
 def oracle_forward(oracle: nn.Module, ids: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """All-position logits [L, V] of one sequence and the experts each token chose per MoE layer."""
     recorder = ExpertRecorder(oracle.model.layers)
