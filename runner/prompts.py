@@ -126,9 +126,6 @@ def _parse(item: Any) -> PromptSpec:
             ok = all(_is_int(t) for t in value)
         if not ok:
             raise UserError(f"field {name!r} must be {what}, got {_json_type(value)} {json.dumps(value)}")
-    if sampling.get("n", 1) != 1:
-        raise UserError(f"field 'n' must be 1 here, got {sampling['n']}: a prompt gives one completion (give the "
-                        "prompt on several lines for several samples; task.seed gives each line its own seed)")
     return PromptSpec(prompt=prompt, prompt_token_ids=ids, messages=messages, sampling=sampling)
 
 

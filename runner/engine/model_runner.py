@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,9 +39,10 @@ from mla_runner.config import TORCH_DTYPES, RunConfig, SpeculativeConfig
 from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.cuda_graphs import DecodeGraphs
+from mla_runner.engine.decode_sampler import DecodeSampler
 from mla_runner.engine.profiling import StepProfiler
 from mla_runner.engine.request import Request
-from mla_runner.engine.sampler import TokenLogprobs, sample, top_logprobs
+from mla_runner.engine.sampler import DrawKeys, TokenLogprobs, sample, top_logprobs
 from mla_runner.engine.scheduler import ScheduledBatch
 from mla_runner.engine.verifier import Verifier
 from mla_runner.errors import ConfigError
@@ -174,7 +176,8 @@ class ModelRunner:
         self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, device)
         self.block_table = BlockTable(cfg.max_batch_size, self.max_pages_per_seq)
         self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress) if use_graphs else None
-        self._generators: dict[int, torch.Generator] = {}  # request id -> its seeded generator
+        self.decode_sampler = DecodeSampler(cfg.max_batch_size, args.vocab_size, device)
+        self._seeds: dict[int, int] = {}  # request id -> the seed of its draws
         self.profiler: Optional[StepProfiler] = None  # set by profile()
 
     def profile(self, path: Path) -> None:
@@ -276,7 +279,8 @@ class ModelRunner:
             if batch.has_drafts:
                 tokens, logprobs = self._verify(logits, [reqs[i] for i in done], [batch.num_drafts[i] for i in done])
             else:
-                sampled, entries = self._sample(logits, [reqs[i] for i in done]) if done else ([], [])
+                decode = D == len(reqs)
+                sampled, entries = self._sample(logits, [reqs[i] for i in done], decode) if done else ([], [])
                 tokens = [[t] for t in sampled]
                 logprobs = [[] if e is None else [e] for e in entries]
         out = StepOutput([[] for _ in reqs], [[] for _ in reqs], prompt_logprobs)
@@ -290,7 +294,7 @@ class ModelRunner:
         the host is the step's synchronization."""
         if self.verifier is None:
             raise RuntimeError("a step with drafts needs speculate() first")
-        out = self.verifier.emit(logits, batch, num_drafts, [self._generator(r) for r in batch], self.eos_token_ids)
+        out = self.verifier.emit(logits, batch, num_drafts, [self._seed(r) for r in batch], self.eos_token_ids)
         self.backend.check()
         return out
 
@@ -446,31 +450,44 @@ class ModelRunner:
                              attn_metadata=self.backend.build_metadata(inputs))
         return self.model.compute_logits(self.model(buf.input_ids[:bs], ctx))
 
-    def _sample(self, logits: torch.Tensor, batch: list[Request]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+    def _sample(self, logits: torch.Tensor, batch: list[Request], decode: bool = False
+                ) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
         """One token per request, on the device, and its logprobs where asked; the tokens' copy to the host is the
-        step's synchronization, after which the backend reports a request its metadata had to drop."""
+        step's synchronization, after which the backend reports a request its metadata had to drop. ``decode``: a
+        step of plain decodes, which the decode sampler takes where the requests let it (in the step's graph where
+        the step is one)."""
+        seeds = [self._seed(r) for r in batch]
+        if decode and DecodeSampler.takes(batch):
+            if self.graphs is not None:
+                tokens = self.decode_sampler.sample(self.graphs.logits[self.graphs.bucket(len(batch))], batch, seeds,
+                                                    graph=True)
+            else:
+                tokens = self.decode_sampler.sample(logits, batch, seeds, graph=False)
+            self.backend.check()
+            return tokens, [None] * len(batch)
         params = [r.params for r in batch]
-        out = sample(logits, params, [self._generator(r) for r in batch], [r.prompt_token_ids for r in batch],
-                     [r.output_token_ids for r in batch], self.eos_token_ids)
+        out = sample(logits, params, DrawKeys(seeds, [len(r.output_token_ids) for r in batch]),
+                     [r.prompt_token_ids for r in batch], [r.output_token_ids for r in batch], self.eos_token_ids)
         tokens = out.tokens.tolist()
         self.backend.check()
         if out.logprobs is None:
             return tokens, [None] * len(batch)
         return tokens, out.logprobs.to_host([p.logprobs for p in params])
 
-    def _generator(self, req: Request) -> torch.Generator | None:
-        """The request's own generator when it has a seed (made at its first token, kept through preemption)."""
-        if req.params.seed is None:
-            return None
-        g = self._generators.get(req.request_id)
-        if g is None:
-            g = self._generators[req.request_id] = torch.Generator(device=self.device)
-            g.manual_seed(req.params.seed)
-        return g
+    def _seed(self, req: Request) -> int:
+        """The seed of the request's draws: its own, else one made from the run's seed and its id (kept through
+        preemption)."""
+        if req.params.seed is not None:
+            return req.params.seed
+        seed = self._seeds.get(req.request_id)
+        if seed is None:
+            seed = self._seeds[req.request_id] = random.Random(f"{self.cfg.seed}:{req.request_id}").getrandbits(63)
+        return seed
 
     def release(self, req: Request) -> None:
-        """Forget a finished request's generator."""
-        self._generators.pop(req.request_id, None)
+        """Forget a finished request's seed and sampling rows."""
+        self._seeds.pop(req.request_id, None)
+        self.decode_sampler.release(req)
 
     def _slot(self, req: Request, position: int) -> int:
         return req.pages[position // self.page_size] * self.page_size + position % self.page_size

@@ -26,12 +26,16 @@ docs/speculative.md derives the formulas and states what the tests check.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
 
+from mla_runner.engine.sampler import DrawKeys
+from mla_runner.kernels.philox import exponential_noise, seed_key, uniform_noise
+
 PAD = -1  # the token id in the unused columns of VerifyOutput.tokens
+# the noise streams of a request's key here (the sampler's draws use stream 0)
+ACCEPT_STREAM, RECOVER_STREAM = 1, 2
 
 
 class VerifyOutput(NamedTuple):
@@ -73,7 +77,7 @@ def verify(
     target_probs: Optional[torch.Tensor] = None,
     draft_probs: Optional[torch.Tensor] = None,
     is_greedy: Optional[torch.Tensor] = None,
-    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    keys: Optional[DrawKeys] = None,
     forced_accepted: Optional[torch.Tensor] = None,
 ) -> VerifyOutput:
     """Accept or reject each request's drafts and emit its tokens for this step (module docstring).
@@ -84,8 +88,9 @@ def verify(
     distribution after the request's sampling settings; None when every request is greedy (then ``is_greedy`` and
     ``draft_probs`` are not read). ``is_greedy`` [B] bool: the requests verified by argmax (what their rows of
     ``target_probs`` hold is not used); None: none. ``draft_probs`` [N, V]: the draft model's distributions of its
-    drafts; None: one-hot (ngram, or a drafter that takes its argmax). ``generators``: per request, the generator its
-    draws come from (None, or a None entry: torch's default), so a seeded request's tokens do not depend on the batch.
+    drafts; None: one-hot (ngram, or a drafter that takes its argmax). ``keys``: per request, its seed and its output
+    length before the step, the key of its draws here (``kernels.philox``: stream 1 for the acceptance tests, 2 for
+    the recovered token), so that its tokens do not depend on the batch; needed where something is sampled.
     ``forced_accepted`` [B] int64: accept that many drafts instead of comparing (forced_num_accepted).
 
     Every shape is known on the host and no value is read back: nothing waits for the device.
@@ -95,13 +100,19 @@ def verify(
     index = draft_index(num_drafts, N, max_drafts)
     drafts = draft_token_ids[index.draft_rows] if N else torch.zeros_like(index.draft_rows)  # [B, k]
     sampled = target_probs is not None and forced_accepted is None
+    if sampled and keys is None:
+        raise ValueError("verify needs the requests' keys to sample")
+    seeds = positions = None
+    if sampled:
+        seeds = torch.tensor([seed_key(s) for s in keys.seeds], dtype=torch.long).to(device, non_blocking=True)
+        positions = torch.tensor(list(keys.positions), dtype=torch.long).to(device, non_blocking=True)
 
     if forced_accepted is not None:
         num_accepted = torch.minimum(forced_accepted.to(num_drafts.dtype), num_drafts)
     else:
         accept = drafts == target_tokens[index.target_rows]  # greedy
         if sampled:
-            uniform = _uniform((B, max_drafts), generators, device)
+            uniform = uniform_noise(seeds, positions, max_drafts, stream=ACCEPT_STREAM)
             p_target = target_probs[index.target_rows, drafts]  # [B, k]: p_j(x_j)
             p_draft = draft_probs[index.draft_rows, drafts] if draft_probs is not None and N else 1.0
             accept_sampled = uniform * p_draft < p_target
@@ -113,7 +124,7 @@ def verify(
     rows = index.target_starts + num_accepted
     last = target_tokens[rows]
     if sampled:
-        recovered = _recover(target_probs, draft_probs, drafts, index, num_accepted, rows, generators)
+        recovered = _recover(target_probs, draft_probs, drafts, index, num_accepted, rows, seeds, positions)
         rejected = num_accepted < num_drafts
         if is_greedy is not None:
             rejected &= ~is_greedy
@@ -128,7 +139,7 @@ def verify(
 
 def _recover(target_probs: torch.Tensor, draft_probs: Optional[torch.Tensor], drafts: torch.Tensor,
              index: DraftIndex, num_accepted: torch.Tensor, rows: torch.Tensor,
-             generators: Optional[Sequence[Optional[torch.Generator]]]) -> torch.Tensor:
+             seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[B]: a draw from normalize(max(0, p_j - q_j)) at each request's first rejected position j (rows where nothing
     was rejected draw too; the caller discards them)."""
     position = num_accepted.clamp(max=max(drafts.shape[1] - 1, 0))
@@ -141,27 +152,8 @@ def _recover(target_probs: torch.Tensor, draft_probs: Optional[torch.Tensor], dr
     residual = (p - q).clamp(min=0)
     # p == q (up to rounding) leaves nothing: the draft could not have been rejected there; p keeps the draw valid
     residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p)
-    noise = torch.empty_like(residual)
-    _fill_exponential(noise, generators)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a zero would make 0 / 0 = NaN, which argmax picks
+    noise = exponential_noise(seeds, positions, residual.shape[1], stream=RECOVER_STREAM)  # positive: no 0 / 0
     return (residual / noise).argmax(dim=1)  # argmax(w / E) with E ~ Exp(1): a draw proportional to w
-
-
-def _uniform(shape: tuple[int, int], generators: Optional[Sequence[Optional[torch.Generator]]],
-             device: torch.device) -> torch.Tensor:
-    """[B, k] uniforms in [0, 1); row b from generators[b] where it is given."""
-    out = torch.rand(shape, device=device)
-    for b, g in enumerate(generators or ()):
-        if g is not None:
-            out[b].uniform_(generator=g)
-    return out
-
-
-def _fill_exponential(noise: torch.Tensor, generators: Optional[Sequence[Optional[torch.Generator]]]) -> None:
-    noise.exponential_()
-    for b, g in enumerate(generators or ()):
-        if g is not None:
-            noise[b].exponential_(generator=g)
 
 
 def forced_num_accepted(acceptance_length: float, num_drafts: torch.Tensor,

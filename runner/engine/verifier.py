@@ -20,7 +20,7 @@ import torch
 from mla_runner.config import SpeculativeConfig
 from mla_runner.engine.rejection import PAD, AcceptanceStats, VerifyOutput, forced_num_accepted, verify
 from mla_runner.engine.request import Request
-from mla_runner.engine.sampler import TokenLogprobs, sample, sample_with_probs, top_logprobs
+from mla_runner.engine.sampler import DrawKeys, TokenLogprobs, sample, sample_with_probs, top_logprobs
 
 
 class Verifier:
@@ -35,13 +35,13 @@ class Verifier:
         self.forced_generator.manual_seed(seed)
 
     def emit(self, logits: torch.Tensor, reqs: Sequence[Request], num_drafts: Sequence[int],
-             generators: Sequence[Optional[torch.Generator]], eos_token_ids: Sequence[int],
+             seeds: Sequence[int], eos_token_ids: Sequence[int],
              ) -> tuple[list[list[int]], list[list[TokenLogprobs]]]:
         """The tokens each request emits, in order (1 to d_b + 1), and their logprobs where it asks for them.
 
         ``logits`` [sum(d_b + 1), V] fp32: request b's d_b + 1 rows in turn, its drafts ``reqs[b].draft_token_ids
-        [:d_b]``; ``generators``: request b's seeded generator or None. A request without drafts is sampled by
-        ``sample`` itself, so that a seeded request's draws do not depend on whether others drafted."""
+        [:d_b]``; ``seeds``: request b's sampling seed. A request without drafts is sampled by ``sample`` itself, as in
+        a step without drafts."""
         device, B = logits.device, len(reqs)
         starts = list(itertools.accumulate((d + 1 for d in num_drafts), initial=0))
         plain = [b for b, d in enumerate(num_drafts) if d == 0]
@@ -52,7 +52,8 @@ class Verifier:
         if plain:
             index = torch.tensor(plain, device=device)
             rows = torch.tensor([starts[b] for b in plain], device=device)
-            out = sample(logits[rows], [reqs[b].params for b in plain], [generators[b] for b in plain],
+            out = sample(logits[rows], [reqs[b].params for b in plain],
+                         DrawKeys([seeds[b] for b in plain], [len(reqs[b].output_token_ids) for b in plain]),
                          [reqs[b].prompt_token_ids for b in plain], [reqs[b].output_token_ids for b in plain],
                          eos_token_ids)
             tokens[index, 0] = out.tokens
@@ -61,7 +62,7 @@ class Verifier:
             index = torch.tensor(drafted, device=device)
             rows = torch.tensor([starts[b] + j for b in drafted for j in range(num_drafts[b] + 1)], device=device)
             sub = [reqs[b] for b in drafted]
-            out = self._verify(logits[rows], sub, [num_drafts[b] for b in drafted], [generators[b] for b in drafted],
+            out = self._verify(logits[rows], sub, [num_drafts[b] for b in drafted], [seeds[b] for b in drafted],
                                eos_token_ids)
             tokens[index], counts[index] = out.tokens, out.num_tokens
             drafted_logprobs = self._logprobs(logits[rows], sub, [num_drafts[b] for b in drafted], out.tokens)
@@ -77,20 +78,22 @@ class Verifier:
         return emitted, entries
 
     def _verify(self, logits: torch.Tensor, reqs: Sequence[Request], num_drafts: Sequence[int],
-                generators: Sequence[Optional[torch.Generator]], eos_token_ids: Sequence[int]) -> VerifyOutput:
+                seeds: Sequence[int], eos_token_ids: Sequence[int]) -> VerifyOutput:
         """``rejection.verify`` of requests that drafted, from their d + 1 rows each; the statistics counted."""
         drafts = [req.draft_token_ids[:d] for req, d in zip(reqs, num_drafts)]
-        row_params, row_gens, row_prompts, row_outputs = [], [], [], []
-        for req, x, g in zip(reqs, drafts, generators):
+        row_params, row_seeds, row_positions, row_prompts, row_outputs = [], [], [], [], []
+        for req, x, seed in zip(reqs, drafts, seeds):
             out, p = req.output_token_ids, req.params
             # the output as row j sees it, where the sampler reads more than its length: penalties, min_tokens
             exact = p.penalized or len(out) < p.min_tokens
             for j in range(len(x) + 1):
                 row_params.append(p)
-                row_gens.append(g)
+                row_seeds.append(seed)
+                row_positions.append(len(out) + j)
                 row_prompts.append(req.prompt_token_ids)
                 row_outputs.append(out + x[:j] if j and exact else out)
-        target = sample_with_probs(logits, row_params, row_gens, row_prompts, row_outputs, eos_token_ids)
+        target = sample_with_probs(logits, row_params, DrawKeys(row_seeds, row_positions), row_prompts, row_outputs,
+                                   eos_token_ids)
         device = logits.device
         counts = torch.tensor(list(num_drafts), dtype=torch.long, device=device)
         flat = torch.tensor([t for x in drafts for t in x], dtype=torch.long, device=device)
@@ -101,7 +104,8 @@ class Verifier:
         if target.probs is not None:
             is_greedy = torch.tensor([req.params.greedy for req in reqs], device=device)
         out = verify(flat, counts, target.tokens, self.max_drafts, target_probs=target.probs,
-                     is_greedy=is_greedy, generators=generators, forced_accepted=forced)
+                     is_greedy=is_greedy, keys=DrawKeys(seeds, [len(req.output_token_ids) for req in reqs]),
+                     forced_accepted=forced)
         self.stats.add(counts, out.num_accepted)
         return out
 

@@ -2,11 +2,12 @@
 
 ``completions.jsonl`` gets one line per prompt: its completion, or an error line (``{"index", "line", "error"}``)
 for a prompt that cannot run (a bad line of the prompts file, a prompt longer than the context); the other prompts
-run. Each line is appended with one write call, so a run killed at any moment leaves whole lines only. An existing
-file is never overwritten: ``task.resume=true`` (with ``hydra.run.dir`` set to the earlier run) runs only the prompts
-that have no line yet and appends theirs. ``task.seed`` gives every prompt its own seed, derived from the task's
-seed and the prompt's index, so a prompt samples the same tokens whatever else runs beside it, in one run or
-across a resume.
+run. A prompt that asks for ``n`` samples (a prompts-file field) gets n lines, each with its ``sample`` (0 to
+n - 1). Each line is appended with one write call, so a run killed at any moment leaves whole lines only. An
+existing file is never overwritten: ``task.resume=true`` (with ``hydra.run.dir`` set to the earlier run) runs only
+the prompts and samples that have no line yet and appends theirs. ``task.seed`` gives every prompt its own seed,
+derived from the task's seed and the prompt's index, so a prompt samples the same tokens whatever else runs beside
+it, in one run or across a resume.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from mla_runner.sampling import Logprob, SamplingParams
 
 log = logging.getLogger(__name__)
 SHOWN = 8  # completions printed; all of them are in the output file
+ALL_SAMPLES = -1  # previous_lines' sample of a prompt's error line
 
 
 def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callable[[], bool]] = None) -> dict:
@@ -46,14 +48,16 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
     defaults = SamplingParams(temperature=task.temperature, top_p=task.top_p, top_k=task.top_k,
                               max_tokens=task.max_tokens, stop=list(task.stop))
     with CompletionsFile(output_path if writer else None, append=task.resume) as out:
-        requests, errors = [], 0
+        requests, errors, samples = [], 0, {}
         for i, spec in enumerate(specs):
-            if i in done:
+            if (i, ALL_SAMPLES) in done:
                 continue
             try:
                 if spec.error is not None:
                     raise UserError(spec.error)
-                requests.append(_request(engine, i, spec, defaults, task))
+                todo = [r for r in _requests(engine, i, spec, defaults, task) if (i, r.sample_index) not in done]
+                samples[i] = spec.sampling.get("n", 1)
+                requests += todo
             except UserError as e:
                 errors += 1
                 if writer:
@@ -63,7 +67,8 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
         if cfg.profile and writer:
             engine.runner.profile(output_dir / "trace.json")
         try:
-            engine.run(requests, on_finish=lambda req: out.write(_result(req)), should_stop=should_stop)
+            engine.run(requests, on_finish=lambda req: out.write(_result(req, samples[req.index])),
+                       should_stop=should_stop)
         except Interrupted as e:
             summary = summarize(requests, errors, start)
             raise Interrupted(f"{e}: their lines are in {output_path}; continue with task.resume=true "
@@ -78,7 +83,7 @@ def run_generate(cfg: RunConfig, output_dir: Path, should_stop: Optional[Callabl
         log.info("[%d] %r -> %r", req.index, req.prompt, req.text)
     if len(requests) > SHOWN:
         log.info("... and %d more in %s", len(requests) - SHOWN, output_path)
-    resumed = f" ({len(done)} prompts done by the earlier run)" if done else ""
+    resumed = f" ({len({i for i, _ in done})} prompts done by the earlier run)" if done else ""
     log.info("%d requests (%d errors)%s in %.2f s: %d prompt tokens (%.0f%% from the prefix cache), %s tokens/s; "
              "%d output tokens, %s tokens/s; time to first token %s s (mean / median / p99), time per output token "
              "%s s  ->  %s", len(requests), errors, resumed, summary["seconds"], summary["prompt_tokens"],
@@ -101,10 +106,10 @@ def request_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
-def _request(engine: LLMEngine, index: int, spec: PromptSpec, defaults: SamplingParams, task) -> Request:
+def _requests(engine: LLMEngine, index: int, spec: PromptSpec, defaults: SamplingParams, task) -> list[Request]:
     try:
         params = replace(defaults, **spec.sampling)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, UserError) as e:  # a value SamplingParams refuses
         raise UserError(f"line {spec.line}: {e}" if spec.line else str(e)) from None
     if "seed" not in spec.sampling and task.seed is not None:
         params = replace(params, seed=request_seed(task.seed, index))
@@ -113,7 +118,7 @@ def _request(engine: LLMEngine, index: int, spec: PromptSpec, defaults: Sampling
         prompt, ids = encode_chat(engine.tokenizer, spec.messages)
     else:
         ids = spec.prompt_token_ids if prompt is None else encode(engine.tokenizer, prompt, task.chat)
-    return engine.make_request(index, ids, params, prompt)
+    return engine.make_requests(index, ids, params, prompt)
 
 
 def summarize(requests: list[Request], errors: int, start: float) -> dict:
@@ -148,12 +153,13 @@ def _triple(summary: dict, name: str) -> str:
     return " / ".join(f"{summary[f'{name}_{k}']:.4g}" for k in ("mean", "median", "p99"))
 
 
-def _result(req: Request) -> dict:
-    """A completion's line; with logprobs asked, ``cumulative_logprob`` and ``logprobs`` (per token, vLLM's
-    {token id: Logprob} as {"id": {"logprob", "rank", "token"}}), with prompt logprobs, ``prompt_logprobs`` alike
-    (the first null)."""
+def _result(req: Request, n: int) -> dict:
+    """A completion's line (with its ``sample`` where its prompt asks for ``n`` > 1); with logprobs asked,
+    ``cumulative_logprob`` and ``logprobs`` (per token, vLLM's {token id: Logprob} as {"id": {"logprob", "rank",
+    "token"}}), with prompt logprobs, ``prompt_logprobs`` alike (the first null)."""
     row = {
         "index": req.index,
+        **({"sample": req.sample_index} if n > 1 else {}),
         "prompt": req.prompt,
         "text": req.text,
         "token_ids": req.output_token_ids,
@@ -178,8 +184,9 @@ def _logprobs_json(entry: Optional[dict[int, Logprob]]) -> Optional[dict[str, di
     return {str(t): {"logprob": p.logprob, "rank": p.rank, "token": p.decoded_token} for t, p in entry.items()}
 
 
-def previous_lines(path: Path, resume: bool) -> set[int]:
-    """The prompt indices an earlier run's completions file already has a line for (none without a file). Without
+def previous_lines(path: Path, resume: bool) -> set[tuple[int, int]]:
+    """The (prompt index, sample) pairs an earlier run's completions file already has a line for (none without a
+    file; an error line gives (index, ``ALL_SAMPLES``): the prompt is done, whatever its ``n``). Without
     ``resume`` an existing file is an error: it is never overwritten. A last line cut short (no newline: a writer
     that was killed mid-line) is removed, so that its prompt runs again."""
     if not path.exists():
@@ -194,7 +201,8 @@ def previous_lines(path: Path, resume: bool) -> set[int]:
     done = set()
     for n, line in enumerate(data[:whole].splitlines(), 1):
         try:
-            done.add(int(json.loads(line)["index"]))
+            row = json.loads(line)
+            done.add((int(row["index"]), ALL_SAMPLES if "error" in row else int(row.get("sample", 0))))
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path}:{n}: not a line of a completions file") from None
     return done

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from mla_runner import LLM, SamplingParams
+from mla_runner.compose import compose_config
 from mla_runner.config import GenerateTaskConfig
 from mla_runner.errors import ConfigError, UserError
 from mla_runner.prompts import encode_chat, parse_prompt
-from mla_runner.tasks.generate import _request, _result
+from mla_runner.tasks.generate import _requests, _result, run_generate
 
 PROMPT = [273, 56, 93, 175]  # greedy on the tiny DeepSeek-V3 reaches EOS (id 1) at its 9th token
 LONG = torch.randint(2, 500, (30,), generator=torch.Generator().manual_seed(2)).tolist()  # prompt logprobs' prompt
@@ -384,17 +385,17 @@ def test_prompt_lines_with_messages_and_the_new_fields(llm):
     spec = parse_prompt(line, "line")
     defaults = SamplingParams(temperature=0.0, stop=["x"])
     task = GenerateTaskConfig(stop=["x"])
-    req = _request(llm.engine, 0, spec, defaults, task)
+    (req,) = _requests(llm.engine, 0, spec, defaults, task)
     text, ids = encode_chat(llm.tokenizer, line["messages"])
     assert (req.prompt, req.prompt_token_ids) == (text, ids)
     assert (req.params.max_tokens, req.params.stop_token_ids, req.params.stop) == (None, [3], ["x"])
     new_fields = {"prompt_token_ids": PROMPT, "n": 1, "min_p": 0.05, "presence_penalty": 0.5,
                   "frequency_penalty": -0.5, "repetition_penalty": 1.1, "logprobs": 1, "prompt_logprobs": 0,
                   "max_tokens": 2}
-    req = _request(llm.engine, 1, parse_prompt(new_fields, "line"), defaults, task)
+    (req,) = _requests(llm.engine, 1, parse_prompt(new_fields, "line"), defaults, task)
     assert (req.params.min_p, req.params.repetition_penalty, req.params.logprobs) == (0.05, 1.1, 1)
     llm.engine.run([req], progress=False)
-    row = json.loads(json.dumps(_result(req)))  # the completions file's line
+    row = json.loads(json.dumps(_result(req, 1)))  # the completions file's line
     assert row["prompt_logprobs"][0] is None and len(row["prompt_logprobs"]) == len(PROMPT) == 4
     first, token = row["logprobs"][0], req.output_token_ids[0]
     assert next(iter(first)) == str(token) and first[str(token)]["logprob"] == req.logprobs[0][token].logprob
@@ -403,7 +404,7 @@ def test_prompt_lines_with_messages_and_the_new_fields(llm):
     for bad, what in (({"stop_token_ids": [1.5]}, "'stop_token_ids' must be a list of integers"),
                       ({"min_tokens": True}, "'min_tokens' must be an integer"),
                       ({"skip_special_tokens": 0}, "'skip_special_tokens' must be true or false"),
-                      ({"n": 2}, "'n' must be 1 here, got 2: a prompt gives one completion"),
+                      ({"n": 1.5}, "'n' must be an integer"),
                       ({"logprobs": 1.5}, "'logprobs' must be an integer or null"),
                       ({"repetition_penalty": "x"}, "'repetition_penalty' must be a number")):
         with pytest.raises(UserError, match=what):
@@ -413,3 +414,34 @@ def test_prompt_lines_with_messages_and_the_new_fields(llm):
             parse_prompt(bad, "line")
     with pytest.raises(UserError, match="give one of"):
         parse_prompt({"prompt": "p", "messages": line["messages"]}, "line")
+
+
+def test_n_in_a_prompts_file_gives_a_line_per_sample_and_resumes_by_sample(dsv3_ckpt, tmp_path):
+    """A line with n = 3 gives three lines, ``sample`` 0-2, sample i drawn from the line's seed + i (its tokens equal
+    a line of its own with that seed); a line with n = 1 has no ``sample``; an error line stands for the whole prompt.
+    Resumed after losing two sample lines, the run computes those two alone and the file ends as before."""
+    prompts = tmp_path / "prompts.jsonl"
+    sampled = {"prompt_token_ids": PROMPT, "temperature": 1.0, "ignore_eos": True}
+    lines = [{**sampled, "n": 3, "seed": 5}, {**sampled, "n": 0}, {**sampled, "seed": 6}, {**sampled, "seed": 7}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    overrides = [f"model.path={dsv3_ckpt}", "device=cpu", "dtype=float32", "progress=false", "task.max_tokens=5",
+                 f"task.prompts={prompts}"]
+    out = tmp_path / "run"
+    out.mkdir()
+    metrics = run_generate(compose_config(overrides), out)["metrics"]
+    assert (metrics["requests"], metrics["errors"]) == (5, 1)
+    rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    by_key = {(r["index"], r.get("sample")): r for r in rows if "error" not in r}
+    assert sorted(by_key, key=str) == sorted([(0, 0), (0, 1), (0, 2), (2, None), (3, None)], key=str)
+    error = next(r["error"] for r in rows if r["index"] == 1)
+    assert error == "line 2: SamplingParams.n=0 is not valid: it must be >= 1"
+    assert by_key[(0, 1)]["token_ids"] == by_key[(2, None)]["token_ids"]  # seed 5 + 1 = line 2's seed
+    assert by_key[(0, 2)]["token_ids"] == by_key[(3, None)]["token_ids"]
+    assert by_key[(0, 0)]["token_ids"] != by_key[(0, 1)]["token_ids"]
+    kept = [r for r in rows if (r["index"], r.get("sample")) not in {(0, 0), (0, 2)}]
+    (out / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    metrics = run_generate(compose_config([*overrides, "task.resume=true"]), out)["metrics"]
+    assert (metrics["requests"], metrics["errors"]) == (2, 0)
+    again = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert {(r["index"], r.get("sample")): r["token_ids"] for r in again if "error" not in r} == {
+        k: r["token_ids"] for k, r in by_key.items()}

@@ -1,5 +1,6 @@
-"""On a GPU: the CUDA-graphed decode step equals eager execution on full-width truncated models, and the fused MoE
-in the model equals the expert loop."""
+"""On a GPU: the CUDA-graphed decode step equals eager execution on full-width truncated models (its sampling, in
+the decode sampler's graph, equals ``sample`` on the same logits), and the fused MoE in the model equals the expert
+loop."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,15 @@ import torch
 
 from mla_runner.compose import compose_config
 from mla_runner.engine import LLMEngine
+from mla_runner.engine.sampler import DrawKeys, sample
+from mla_runner.sampling import SamplingParams
 from mla_runner.tasks.bench import fill_running
 
 pytestmark = pytest.mark.gpu
+SETTINGS = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+            SamplingParams(temperature=0, repetition_penalty=1.2, frequency_penalty=0.3),
+            SamplingParams(temperature=1.0, top_k=20, min_p=0.02, presence_penalty=0.4),
+            SamplingParams(temperature=1.0)]
 
 
 @pytest.mark.parametrize("model,layers", [("deepseek_v3", 4), ("kimi_k2", 2)])
@@ -20,20 +27,29 @@ def test_graph_replay_equals_eager_full_width(model, layers):
     engine = LLMEngine(cfg)
     runner = engine.runner
     assert runner.graphs is not None
-    # 5 requests (padded to the bucket of 8) of uneven lengths, one long among short ones
+    # 5 requests (padded to the bucket of 8) of uneven lengths, one long among short ones, each its own sampling
     batch = fill_running(engine, [4000, 17, 1, 640, 129], max_tokens=8)
+    for req, params in zip(batch, SETTINGS):
+        req.params = params
     for _ in range(3):  # new lengths every replay: each step appends a token to every request
         for req in batch:
             engine.scheduler.blocks.allocate(req, req.num_computed + 1)
         graph_logits = runner.decode_logits(batch).clone()
+        # the decode sampler's graph (reading the step graph's logits) draws what sample() draws from them
+        tokens, _ = runner._sample(graph_logits, batch, decode=True)
+        keys = DrawKeys([runner._seed(r) for r in batch], [len(r.output_token_ids) for r in batch])
+        expected = sample(graph_logits, [r.params for r in batch], keys, [r.prompt_token_ids for r in batch],
+                          [r.output_token_ids for r in batch])
+        assert tokens == expected.tokens.tolist()
         # the same (padded) buffers, eager: the same bucket, so the same work plan
         eager_logits = runner._decode_forward(runner.graphs.bucket(len(batch)))[: len(batch)]
         err = (graph_logits - eager_logits).abs().max() / eager_logits.abs().max()
         assert err < 1e-5, err
         assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
-        for req, token in zip(batch, graph_logits.argmax(-1).tolist()):
+        for req, token in zip(batch, tokens):
             req.num_computed = req.num_tokens
             req.output_token_ids.append(token)
+    assert runner.decode_sampler.num_graphs == 1  # one bucket, one combination of steps
     del engine, runner, batch
     torch.cuda.empty_cache()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mla_runner.engine.rejection import PAD, AcceptanceStats, forced_num_accepted, verify
+from mla_runner.engine.sampler import DrawKeys
 
 V = 8
 DRAWS = 200_000  # requests in one batch, each one draw
@@ -81,7 +82,7 @@ def test_speculative_sampling_reproduces_the_target_distribution(one_hot):
     # the sampler's tokens at the draft rows are not read for sampled requests: give them a token never drawn there
     target_tokens = flat([torch.full((B,), 3), torch.full((B,), 3), bonus])
     out = verify(flat([x1, x2]), torch.full((B,), 2), target_tokens, max_drafts=2, target_probs=target_probs,
-                 draft_probs=draft_probs)
+                 draft_probs=draft_probs, keys=DrawKeys(range(B), [0] * B))
 
     first = out.tokens[:, 0]
     counts = torch.bincount(first, minlength=V)
@@ -117,11 +118,11 @@ def test_seeded_requests_draw_the_same_whatever_the_batch_and_greedy_rows_stay_g
 
     def run(rows: slice, greedy_every: int) -> torch.Tensor:
         n = len(range(B)[rows])
-        generators = [torch.Generator().manual_seed(1000 + i) for i in range(B)][rows]
+        keys = DrawKeys(list(range(1000, 1000 + B))[rows], [3] * n)
         is_greedy = torch.arange(B)[rows] % greedy_every == 0
         return verify(x[rows], torch.ones(n, dtype=torch.long), target_tokens.view(B, 2)[rows].flatten(), 1,
                       target_probs=target_probs.view(B, 2, V)[rows].flatten(0, 1), draft_probs=draft_probs[rows],
-                      is_greedy=is_greedy, generators=generators).tokens
+                      is_greedy=is_greedy, keys=keys).tokens
 
     whole = run(slice(None), greedy_every=3)
     assert torch.equal(run(slice(10, 20), greedy_every=3), whole[10:20])

@@ -5,20 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mla_runner.engine.sampler import apply_penalties, sample
+from mla_runner.engine.sampler import DrawKeys, apply_penalties, sample
 from mla_runner.errors import ConfigError
 from mla_runner.sampling import SamplingParams
 
 DRAWS = 40000  # histogram error about 0.0025 per entry: compared with atol 0.01
 
 
+def keys(n: int, first_seed: int = 0) -> DrawKeys:
+    """n rows of their own seeds, each drawing its first output token: independent draws."""
+    return DrawKeys(range(first_seed, first_seed + n), [0] * n)
+
+
 def tokens(logits: torch.Tensor, params: list[SamplingParams], **kwargs) -> torch.Tensor:
-    return sample(logits, params, [None] * len(params), **kwargs).tokens
+    return sample(logits, params, keys(len(params)), **kwargs).tokens
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, n: int = DRAWS, seed: int = 0) -> torch.Tensor:
+def draw(logits: torch.Tensor, params: SamplingParams, n: int = DRAWS) -> torch.Tensor:
     """n draws from one row of logits, as a histogram over the vocabulary."""
-    torch.manual_seed(seed)
     rows = logits.expand(n, -1).contiguous()
     return torch.bincount(tokens(rows, [params] * n), minlength=logits.shape[-1]).float() / n
 
@@ -72,7 +76,6 @@ def test_each_row_has_its_own_settings():
     row = [3.0, 2.0, 1.5, 1.0, 0.0, -1.0]
     settings = [SamplingParams(top_k=2), SamplingParams(min_p=0.3, temperature=2.0), SamplingParams(temperature=0),
                 SamplingParams(top_p=0.5)]
-    torch.manual_seed(0)
     n = 20000
     logits = torch.tensor([row]).expand(n * len(settings), -1).contiguous()
     drawn = tokens(logits, [p for p in settings for _ in range(n)]).view(len(settings), n)
@@ -129,7 +132,6 @@ def test_min_tokens_masks_eos_and_stop_ids():
     outputs = [[4], [4, 4], [], [2], []]
     got = tokens(logits, params, output_ids=outputs, eos_token_ids=eos)
     assert got.tolist()[:3] == [3, 0, 1] and got[4] == 0
-    torch.manual_seed(0)
     rows = logits[3:4].expand(DRAWS, -1)
     drawn = tokens(rows, params[3:4] * DRAWS, output_ids=outputs[3:4] * DRAWS, eos_token_ids=eos)
     freq = torch.bincount(drawn, minlength=5).float() / DRAWS
@@ -146,7 +148,7 @@ def test_logprobs_are_of_the_raw_logits():
     params = [SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.5, min_tokens=1),
               SamplingParams(temperature=0.5, top_k=4, logprobs=0),
               SamplingParams(temperature=0)]
-    out = sample(logits, params, [None] * 3, prompt_ids=[[int(logits[0].argmax())], [], []], output_ids=[[], [], []],
+    out = sample(logits, params, keys(3), prompt_ids=[[int(logits[0].argmax())], [], []], output_ids=[[], [], []],
                  eos_token_ids=(int(logits[0].argsort()[-2]),))
     host = out.logprobs.to_host([p.logprobs for p in params])
     reference = torch.log_softmax(logits.double(), -1)
@@ -161,19 +163,21 @@ def test_logprobs_are_of_the_raw_logits():
     assert host[2] is None
 
 
-def test_seeded_requests_do_not_depend_on_the_batch():
-    logits = torch.randn(3, 100)
-    params = [SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=1.0), SamplingParams(temperature=0)]
-
-    def gen(seed):
-        g = torch.Generator()
-        g.manual_seed(seed)
-        return g
-
-    first = sample(logits, params, [gen(7), None, None]).tokens
-    alone = sample(logits[:1], params[:1], [gen(7)]).tokens
-    assert first[0] == alone[0]
-    assert first[2] == logits[2].argmax()
+def test_a_row_draws_by_its_key_alone():
+    """The same key draws the same token whatever else is in the batch and wherever the row sits; another seed or
+    another position draws afresh (over many rows, differently)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 100, generator=g)
+    params = [SamplingParams(temperature=1.0, top_p=0.9)] * 64
+    seeds, positions = list(range(100, 164)), [5] * 64
+    whole = sample(logits, params, DrawKeys(seeds, positions)).tokens
+    order = torch.randperm(64, generator=g)
+    shuffled = sample(logits[order], params, DrawKeys([seeds[i] for i in order], positions)).tokens
+    assert torch.equal(shuffled, whole[order])
+    assert torch.equal(sample(logits[7:9], params[:2], DrawKeys(seeds[7:9], positions[:2])).tokens, whole[7:9])
+    later = sample(logits, params, DrawKeys(seeds, [6] * 64)).tokens
+    other = sample(logits, params, DrawKeys([s + 1000 for s in seeds], positions)).tokens
+    assert (later != whole).sum() > 32 and (other != whole).sum() > 32
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"max_tokens": 0}, {"n": 0},
