@@ -17,14 +17,14 @@ shared_head.norm) as its hidden state, one token per request through the same ca
 
 Those further passes write the cache at positions P + 1 .. P + k - 1, past the target's; the next steps compute those
 positions and write them again before anything reads them. Where they run past the request's pages they write into
-pages of their own (``scratch_pages`` per batch slot), which the MTP layer's cache holds after the pages the block
-manager hands out.
+pages of their own (``scratch_pages_per_slot`` per batch slot), which the MTP layer's cache holds after the pages the
+block manager hands out.
 """
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,19 @@ class _Drafting:
     pages: list[int]
 
 
+@dataclass
+class _FirstPass:
+    """The first pass's rows, request after request: the token after each position, the position, its row of the
+    target's hidden states and its cache slot; per request its row count and cached tokens."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    slots: list[torch.Tensor] = field(default_factory=list)
+    q_lens: list[int] = field(default_factory=list)
+    contexts: list[int] = field(default_factory=list)
+
+
 class MTPDrafter:
     def __init__(self, mtp: MTPModule, backend, num_tokens: int, page_size: int, max_model_len: int,
                  first_scratch_page: int, chunk_metadata: Callable[[list[int], list[int], torch.Tensor],
@@ -72,86 +85,90 @@ class MTPDrafter:
         """The drafts of each request of ``batch`` for its next step (none for a prompt with chunks still to come);
         ``hidden`` [T, hidden_size]: the target's output at the step's tokens, in batch order; ``emitted``: the tokens
         the step gave each request (the sampled one, or its accepted drafts and the target's token)."""
-        ids, rows, positions, slots = [], [], [], []
-        q_lens, contexts, drafting = [], [], []
+        rows, drafting = self._first_pass_rows(batch, emitted)
+        y = self._first_pass(batch, rows, hidden)
+        drafts: list[list[int]] = [[] for _ in batch.requests]
+        if not drafting:
+            return drafts
+        last_rows = list(itertools.accumulate(rows.q_lens))
+        y = y[torch.tensor([last_rows[r.index] - 1 for r in drafting], device=self.device)]
+        tokens = self.mtp.compute_logits(y).argmax(-1)
+        out = torch.full((len(drafting), self.k), -1, dtype=torch.long, device=self.device)
+        out[:, 0] = tokens
+        table = _block_table([r.pages for r in drafting]).to(self.device)
+        active = list(range(len(drafting)))
+        for j in range(2, max(r.room for r in drafting) + 1):
+            keep = [a for a, r in enumerate(active) if drafting[r].room >= j]
+            active = [active[a] for a in keep]
+            keep_index, index = (torch.tensor(x, device=self.device) for x in (keep, active))
+            y = self._chain(y[keep_index], tokens[keep_index], [drafting[r] for r in active], table[index], j)
+            tokens = self.mtp.compute_logits(y).argmax(-1)
+            out[index, j - 1] = tokens
+        for r, row in zip(drafting, out.tolist()):
+            drafts[r.index] = row[: r.room]
+        return drafts
+
+    def _first_pass_rows(self, batch: ScheduledBatch, emitted: Sequence[Sequence[int]]
+                         ) -> tuple[_FirstPass, list[_Drafting]]:
+        """The first pass's rows (on the host) and the requests that draft."""
+        rows, drafting, ps = _FirstPass(), [], self.page_size
         for i, (req, offset, n, d) in enumerate(zip(batch.requests, itertools.accumulate(batch.num_new, initial=0),
                                                     batch.num_new, batch.num_drafts)):
             start, out = req.num_computed, list(emitted[i])
             # the token after each position: the step's own tokens inside a prompt, then what the step emitted
             following = _tokens(req, start + 1, start + n - d) + out if out else _tokens(req, start + 1, start + n + 1)
             m = len(following)
-            ids += following
-            rows += range(offset, offset + m)
-            positions += range(start, start + m)
-            slots += [self._slot(req.pages, p) for p in range(start, start + m)]
-            q_lens.append(m)
-            contexts.append(start)
+            rows.ids += following
+            rows.positions += range(start, start + m)
+            rows.rows += range(offset, offset + m)
+            position = torch.arange(start, start + m)
+            rows.slots.append(torch.tensor(req.pages)[position // ps] * ps + position % ps)
+            rows.q_lens.append(m)
+            rows.contexts.append(start)
             room = draft_room(self.k, req.params.max_tokens, len(req.output_token_ids) + len(out),
                               req.num_tokens + len(out), self.max_model_len) if out else 0
             if room:
                 first = self.first_scratch_page + len(drafting) * self.scratch_per_slot
                 pages = req.pages + list(range(first, first + self.scratch_per_slot))
                 last = start + m - 1
-                drafting.append(_Drafting(i, last, room, pages[: -(-(last + room) // self.page_size)]))
-        y = self._forward(batch, ids, rows, positions, slots, q_lens, contexts, hidden)
-        if not drafting:
-            return [[] for _ in batch.requests]
-        last_rows = list(itertools.accumulate(q_lens))
-        y = y[torch.tensor([last_rows[r.index] - 1 for r in drafting], device=self.device)]
-        tokens = self.mtp.compute_logits(y).argmax(-1)
-        out = torch.full((len(drafting), self.k), -1, dtype=torch.long, device=self.device)
-        out[:, 0] = tokens
-        active = list(range(len(drafting)))
-        for j in range(2, max(r.room for r in drafting) + 1):
-            keep = [a for a, r in enumerate(active) if drafting[r].room >= j]
-            active = [active[a] for a in keep]
-            keep_index = torch.tensor(keep, device=self.device)
-            y = self._chain(y[keep_index], tokens[keep_index], [drafting[r] for r in active], j)
-            tokens = self.mtp.compute_logits(y).argmax(-1)
-            out[torch.tensor(active, device=self.device), j - 1] = tokens
-        drafts: list[list[int]] = [[] for _ in batch.requests]
-        for r, row in zip(drafting, out.tolist()):
-            drafts[r.index] = row[: r.room]
-        return drafts
+                drafting.append(_Drafting(i, last, room, pages[: -(-(last + room) // ps)]))
+        return rows, drafting
 
-    def _forward(self, batch: ScheduledBatch, ids: list[int], rows: list[int], positions: list[int],
-                 slots: list[int], q_lens: list[int], contexts: list[int], hidden: torch.Tensor) -> torch.Tensor:
-        """The first pass: the MTP layer over the rows of every request (each causal after its cached ones), in the
-        target step's two forms: its first ``num_decode`` requests absorbed, its prompt chunks after them as the
-        runner's chunk metadata says."""
+    def _first_pass(self, batch: ScheduledBatch, rows: _FirstPass, hidden: torch.Tensor) -> torch.Tensor:
+        """The MTP layer over the first pass's rows (each request's causal after its cached ones), in the target step's
+        two forms: its first ``num_decode`` requests absorbed, its prompt chunks after them as the runner's chunk
+        metadata says."""
         D, reqs = batch.num_decode, batch.requests
         metadata = prefill = None
         if D:
-            metadata = self.backend.build_chunk_metadata(self._inputs(q_lens[:D], contexts[:D],
-                                                                      [r.pages for r in reqs[:D]]))
+            table = _block_table([r.pages for r in reqs[:D]]).to(self.device)
+            metadata = self.backend.build_chunk_metadata(self._inputs(rows.q_lens[:D], rows.contexts[:D], table))
         if D < len(reqs):
-            prefill = self.chunk_metadata(q_lens[D:], contexts[D:],
+            prefill = self.chunk_metadata(rows.q_lens[D:], rows.contexts[D:],
                                           _block_table([r.pages for r in reqs[D:]]).to(self.device))
-        ctx = ForwardContext(positions=self._long(positions), slot_mapping=self._long(slots), backend=self.backend,
-                             attn_metadata=metadata, prefill=prefill)
-        return self.mtp(self._long(ids), hidden[self._long(rows)], ctx)
+        ctx = ForwardContext(positions=self._long(rows.positions), slot_mapping=torch.cat(rows.slots).to(self.device),
+                             backend=self.backend, attn_metadata=metadata, prefill=prefill)
+        return self.mtp(self._long(rows.ids), hidden[self._long(rows.rows)], ctx)
 
-    def _chain(self, y: torch.Tensor, tokens: torch.Tensor, reqs: list[_Drafting], j: int) -> torch.Tensor:
+    def _chain(self, y: torch.Tensor, tokens: torch.Tensor, reqs: list[_Drafting], table: torch.Tensor, j: int
+               ) -> torch.Tensor:
         """Pass j >= 2: one row per request, at position P + j - 1, its previous draft as the token and the previous
-        pass's output as the hidden state."""
+        pass's output as the hidden state; ``table``: their rows of the chained passes' block table."""
         positions = [r.last + j - 1 for r in reqs]
-        inputs = self._inputs([1] * len(reqs), positions, [r.pages for r in reqs])
-        ctx = ForwardContext(positions=self._long(positions),
-                             slot_mapping=self._long([self._slot(r.pages, p) for r, p in zip(reqs, positions)]),
-                             backend=self.backend, attn_metadata=self.backend.build_chunk_metadata(inputs))
+        slots = [r.pages[p // self.page_size] * self.page_size + p % self.page_size for r, p in zip(reqs, positions)]
+        ctx = ForwardContext(positions=self._long(positions), slot_mapping=self._long(slots), backend=self.backend,
+                             attn_metadata=self.backend.build_chunk_metadata(
+                                 self._inputs([1] * len(reqs), positions, table)))
         return self.mtp(tokens, y, ctx)
 
-    def _inputs(self, q_lens: list[int], contexts: list[int], pages: list[list[int]]) -> StepInputs:
+    def _inputs(self, q_lens: list[int], contexts: list[int], block_table: torch.Tensor) -> StepInputs:
         """Absorbed attention of requests with ``q_lens`` new rows after ``contexts`` cached ones."""
         seq_lens = [c + q for c, q in zip(contexts, q_lens)]
         i32 = dict(dtype=torch.int32, device=self.device)
         return StepInputs(seq_lens=torch.tensor(seq_lens, **i32),
                           qo_indptr=torch.tensor(list(itertools.accumulate(q_lens, initial=0)), **i32),
-                          block_table=_block_table(pages).to(self.device), q_len=max(q_lens),
-                          seq_lens_host=seq_lens, q_lens_host=list(q_lens))
-
-    def _slot(self, pages: list[int], position: int) -> int:
-        return pages[position // self.page_size] * self.page_size + position % self.page_size
+                          block_table=block_table, q_len=max(q_lens), seq_lens_host=seq_lens,
+                          q_lens_host=list(q_lens))
 
     def _long(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
