@@ -7,6 +7,11 @@ prompt starts with the same pages takes them (their reference count goes up) and
 Pages whose count drops to zero go back to the free list but keep their key: a later request can still hit them
 until they are handed out again, least recently freed first, with unkeyed pages (useless to anyone) before keyed
 ones. The last token of a prompt is never taken from the cache: its logits are what the step samples.
+
+With MTP drafting (``key_next_token``) a page also holds the MTP layer's cache, whose entry at the page's last position
+depends on the token after the page (the MTP layer reads token i + 1 at position i). The key then covers that token
+too, so a page is found only by a request whose tokens agree with everything its contents were computed from, and a
+page is keyed only once the token after it is known.
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ class BlockManager:
     """A request's page list only grows (``allocate`` extends it in place) until ``free`` or ``trim`` replaces it
     with a new one: ``BlockTable`` relies on that to rewrite only what changed."""
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 key_next_token: bool = False):
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.key_next_token = key_next_token  # a page's key covers the token after it (MTP drafting)
         self.refs = [0] * num_pages  # requests holding each page
         self.page_key: list[bytes | None] = [None] * num_pages  # the prefix key of a full, cached page
         self.cached: dict[bytes, int] = {}  # prefix key -> the page that holds it
@@ -53,12 +60,11 @@ class BlockManager:
         for prompt logprobs: they need the logits of every prompt position); they are not taken yet."""
         if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
             return []
-        tokens, size = req.token_ids, self.page_size
-        keys = req.page_keys
+        tokens, keys = req.token_ids, req.page_keys
         pages = []
-        for i in range((len(tokens) - 1) // size):  # the last token is always computed
+        for i in range((len(tokens) - 1) // self.page_size):  # the last token is always computed
             if i == len(keys):
-                keys.append(page_hash(keys[-1] if keys else b"", tokens[i * size:(i + 1) * size]))
+                keys.append(self._key(keys, tokens, i))
             page = self.cached.get(keys[i])
             if page is None:
                 break
@@ -88,18 +94,26 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = min(req.num_computed // self.page_size, len(req.pages))
-        keys, tokens, size = req.page_keys, None, self.page_size
+        if self.key_next_token:  # the token after the page is part of its key
+            full = min(full, (req.num_tokens - 1) // self.page_size)
+        keys, tokens = req.page_keys, None
         while req.num_keyed_pages < full:
             i = req.num_keyed_pages
             if i == len(keys):
                 tokens = tokens or req.token_ids
-                keys.append(page_hash(keys[-1] if keys else b"", tokens[i * size:(i + 1) * size]))
+                keys.append(self._key(keys, tokens, i))
             page, key = req.pages[i], keys[i]
             # a page whose prefix another request has already cached (both computed it at once) stays unkeyed
             if self.page_key[page] is None and key not in self.cached:
                 self.page_key[page] = key
                 self.cached[key] = page
             req.num_keyed_pages += 1
+
+    def _key(self, keys: list[bytes], tokens: list[int], i: int) -> bytes:
+        """The key of page i of ``tokens``, chained onto ``keys[i - 1]`` (with ``key_next_token``, the token after the
+        page is hashed with it)."""
+        end = (i + 1) * self.page_size + (1 if self.key_next_token else 0)
+        return page_hash(keys[i - 1] if i else b"", tokens[i * self.page_size:end])
 
     def reset_prefix_cache(self) -> None:
         """Forget every key (pages in use stay with their requests)."""

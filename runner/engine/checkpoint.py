@@ -70,12 +70,12 @@ class ModelSource:
         return True
 
     def load(self, dtype: torch.dtype, device: torch.device, progress: bool,
-             fp8: bool = False, par: Parallel = Parallel()) -> DeepseekV3ForCausalLM:
-        """The model, or this rank's shard of it (``par``)."""
+             fp8: bool = False, par: Parallel = Parallel(), mtp: bool = False) -> DeepseekV3ForCausalLM:
+        """The model, or this rank's shard of it (``par``); ``mtp``: with its MTP module (``model.mtp``)."""
         if self.path is None:
-            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8, par=par)
+            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8, par=par, mtp=mtp)
         return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress,
-                          fp8=fp8, par=par)
+                          fp8=fp8, par=par, mtp=mtp)
 
     def generation_config(self) -> dict[str, Any]:
         """The checkpoint's generation_config.json (its recommended sampling, extra EOS ids); {} without one and for

@@ -7,7 +7,7 @@ the rendezvous is the job's first node, on a port derived from the job id. These
 place the runner reads the environment. Every rank builds the same engine over its shard of the model and runs the
 same scheduler on the same requests: the steps agree because every collective leaves all ranks the same bits
 (hidden states after each all-reduce, logits after the all-gather) and sampling is deterministic given them (greedy
-is argmax; seeded or unseeded sampling draws from generators seeded alike on every rank). Only rank 0 prints, writes
+is argmax; sampled draws are keyed by the request's seed and position, alike on every rank). Only rank 0 prints, writes
 files and shows progress bars. A single process creates no process group.
 """
 from __future__ import annotations

@@ -5,12 +5,24 @@ output, for the largest n in [n_min, n_max] that occurs earlier; of that n-gram'
 as vLLM's ``NgramProposer`` does (in a periodic context it has the longest continuation). The tokens copied stop at
 the end of the context, so a match just before the suffix proposes fewer than k. The target verifies the drafts as
 one-hot draft distributions (engine/rejection.py, ``draft_probs=None``).
+
+``draft_room`` is how many drafts any drafter (this one, or the MTP layer: engine/mtp_drafter.py) may propose.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
+
+
+def draft_room(k: int, max_tokens: Optional[int], num_outputs: int, num_tokens: int, max_model_len: int) -> int:
+    """The drafts a request of ``num_outputs`` generated tokens (``num_tokens`` with its prompt) may propose for its
+    next step: up to ``k``, fewer where its ``max_tokens`` (None: max_model_len) or the context would end within them.
+    A step of d drafts emits up to d + 1 tokens, so d <= max_tokens - outputs - 1 and d <= max_model_len - 1 - tokens
+    keep it from passing either limit; 0 when there is no room."""
+    limit = max_tokens if max_tokens is not None else max_model_len
+    return max(0, min(k, limit - num_outputs - 1, max_model_len - 1 - num_tokens))
 
 
 def ngram_propose(token_ids: Sequence[int] | np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:

@@ -6,9 +6,11 @@ results: how many tokens of each request are cached (and offered to the prefix c
 probabilities it asks for, and whether it is done (EOS, a stop id, a stop string, ``max_tokens``, the context). It
 holds no tensor: the model, its cache and the step's buffers are the model runner's.
 
-With ``speculative=ngram`` each request that goes on decoding drafts up to ``speculative.num_tokens`` tokens at the end
-of a step (prompt lookup over its prompt and output, on the host); the next step verifies them and the request emits
-1 to d + 1 tokens, each booked as a sampled one is, up to the one that finishes it (docs/speculative.md#4-the-engine).
+With speculative decoding each request that goes on decoding drafts up to ``speculative.num_tokens`` tokens at the end
+of a step: ``ngram`` by prompt lookup over its prompt and output, on the host; ``mtp`` by the MTP layer, on the device
+in the model runner's step, which hands the drafts back with the step's tokens. The next step verifies them and the
+request emits 1 to d + 1 tokens, each booked as a sampled one is, up to the one that finishes it
+(docs/speculative.md#4-the-engine).
 
 Under torchrun every rank runs this same loop over its shard of the model (``mla_runner.engine.distributed``): the
 same scheduler steps on the same requests, its own heads' attention, the whole latent cache.
@@ -31,7 +33,7 @@ from mla_runner.config import RunConfig, SpeculativeConfig, check_speculative
 from mla_runner.engine.block_manager import BlockManager
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.distributed import setup
-from mla_runner.engine.drafters import ngram_propose
+from mla_runner.engine.drafters import draft_room, ngram_propose
 from mla_runner.engine.model_runner import ModelRunner, resolve_device
 from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import TokenLogprobs
@@ -59,14 +61,14 @@ class StepDone(NamedTuple):
 
 
 def check_speculative_engine(cfg: RunConfig, device) -> None:
-    """What the engine can verify, before any weights load: ``ngram`` drafts through a backend that attends
-    q_len > 1 in absorbed form; ``mtp`` drafting is not wired into the engine."""
+    """What the engine can verify, before any weights load: drafts through a backend that attends q_len > 1 in
+    absorbed form; MTP drafting in eager steps only."""
     spec: SpeculativeConfig = cfg.speculative
     if spec.method == "none":
         return
-    if spec.method != "ngram":
-        raise ConfigError(f"speculative={spec.method}: the engine does not run MTP drafting yet (the MTP module is "
-                          "built, its drafting step is not): use speculative=ngram or speculative=none")
+    if spec.method == "mtp" and cfg.cuda_graphs:
+        raise ConfigError("speculative=mtp runs every step eagerly (CUDA graphs of MTP drafting are not built): "
+                          "leave cuda_graphs unset or set it to false")
     cls = backend_class(resolve_name(cfg.attention.name, device.type), cfg.metadata.strategy)
     if not cls.capabilities.absorbed_chunks:
         raise ConfigError(f"speculative={spec.method} verifies drafts with q_len > 1 in absorbed form, which "
@@ -120,7 +122,8 @@ class LLMEngine:
         if self.speculative is not None:
             self.runner.speculate(self.speculative)
         self.tokenizer = source.tokenizer()
-        blocks = BlockManager(self.runner.num_pages, cfg.page_size, cfg.enable_prefix_caching)
+        blocks = BlockManager(self.runner.num_pages, cfg.page_size, cfg.enable_prefix_caching,
+                              key_next_token=cfg.speculative.method == "mtp")
         self.scheduler = Scheduler(blocks, cfg.max_batch_size, cfg.max_num_batched_tokens,
                                    cfg.enable_chunked_prefill, cfg.chunk_attention_budget)
         self._request_ids = itertools.count()
@@ -235,8 +238,8 @@ class LLMEngine:
         now = time.perf_counter()
         finished, generated, prefilled = [], 0, 0
         blocks = self.scheduler.blocks
-        for req, n, d, tokens, logprobs, prompt_logprobs in zip(batch.requests, batch.num_new, batch.num_drafts,
-                                                                 *out):
+        for req, n, d, tokens, logprobs, prompt_logprobs, drafted in zip(batch.requests, batch.num_new,
+                                                                          batch.num_drafts, *out):
             decoding = n - d == 1 and req.num_computed == req.num_tokens - 1 and req.output_token_ids
             prefilled += 0 if decoding else n
             # every token the step fed the model is in the cache now, but drafts only as far as they were accepted
@@ -268,17 +271,18 @@ class LLMEngine:
                 self.runner.release(req)
                 finished.append(req)
             elif self.speculative is not None:
-                req.draft_token_ids = self._propose(req)
+                req.draft_token_ids = self._propose(req, drafted)
         return StepDone(finished, generated, prefilled)
 
-    def _propose(self, req: Request) -> list[int]:
+    def _propose(self, req: Request, drafted: list[int]) -> list[int]:
         """The drafts a decoding request's next step verifies: up to ``speculative.num_tokens``, fewer where its
-        ``max_tokens`` or the context would end within them (a step of d drafts emits up to d + 1 tokens)."""
-        spec, params = self.speculative, req.params
-        limit = params.max_tokens if params.max_tokens is not None else self.cfg.max_model_len
-        room = min(spec.num_tokens, limit - len(req.output_token_ids) - 1, self.cfg.max_model_len - 1 - req.num_tokens)
-        if room <= 0:
-            return []
+        ``max_tokens`` or the context would end within them (``draft_room``); ``drafted``: the MTP layer's, made in
+        the step."""
+        spec = self.speculative
+        room = draft_room(spec.num_tokens, req.params.max_tokens, len(req.output_token_ids), req.num_tokens,
+                          self.cfg.max_model_len)
+        if room == 0 or spec.method == "mtp":
+            return drafted[:room]
         return ngram_propose(req.token_array(), room, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _logprob_entry(self, p: TokenLogprobs) -> dict[int, Logprob]:

@@ -18,7 +18,10 @@ A step where requests verify drafts (speculative decoding, docs/speculative.md#4
 such request feeds its last token and its d drafts (q_len = 1 + d) and attends in absorbed form, causal over them
 after its cached tokens, together with the step's plain decodes, through the backend's ``build_chunk_metadata``
 (per-request q_len); logits at every one of its positions, which the ``Verifier`` turns into the tokens it emits.
-CUDA graphs of verify steps are not built yet.
+CUDA graphs of verify steps are not built yet. With ``speculative=mtp`` every step runs eager: after its tokens are
+known the ``MTPDrafter`` (engine/mtp_drafter.py) runs the MTP layer over the step's hidden states and returns each
+request's drafts for its next step; the MTP layer has a slice of the paged cache of its own (same pages and slots as
+the main layers).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.cuda_graphs import DecodeGraphs
 from mla_runner.engine.decode_sampler import DecodeSampler
+from mla_runner.engine.mtp_drafter import MTPDrafter, scratch_pages_per_slot
 from mla_runner.engine.profiling import StepProfiler
 from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import DrawKeys, TokenLogprobs, sample, top_logprobs
@@ -88,6 +92,7 @@ class StepOutput(NamedTuple):
     tokens: list[list[int]]
     logprobs: list[list[TokenLogprobs]]  # one per emitted token, where its request asks for logprobs (else none)
     prompt_logprobs: list[list[TokenLogprobs]]  # those of the prompt tokens this step made, in order, where asked
+    drafts: list[list[int]]  # speculative=mtp: the MTP layer's drafts for the request's next step (else none)
 
 
 @dataclass
@@ -118,6 +123,7 @@ class DecodeBuffers:
 
 class ModelRunner:
     verifier: Optional[Verifier] = None  # set by speculate(): steps may verify drafts
+    drafter: Optional[MTPDrafter] = None  # set by speculate() with speculative=mtp: steps draft with the MTP layer
 
     def __init__(self, cfg: RunConfig, source: ModelSource, par: Parallel, device: torch.device, progress: bool,
                  eos_token_ids: Sequence[int] = (), fit_max_model_len: bool = False):
@@ -146,11 +152,13 @@ class ModelRunner:
                                                          self.dtype.itemsize, cfg.page_size)
         use_graphs = self._use_cuda_graphs()
         self.fp8 = source.use_fp8(cfg.weights, device)
+        mtp = cfg.speculative.method == "mtp"
         start = time.perf_counter()
-        self.model = source.load(self.dtype, device, progress, fp8=self.fp8, par=par)
+        self.model = source.load(self.dtype, device, progress, fp8=self.fp8, par=par, mtp=mtp)
         self.load_seconds = time.perf_counter() - start
 
-        attention_layers = self.model.attention_layers
+        mtp_layers = self.model.mtp.attention_layers if mtp else []
+        attention_layers = self.model.attention_layers + mtp_layers
         bytes_per_page = len(attention_layers) * cfg.page_size * self.kv_layout.bytes_per_token
         self.num_pages = cfg.num_pages or par.agree(self._default_num_pages(bytes_per_page), device)
         self.max_model_len = cfg.max_model_len
@@ -162,15 +170,18 @@ class ModelRunner:
                 f"max_model_len={cfg.max_model_len}: raise num_pages or kv_cache_memory_fraction, or lower "
                 "max_model_len"
             )
-        # One page more than the block manager hands out: CUDA-graph padding slots write their latent there.
-        L, layout = len(attention_layers), self.kv_layout
-        self.kv_cache = layout.allocate(L * (self.num_pages + 1), cfg.page_size, device).view(
-            L, self.num_pages + 1, cfg.page_size, layout.width)
+        # One page more than the block manager hands out: CUDA-graph padding slots write their latent there. The MTP
+        # layer's slice follows the main layers' (``mtp_kv_cache``), with the chained drafts' scratch pages after it.
+        L, M, layout, pages = len(self.model.attention_layers), len(mtp_layers), self.kv_layout, self.num_pages + 1
+        scratch = cfg.max_batch_size * scratch_pages_per_slot(cfg.speculative.num_tokens, cfg.page_size) if M else 0
+        self.kv_pool = layout.allocate(L * pages + M * (pages + scratch), cfg.page_size, device)
+        self.kv_cache = self.kv_pool[: L * pages].view(L, pages, cfg.page_size, layout.width)
+        self.mtp_kv_cache = self.kv_pool[L * pages :] if M else None
         # fp8: each layer's per-tensor scale, on the device (a new value needs no graph recapture)
-        self.kv_scales = (torch.full((L,), cfg.kv_cache_scale, dtype=torch.float32, device=device)
+        self.kv_scales = (torch.full((L + M,), cfg.kv_cache_scale, dtype=torch.float32, device=device)
                           if layout.kind == "fp8" else None)
         self.scratch_slot = self.num_pages * cfg.page_size
-        for i, (attn, cache) in enumerate(zip(attention_layers, self.kv_cache)):
+        for i, (attn, cache) in enumerate(zip(attention_layers, self.layer_caches)):
             attn.kv_cache, attn.kv_layout = cache, layout
             attn.kv_scale = self.kv_scales[i : i + 1] if self.kv_scales is not None else None
         self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, device)
@@ -179,6 +190,11 @@ class ModelRunner:
         self.decode_sampler = DecodeSampler(cfg.max_batch_size, args.vocab_size, device)
         self._seeds: dict[int, int] = {}  # request id -> the seed of its draws
         self.profiler: Optional[StepProfiler] = None  # set by profile()
+
+    @property
+    def layer_caches(self) -> list[torch.Tensor]:
+        """Each attention layer's cache [pages, page_size, width]: the main layers', then the MTP layer's."""
+        return [*self.kv_cache, *([] if self.mtp_kv_cache is None else [self.mtp_kv_cache])]
 
     def profile(self, path: Path) -> None:
         """Trace a few of the coming steps into ``path`` (see ``mla_runner.engine.profiling``); ``end_profile``
@@ -203,9 +219,9 @@ class ModelRunner:
                 "weights": "fp8" if self.fp8 else dtype,
                 "kv_cache_dtype": dtype if layout.kind == "auto" else layout.kind,
                 "kv_cache_scale": self.cfg.kv_cache_scale if layout.kind == "fp8" else None,
-                "kv_bytes_per_token": layout.bytes_per_token * self.kv_cache.shape[0], "page_size": self.page_size,
+                "kv_bytes_per_token": layout.bytes_per_token * len(self.layer_caches), "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
-                "kv_cache_gib": round(self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, 3),
+                "kv_cache_gib": round(self.kv_pool.numel() * self.kv_pool.element_size() / 2**30, 3),
                 "max_model_len": self.max_model_len, "cuda_graphs": self.graphs is not None,
                 "graph_batch_sizes": self.graphs.buckets if self.graphs is not None else [],
                 "load_seconds": round(self.load_seconds, 2)}
@@ -220,11 +236,12 @@ class ModelRunner:
     def randomize_kv_cache(self) -> None:
         """Fill every page of every layer with N(0, 1) latent vectors, written in the cache's layout (for benchmarks
         that decode over a context they did not prefill; ``kv_cache.normal_()`` of a bf16 cache)."""
-        layout, rows, chunk = self.kv_layout, self.kv_cache.shape[1] * self.page_size, 1 << 16
-        for i, cache in enumerate(self.kv_cache):
+        layout, chunk = self.kv_layout, 1 << 16
+        for i, cache in enumerate(self.layer_caches):
             if not layout.is_fp8:
                 cache.normal_()
                 continue
+            rows = cache.shape[0] * self.page_size
             scale = self.kv_scales[i : i + 1] if self.kv_scales is not None else None
             for start in range(0, rows, chunk):
                 slots = torch.arange(start, min(start + chunk, rows), device=self.device)
@@ -233,39 +250,46 @@ class ModelRunner:
 
     def _use_cuda_graphs(self) -> bool:
         """Graphs wherever the backend's step can be captured; ``cuda_graphs=true`` where it cannot is a config
-        error (checked again here, with the device resolved)."""
+        error (checked again here, with the device resolved). None with MTP drafting, whose steps all run eager."""
         cfg = self.cfg
         check_choice(cfg.attention.name, cfg.metadata.strategy, cuda_graphs=cfg.cuda_graphs, device=self.device.type)
-        possible = self.device.type == "cuda" and self.backend.capabilities.cuda_graphs
+        possible = (self.device.type == "cuda" and self.backend.capabilities.cuda_graphs
+                    and cfg.speculative.method != "mtp")
         return possible if cfg.cuda_graphs is None else cfg.cuda_graphs
 
     # ----------------------------------------------------------------------------------------------- steps
     def speculate(self, spec: SpeculativeConfig) -> None:
-        """Let steps verify drafts (``ScheduledBatch.num_drafts``), with ``spec``'s settings."""
+        """Let steps verify drafts (``ScheduledBatch.num_drafts``), with ``spec``'s settings; with ``mtp``, draft
+        with the MTP layer after each step (``StepOutput.drafts``)."""
         self.verifier = Verifier(spec, self.device, seed=self.cfg.seed)
+        if spec.method == "mtp":
+            self.drafter = MTPDrafter(self.model.mtp, self.backend, spec.num_tokens, self.page_size,
+                                      self.max_model_len, self.num_pages + 1, self._chunk_metadata)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         """Run one scheduled step: the tokens of each request whose last token the step computes (the sampled one,
-        or those its verified drafts give; none for the others: prompts with chunks still to come), and the log
-        probabilities its request asks for."""
+        or those its verified drafts give; none for the others: prompts with chunks still to come), the log
+        probabilities its request asks for and, drafting with the MTP layer, each request's drafts."""
         reqs, D = batch.requests, batch.num_decode
         label = f"decode of {D} requests" if D == len(reqs) else f"step of {D} decodes, {len(reqs) - D} prompt chunks"
         if batch.has_drafts:
             label += f", {sum(batch.num_drafts)} drafts"
         prompt_rows, targets, owners = self._prompt_logprob_rows(batch)
         prompt_logprobs: list[list[TokenLogprobs]] = [[] for _ in reqs]
+        graphed = D == len(reqs) and not batch.has_drafts and self.drafter is None and self.graphs is not None
         with self._traced(label):
-            if D == len(reqs) and not batch.has_drafts:  # a prompt position's row is its request's logits row
-                logits = self.decode_logits(reqs)
+            if D == len(reqs) and not batch.has_drafts and self.drafter is None:
+                logits = self.decode_logits(reqs)  # a prompt position's row is its request's logits row
                 if prompt_rows:
                     index = torch.tensor(prompt_rows, device=logits.device)
                     prompt_logprobs = self._prompt_logprobs(lambda lo, hi: logits[index[lo:hi]], targets, owners, reqs)
             else:
-                logits, states = self._mixed_logits(batch, prompt_rows)
+                logits, hidden = self._mixed_logits(batch)
                 if prompt_rows:
-                    prompt_logprobs = self._prompt_logprobs(lambda lo, hi: self.model.compute_logits(states[lo:hi]),
-                                                            targets, owners, reqs)
+                    index = torch.tensor(prompt_rows, device=self.device)
+                    prompt_logprobs = self._prompt_logprobs(
+                        lambda lo, hi: self.model.compute_logits(hidden[index[lo:hi]]), targets, owners, reqs)
             # the logits rows: every position of the first D requests (one, or 1 + d with drafts), then one per chunk
             done, rows, offset = [], [], 0
             for i, d in enumerate(batch.num_drafts):
@@ -279,13 +303,15 @@ class ModelRunner:
             if batch.has_drafts:
                 tokens, logprobs = self._verify(logits, [reqs[i] for i in done], [batch.num_drafts[i] for i in done])
             else:
-                decode = D == len(reqs)
-                sampled, entries = self._sample(logits, [reqs[i] for i in done], decode) if done else ([], [])
+                sampled, entries = (self._sample(logits, [reqs[i] for i in done], D == len(reqs), graphed) if done
+                                    else ([], []))
                 tokens = [[t] for t in sampled]
                 logprobs = [[] if e is None else [e] for e in entries]
-        out = StepOutput([[] for _ in reqs], [[] for _ in reqs], prompt_logprobs)
-        for i, emitted, entries in zip(done, tokens, logprobs):
-            out.tokens[i], out.logprobs[i] = emitted, entries
+            out = StepOutput([[] for _ in reqs], [[] for _ in reqs], prompt_logprobs, [[] for _ in reqs])
+            for i, emitted, entries in zip(done, tokens, logprobs):
+                out.tokens[i], out.logprobs[i] = emitted, entries
+            if self.drafter is not None:
+                out.drafts[:] = self.drafter.draft(batch, hidden, out.tokens)
         return out
 
     def _verify(self, logits: torch.Tensor, batch: list[Request], num_drafts: list[int]
@@ -356,12 +382,11 @@ class ModelRunner:
         buf.seq_lens[B:bs].zero_()
         return self.graphs.replay(B)
 
-    def _mixed_logits(self, batch: ScheduledBatch, state_rows: Sequence[int] = ()
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """An eager step: its first ``num_decode`` requests (one token each, or their last token and drafts) through
         the backend's absorbed attention, the prompt chunks after them in the form ``_chunk_metadata`` picks; logits
-        [rows, vocab] at every token of the first ones and at each chunk's last token, and the hidden states at
-        ``state_rows`` (rows of the step's tokens in batch order)."""
+        [rows, vocab] at every token of the first ones and at each chunk's last token, and the final hidden states
+        [T, hidden_size] of the step's tokens in batch order."""
         D, device, buf, size = batch.num_decode, self.device, self.buffers, self.page_size
         chunks, q_lens = batch.requests[D:], batch.num_new[D:]
         metadata = None
@@ -396,8 +421,7 @@ class ModelRunner:
                              backend=self.backend, attn_metadata=metadata, prefill=prefill)
         hidden = self.model(torch.cat([ids[0], *on_device[:P]]), ctx)
         last = list(range(T)) + [T + end - 1 for end in itertools.accumulate(q_lens)]
-        states = hidden[torch.tensor(list(state_rows), dtype=torch.long, device=device)]
-        return self.model.compute_logits(hidden[torch.tensor(last, device=device)]), states
+        return self.model.compute_logits(hidden[torch.tensor(last, device=device)]), hidden
 
     def _verify_inputs(self, reqs: list[Request], num_new: list[int]
                        ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Any]:
@@ -450,15 +474,15 @@ class ModelRunner:
                              attn_metadata=self.backend.build_metadata(inputs))
         return self.model.compute_logits(self.model(buf.input_ids[:bs], ctx))
 
-    def _sample(self, logits: torch.Tensor, batch: list[Request], decode: bool = False
+    def _sample(self, logits: torch.Tensor, batch: list[Request], decode: bool = False, graphed: bool = False
                 ) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
         """One token per request, on the device, and its logprobs where asked; the tokens' copy to the host is the
         step's synchronization, after which the backend reports a request its metadata had to drop. ``decode``: a
-        step of plain decodes, which the decode sampler takes where the requests let it (in the step's graph where
-        the step is one)."""
+        step of plain decodes, which the decode sampler takes where the requests let it; ``graphed``: the logits are
+        the decode graphs' (``decode_logits``), and the sampler replays a graph too."""
         seeds = [self._seed(r) for r in batch]
         if decode and DecodeSampler.takes(batch):
-            if self.graphs is not None:
+            if graphed:
                 tokens = self.decode_sampler.sample(self.graphs.logits[self.graphs.bucket(len(batch))], batch, seeds,
                                                     graph=True)
             else:

@@ -108,6 +108,21 @@ def test_a_run_says_what_it_resolved_and_measured(env, tmp_path):
     assert any(e.get("name", "").startswith(("decode of", "prefill of")) for e in events)
 
 
+def test_mtp_drafting_reports_its_acceptance(env, tmp_path):
+    """speculative=mtp from the command line: result.json's metrics carry the acceptance figures (as ngram's do),
+    consistent with one another, and the log says them."""
+    out = tmp_path / "run"
+    proc = run_cli([f"hydra.run.dir={out}", "speculative=mtp", "speculative.num_tokens=2", "attention=torch",
+                    "task.max_tokens=6", "progress=false"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "result.json").read_text())["metrics"]
+    assert m["num_verify_steps"] > 0 and m["num_draft_tokens"] >= m["num_verify_steps"]
+    assert m["mean_acceptance_length"] == pytest.approx(1 + m["num_accepted_tokens"] / m["num_verify_steps"], abs=1e-4)
+    assert m["acceptance_rate"] == pytest.approx(m["num_accepted_tokens"] / m["num_draft_tokens"], abs=1e-4)
+    assert "acceptance_rate_2" in m and "acceptance_rate_3" not in m
+    assert "speculative=mtp: mean acceptance length" in (out / "runner.log").read_text()
+
+
 def test_an_objective_that_is_not_a_figure_is_an_error(env, tmp_path):
     proc = run_cli([f"hydra.run.dir={tmp_path / 'run'}", "objective=speed", "task.max_tokens=2", "progress=false"],
                    env, tmp_path)

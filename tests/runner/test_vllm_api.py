@@ -188,11 +188,18 @@ def test_max_tokens_none_stops_at_the_context(llm):
     assert (len(out.token_ids), out.finish_reason) == (128 - 112, "length")
 
 
-def test_mtp_drafting_is_refused_until_the_engine_runs_it(dsv3_ckpt, kimi_ckpt):
-    with pytest.raises(ConfigError, match="^speculative=mtp: the engine does not run MTP drafting yet"):
-        LLM(str(dsv3_ckpt), dtype="float32", device="cpu", speculative="mtp", progress=False)
-    with pytest.raises(ConfigError, match="^speculative=mtp needs a model with an MTP layer"):  # said first
-        LLM(str(kimi_ckpt), dtype="float32", device="cpu", speculative="mtp", progress=False)
+def test_mtp_speculative_config_drafts_with_the_mtp_layer(dsv3_ckpt, kimi_ckpt, ref):
+    """vLLM's ``deepseek_mtp`` method: the MTP layer drafts 2 tokens a step and greedy gives the plain reference;
+    a model without an MTP layer is a one-line config error."""
+    llm = LLM(str(dsv3_ckpt), dtype="float32", device="cpu", progress=False, max_model_len=128,
+              speculative_config={"method": "deepseek_mtp", "num_speculative_tokens": 2})
+    assert (llm.config.speculative.method, llm.config.speculative.num_tokens) == ("mtp", 2)
+    assert run(llm, [SamplingParams(max_tokens=N, **GREEDY)])[0].token_ids == ref
+    assert llm.engine.stats()["num_draft_tokens"] >= 2 * (N - 3)
+    with pytest.raises(ConfigError, match="^speculative=mtp needs a model with an MTP layer") as info:
+        LLM(str(kimi_ckpt), dtype="float32", device="cpu", progress=False,
+            speculative_config={"method": "mtp", "num_speculative_tokens": 1})
+    assert "\n" not in str(info.value)
 
 
 def test_max_model_len_none_is_the_model_context_capped_by_the_kv_cache(dsv3_ckpt):

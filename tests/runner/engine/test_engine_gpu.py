@@ -36,7 +36,7 @@ def test_graph_replay_equals_eager_full_width(model, layers):
             engine.scheduler.blocks.allocate(req, req.num_computed + 1)
         graph_logits = runner.decode_logits(batch).clone()
         # the decode sampler's graph (reading the step graph's logits) draws what sample() draws from them
-        tokens, _ = runner._sample(graph_logits, batch, decode=True)
+        tokens, _ = runner._sample(graph_logits, batch, decode=True, graphed=True)
         keys = DrawKeys([runner._seed(r) for r in batch], [len(r.output_token_ids) for r in batch])
         expected = sample(graph_logits, [r.params for r in batch], keys, [r.prompt_token_ids for r in batch],
                           [r.output_token_ids for r in batch])

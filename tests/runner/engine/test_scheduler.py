@@ -28,7 +28,7 @@ def check_pages(blocks: BlockManager, reqs: list[Request]) -> None:
 
 
 def simulate(reqs: list[Request], num_pages: int, page_size: int, max_batch: int = 8, budget: int = 64,
-             prefix_caching: bool = True, on_step=None, drafts=None):
+             prefix_caching: bool = True, on_step=None, drafts=None, key_next_token: bool = False):
     """Drive the scheduler as the engine does (the model's token: 7 for every request), checking after every step the
     budget, the order of the batch, page coverage and reference counts, and on steps of one token per request the
     incrementally kept block table against one built from scratch.
@@ -37,7 +37,7 @@ def simulate(reqs: list[Request], num_pages: int, page_size: int, max_batch: int
     the next step accepts that many of them (at most what the scheduler left it), as the engine books a verify
     step: the accepted drafts and the target's token appended, the cache holding all but the last, pages of rejected
     drafts released."""
-    blocks = BlockManager(num_pages, page_size, enable_prefix_caching=prefix_caching)
+    blocks = BlockManager(num_pages, page_size, enable_prefix_caching=prefix_caching, key_next_token=key_next_token)
     sched = Scheduler(blocks, max_batch, max_num_batched_tokens=budget)
     max_pages = -(-max(r.num_tokens + r.params.max_tokens for r in reqs) // page_size)
     table = BlockTable(max_batch, max_pages)
@@ -185,11 +185,37 @@ def test_freed_cached_pages_are_evicted_least_recently_freed_first_and_unkeyed_f
     assert blocks.match_prefix(make_requests([list(range(50, 59))], [1])[0]) == b_pages[:2]
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-def test_shared_prefixes_under_preemption_finish_every_request(prefix_caching):
+def test_with_the_next_token_in_the_key_a_page_is_shared_only_where_the_token_after_it_agrees():
+    """MTP drafting: the MTP layer's cache entry at a page's last position reads the token after the page, so its key
+    covers that token: two prompts that agree on two pages but not on the token after them share only the first
+    page (whose next token, the second page's first, they agree on); and a page is keyed only once the token after
+    it is known."""
+    prompts = [list(range(8)) + [50, 51], list(range(8)) + [60, 61], list(range(8)) + [50, 52]]
+    for key_next_token, shared in ((True, [1, 2]), (False, [2, 2])):
+        blocks = BlockManager(16, 4, key_next_token=key_next_token)
+        a, b, c = make_requests(prompts, [1, 1, 1])
+        assert blocks.admit(a, blocks.match_prefix(a), a.num_tokens)
+        a.num_computed = a.num_tokens
+        blocks.cache_full_pages(a)
+        assert [blocks.match_prefix(b), blocks.match_prefix(c)] == [a.pages[:n] for n in shared]
+
+    blocks = BlockManager(16, 4, key_next_token=True)
+    whole = make_requests([list(range(100, 108))], [1])[0]  # two full pages, nothing after them yet
+    assert blocks.admit(whole, [], whole.num_tokens)
+    whole.num_computed = whole.num_tokens
+    blocks.cache_full_pages(whole)
+    assert blocks.page_key[whole.pages[0]] is not None and blocks.page_key[whole.pages[1]] is None
+    whole.output_token_ids.append(7)  # the token after the second page: now it is keyed
+    blocks.cache_full_pages(whole)
+    assert blocks.page_key[whole.pages[1]] is not None
+
+
+@pytest.mark.parametrize("prefix_caching,key_next_token", [(True, False), (False, False), (True, True)])
+def test_shared_prefixes_under_preemption_finish_every_request(prefix_caching, key_next_token):
     system = list(range(200, 210))
     reqs = make_requests([system + [i] * (i + 1) for i in range(6)], [9, 3, 12, 5, 8, 10])
-    _, sched = simulate(reqs, num_pages=9, page_size=4, budget=8, max_batch=4, prefix_caching=prefix_caching)
+    _, sched = simulate(reqs, num_pages=9, page_size=4, budget=8, max_batch=4, prefix_caching=prefix_caching,
+                        key_next_token=key_next_token)
     assert all(r.status is Status.FINISHED and len(r.output_token_ids) == r.params.max_tokens for r in reqs)
     assert sched.num_preemptions > 0
 
