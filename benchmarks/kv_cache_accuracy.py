@@ -132,7 +132,7 @@ def measure(args, overrides: list[str]) -> dict:
     ref = teacher_forced(ref_engine, prompts)
     ref_tokens = greedy(ref_engine, prompts, args.gen_len)
     # every latent the reference wrote, prompts and generations: each layer's largest magnitude
-    amax = ref_engine.runner.kv_cache.flatten(1).abs().amax(1).float().cpu()
+    amax = ref_engine.runner.kv.cache.flatten(1).abs().amax(1).float().cpu()
     result = {"model": ref_engine.cfg.model.name, "device": r["device"], "dtype": r["dtype"],
               "attention": r["attention"], "prompts": args.prompts, "prompt_len": args.prompt_len,
               "gen_len": args.gen_len, "latent_amax": amax.tolist(), "layouts": {}}
@@ -144,7 +144,7 @@ def measure(args, overrides: list[str]) -> dict:
         engine = build_engine(overrides, kind)
         runner = engine.runner
         if kind == "fp8_calibrated":
-            runner.kv_scales.copy_((amax / FP8_MAX).clamp_min(2.0**-126).to(runner.kv_scales.device))
+            runner.kv.scales.copy_((amax / FP8_MAX).clamp_min(2.0**-126).to(runner.kv.scales.device))
         through = teacher_forced(engine, prompts)
         alone = teacher_forced(engine, prompts, feed=ref.inputs)
         kl, agree = logit_metrics(engine, through.final, ref.final)
@@ -153,8 +153,8 @@ def measure(args, overrides: list[str]) -> dict:
         same = sum(a == b for t, rt in zip(tokens, ref_tokens) for a, b in zip(t, rt))
         n = args.prompt_len
         result["layouts"][kind] = {
-            "kv_cache_dtype": runner.kv_layout.kind, "bytes_per_token": runner.kv_layout.bytes_per_token,
-            "scales": runner.kv_scales.tolist() if runner.kv_scales is not None else None,
+            "kv_cache_dtype": runner.kv.layout.kind, "bytes_per_token": runner.kv.layout.bytes_per_token,
+            "scales": runner.kv.scales.tolist() if runner.kv.scales is not None else None,
             "layer_rel_err_alone": rel_errors(alone.outputs, ref.outputs),
             "layer_rel_err_through": rel_errors(through.outputs, ref.outputs),
             "kl_mean": sum(kl) / len(kl), "kl_max": max(kl),

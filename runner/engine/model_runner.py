@@ -8,11 +8,12 @@ request.
 
 A step of one token per request (decode) writes into buffers sized once for ``max_batch_size``, so the positions the
 layers read are the step's input buffer itself, and runs the configured backend, whose metadata every layer shares;
-with CUDA graphs, the metadata build, the model and the logits of such a step are one graph replay per batch bucket.
+with CUDA graphs, the metadata build, the model and the logits of such a step are one graph replay per batch bucket,
+and its sampling another (``engine/decode_sampler.py``, docs/sampling.md).
 A step with chunks of prompts runs eager: the one-token requests first, through the same backend, then the chunks,
 through the non-absorbed prefill attention with the step's ``PrefillMetadata``; logits only at each request's last
 token of the step, and at every prompt position of a request that asks for prompt logprobs (made from the hidden
-states ``PROMPT_LOGPROB_ROWS`` positions at a time).
+states, ``engine/prompt_logprobs.py``).
 
 A step where requests verify drafts (speculative decoding, docs/speculative.md#4-the-engine) runs eager too: each
 such request feeds its last token and its d drafts (q_len = 1 + d) and attends in absorbed form, causal over them
@@ -29,7 +30,7 @@ import contextlib
 import itertools
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -43,14 +44,17 @@ from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.cuda_graphs import DecodeGraphs
 from mla_runner.engine.decode_sampler import DecodeSampler
+from mla_runner.engine.kv_cache import KVCache, kv_cache_pages
 from mla_runner.engine.mtp_drafter import MTPDrafter, scratch_pages_per_slot
 from mla_runner.engine.profiling import StepProfiler
+from mla_runner.engine.prompt_logprobs import prompt_logprob_rows
+from mla_runner.engine.prompt_logprobs import prompt_logprobs as prompt_logprobs_of
 from mla_runner.engine.request import Request
-from mla_runner.engine.sampler import DrawKeys, TokenLogprobs, sample, top_logprobs
+from mla_runner.engine.sampler import DrawKeys, TokenLogprobs, sample
 from mla_runner.engine.scheduler import ScheduledBatch
 from mla_runner.engine.verifier import Verifier
 from mla_runner.errors import ConfigError
-from mla_runner.kernels.kv_cache import KVCacheLayout, write_latent
+from mla_runner.kernels.kv_cache import KVCacheLayout
 from mla_runner.models.context import ForwardContext, PrefillMetadata
 from mla_runner.models.parallel import Parallel
 
@@ -67,21 +71,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return TORCH_DTYPES[name]
-
-
-def kv_cache_pages(wanted: int, bytes_per_page: int, free_bytes: Optional[int], fraction: float) -> int:
-    """Pages of the KV cache with ``num_pages`` unset: ``wanted`` (max_batch_size full-length requests), capped where
-    the device's free memory is known (a GPU, once the weights are loaded) by ``fraction`` of it; ``bytes_per_page``
-    over all layers, from the cache's layout, so an FP8 layout fits 1152 / 576 = 2x (``fp8``) or 1152 / 656 = 1.76x
-    (``fp8_ds_mla``) the pages of a bf16 cache."""
-    if free_bytes is None:
-        return wanted
-    return min(wanted, int(free_bytes * fraction) // bytes_per_page)
-
-
-# Prompt positions whose logits one pass makes for prompt logprobs: [rows, vocab] fp32, 0.5 GiB at DeepSeek-V3's
-# vocabulary, however long the step's chunks are.
-PROMPT_LOGPROB_ROWS = 1024
 
 
 class StepOutput(NamedTuple):
@@ -138,7 +127,7 @@ class ModelRunner:
         self.page_size = cfg.page_size
         self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
         try:
-            self.kv_layout = KVCacheLayout(cfg.kv_cache_dtype, args.kv_lora_rank, args.qk_rope_head_dim, self.dtype)
+            layout = KVCacheLayout(cfg.kv_cache_dtype, args.kv_lora_rank, args.qk_rope_head_dim, self.dtype)
         except ValueError as e:  # the model's widths do not fit the layout
             raise ConfigError(f"kv_cache_dtype={cfg.kv_cache_dtype}: {e}") from None
         spec = AttentionSpec(num_heads=par.part(args.num_attention_heads), kv_lora_rank=args.kv_lora_rank,
@@ -159,7 +148,7 @@ class ModelRunner:
 
         mtp_layers = self.model.mtp.attention_layers if mtp else []
         attention_layers = self.model.attention_layers + mtp_layers
-        bytes_per_page = len(attention_layers) * cfg.page_size * self.kv_layout.bytes_per_token
+        bytes_per_page = len(attention_layers) * cfg.page_size * layout.bytes_per_token
         self.num_pages = cfg.num_pages or par.agree(self._default_num_pages(bytes_per_page), device)
         self.max_model_len = cfg.max_model_len
         if self.num_pages < self.max_pages_per_seq and fit_max_model_len:
@@ -170,31 +159,17 @@ class ModelRunner:
                 f"max_model_len={cfg.max_model_len}: raise num_pages or kv_cache_memory_fraction, or lower "
                 "max_model_len"
             )
-        # One page more than the block manager hands out: CUDA-graph padding slots write their latent there. The MTP
-        # layer's slice follows the main layers' (``mtp_kv_cache``), with the chained drafts' scratch pages after it.
-        L, M, layout, pages = len(self.model.attention_layers), len(mtp_layers), self.kv_layout, self.num_pages + 1
+        M = len(mtp_layers)
         scratch = cfg.max_batch_size * scratch_pages_per_slot(cfg.speculative.num_tokens, cfg.page_size) if M else 0
-        self.kv_pool = layout.allocate(L * pages + M * (pages + scratch), cfg.page_size, device)
-        self.kv_cache = self.kv_pool[: L * pages].view(L, pages, cfg.page_size, layout.width)
-        self.mtp_kv_cache = self.kv_pool[L * pages :] if M else None
-        # fp8: each layer's per-tensor scale, on the device (a new value needs no graph recapture)
-        self.kv_scales = (torch.full((L + M,), cfg.kv_cache_scale, dtype=torch.float32, device=device)
-                          if layout.kind == "fp8" else None)
-        self.scratch_slot = self.num_pages * cfg.page_size
-        for i, (attn, cache) in enumerate(zip(attention_layers, self.layer_caches)):
-            attn.kv_cache, attn.kv_layout = cache, layout
-            attn.kv_scale = self.kv_scales[i : i + 1] if self.kv_scales is not None else None
+        self.kv = KVCache(layout, len(self.model.attention_layers), M, self.num_pages, cfg.page_size, scratch,
+                          cfg.kv_cache_scale, device)
+        self.kv.attach(attention_layers)
         self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, device)
         self.block_table = BlockTable(cfg.max_batch_size, self.max_pages_per_seq)
         self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress) if use_graphs else None
         self.decode_sampler = DecodeSampler(cfg.max_batch_size, args.vocab_size, device)
         self._seeds: dict[int, int] = {}  # request id -> the seed of its draws
         self.profiler: Optional[StepProfiler] = None  # set by profile()
-
-    @property
-    def layer_caches(self) -> list[torch.Tensor]:
-        """Each attention layer's cache [pages, page_size, width]: the main layers', then the MTP layer's."""
-        return [*self.kv_cache, *([] if self.mtp_kv_cache is None else [self.mtp_kv_cache])]
 
     def profile(self, path: Path) -> None:
         """Trace a few of the coming steps into ``path`` (see ``mla_runner.engine.profiling``); ``end_profile``
@@ -214,14 +189,13 @@ class ModelRunner:
         """What the run's ``auto`` settings came to, and the sizes the cache and graphs were made with."""
         dtype = str(self.dtype).removeprefix("torch.")
         attention = self.backend.label().removeprefix("attention=")  # "triton metadata=persistent", "torch"
-        layout = self.kv_layout
+        layout = self.kv.layout
         return {"device": str(self.device), "dtype": dtype, "attention": attention,
                 "weights": "fp8" if self.fp8 else dtype,
                 "kv_cache_dtype": dtype if layout.kind == "auto" else layout.kind,
                 "kv_cache_scale": self.cfg.kv_cache_scale if layout.kind == "fp8" else None,
-                "kv_bytes_per_token": layout.bytes_per_token * len(self.layer_caches), "page_size": self.page_size,
+                **self.kv.describe(), "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
-                "kv_cache_gib": round(self.kv_pool.numel() * self.kv_pool.element_size() / 2**30, 3),
                 "max_model_len": self.max_model_len, "cuda_graphs": self.graphs is not None,
                 "graph_batch_sizes": self.graphs.buckets if self.graphs is not None else [],
                 "load_seconds": round(self.load_seconds, 2)}
@@ -232,21 +206,6 @@ class ModelRunner:
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         return kv_cache_pages(self.cfg.max_batch_size * self.max_pages_per_seq, bytes_per_page, free,
                               self.cfg.kv_cache_memory_fraction)
-
-    def randomize_kv_cache(self) -> None:
-        """Fill every page of every layer with N(0, 1) latent vectors, written in the cache's layout (for benchmarks
-        that decode over a context they did not prefill; ``kv_cache.normal_()`` of a bf16 cache)."""
-        layout, chunk = self.kv_layout, 1 << 16
-        for i, cache in enumerate(self.layer_caches):
-            if not layout.is_fp8:
-                cache.normal_()
-                continue
-            rows = cache.shape[0] * self.page_size
-            scale = self.kv_scales[i : i + 1] if self.kv_scales is not None else None
-            for start in range(0, rows, chunk):
-                slots = torch.arange(start, min(start + chunk, rows), device=self.device)
-                latent = torch.randn(len(slots), layout.dim, device=self.device, dtype=self.dtype)
-                write_latent(cache, latent, slots, layout, scale)
 
     def _use_cuda_graphs(self) -> bool:
         """Graphs wherever the backend's step can be captured; ``cuda_graphs=true`` where it cannot is a config
@@ -275,7 +234,7 @@ class ModelRunner:
         label = f"decode of {D} requests" if D == len(reqs) else f"step of {D} decodes, {len(reqs) - D} prompt chunks"
         if batch.has_drafts:
             label += f", {sum(batch.num_drafts)} drafts"
-        prompt_rows, targets, owners = self._prompt_logprob_rows(batch)
+        prompt_rows, targets, owners = prompt_logprob_rows(batch)
         prompt_logprobs: list[list[TokenLogprobs]] = [[] for _ in reqs]
         graphed = D == len(reqs) and not batch.has_drafts and self.drafter is None and self.graphs is not None
         with self._traced(label):
@@ -283,13 +242,15 @@ class ModelRunner:
                 logits = self.decode_logits(reqs)  # a prompt position's row is its request's logits row
                 if prompt_rows:
                     index = torch.tensor(prompt_rows, device=logits.device)
-                    prompt_logprobs = self._prompt_logprobs(lambda lo, hi: logits[index[lo:hi]], targets, owners, reqs)
+                    prompt_logprobs = prompt_logprobs_of(lambda lo, hi: logits[index[lo:hi]], targets, owners, reqs,
+                                                         self.device)
             else:
                 logits, hidden = self._mixed_logits(batch)
                 if prompt_rows:
                     index = torch.tensor(prompt_rows, device=self.device)
-                    prompt_logprobs = self._prompt_logprobs(
-                        lambda lo, hi: self.model.compute_logits(hidden[index[lo:hi]]), targets, owners, reqs)
+                    prompt_logprobs = prompt_logprobs_of(
+                        lambda lo, hi: self.model.compute_logits(hidden[index[lo:hi]]), targets, owners, reqs,
+                        self.device)
             # the logits rows: every position of the first D requests (one, or 1 + d with drafts), then one per chunk
             done, rows, offset = [], [], 0
             for i, d in enumerate(batch.num_drafts):
@@ -324,36 +285,6 @@ class ModelRunner:
         self.backend.check()
         return out
 
-    @staticmethod
-    def _prompt_logprob_rows(batch: ScheduledBatch) -> tuple[list[int], list[int], list[int]]:
-        """The prompt positions of this step whose logits give a prompt token's logprobs, where a request asks for
-        them and has not had them (a preempted request computes its prompt again): their rows in the step's hidden
-        states (each request's new tokens in turn), the prompt token after each, and its request's index."""
-        rows, targets, owners, offset = [], [], [], 0
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new)):
-            if req.prompt_logprobs is not None:
-                start, prompt = req.num_computed, req.prompt_token_ids
-                lo, hi = max(start, len(req.prompt_logprobs) - 1), min(start + n, len(prompt) - 1)
-                rows += range(offset + lo - start, offset + hi - start)
-                targets += prompt[lo + 1 : hi + 1]
-                owners += [i] * max(0, hi - lo)
-            offset += n
-        return rows, targets, owners
-
-    def _prompt_logprobs(self, logits_of: Callable[[int, int], torch.Tensor], targets: list[int], owners: list[int],
-                         reqs: list[Request]) -> list[list[TokenLogprobs]]:
-        """Per request, the logprobs of its prompt tokens ``targets`` (in order); ``logits_of(lo, hi)`` gives the
-        logits of positions [lo, hi) of them."""
-        ks = [reqs[i].params.prompt_logprobs for i in owners]
-        k, target = max(ks), torch.tensor(targets, device=self.device)
-        out: list[list[TokenLogprobs]] = [[] for _ in reqs]
-        for lo in range(0, len(targets), PROMPT_LOGPROB_ROWS):
-            hi = min(lo + PROMPT_LOGPROB_ROWS, len(targets))
-            logprobs = torch.log_softmax(logits_of(lo, hi).float(), dim=-1)
-            for owner, entry in zip(owners[lo:hi], top_logprobs(logprobs, target[lo:hi], k).to_host(ks[lo:hi])):
-                out[owner].append(entry)
-        return out
-
     def _fill_decode_inputs(self, batch: list[Request]) -> list[int]:
         """Write one token per request (the one at its ``num_computed``) into the decode buffers; its KV lengths."""
         B = len(batch)
@@ -378,7 +309,7 @@ class ModelRunner:
         bs = self.graphs.bucket(B)
         buf.input_ids[B:bs].zero_()
         buf.positions[B:bs].zero_()
-        buf.slot_mapping[B:bs].fill_(self.scratch_slot)
+        buf.slot_mapping[B:bs].fill_(self.kv.scratch_slot)
         buf.seq_lens[B:bs].zero_()
         return self.graphs.replay(B)
 

@@ -92,7 +92,7 @@ def bench_decode(cfg: RunConfig) -> dict:
     step_s = statistics.median(times)
     tokens_per_step = generated / len(times)  # B without speculative decoding
     weight_bytes = engine.par.agree(touched_weight_bytes(runner.model, B, experts), runner.device, largest=True)
-    cache = runner.kv_cache
+    cache = runner.kv.cache
     kv_bytes = B * (L + steps // 2) * cache[0, 0, 0].numel() * cache.element_size() * cache.shape[0]
     floor_s = (weight_bytes + kv_bytes) / (ceilings.copy_gbps * 1e9)
     return {
@@ -225,7 +225,7 @@ def fill_running(engine: LLMEngine, contexts: list[int], max_tokens: int) -> lis
         req.num_computed = context
         engine.scheduler.running.append(req)
         requests.append(req)
-    engine.runner.randomize_kv_cache()
+    engine.runner.kv.randomize(engine.runner.dtype)
     return requests
 
 

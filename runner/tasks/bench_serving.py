@@ -94,7 +94,7 @@ def decode_floor(engine: LLMEngine, N: int, I: int, O: int, copy_gbps: float, ma
     args, runner = engine.args, engine.runner
     moe_layers = sum(args.is_moe_layer(i) for i in range(args.num_hidden_layers))
     E, k = args.n_routed_experts, args.num_experts_per_tok
-    cache = runner.kv_cache
+    cache = runner.kv.cache
     kv_per_token = cache.shape[0] * cache.shape[-1] * cache.element_size()
     total, left = 0.0, N
     while left > 0:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mla_runner import LLM, SamplingParams
-from mla_runner.engine.model_runner import kv_cache_pages
+from mla_runner.engine.kv_cache import kv_cache_pages
 from mla_runner.errors import ConfigError
 from mla_runner.kernels.kv_cache import KVCacheLayout, dequantize_reference, quantize_reference
 from mla_testing import INTERPRETER
@@ -121,7 +121,7 @@ def test_batched_greedy_equals_transformers_on_the_same_quantized_latents(flavou
     llm = LLM(str(ckpt), attention=attention, dtype="float32", device="cpu", page_size=16, max_model_len=280,
               max_batch_size=8, kv_cache_dtype=kind, progress=False, **settings)
     runner = llm.engine.runner
-    assert runner.kv_cache.dtype == {"fp8": torch.float8_e4m3fn, "fp8_ds_mla": torch.uint8}[kind]
+    assert runner.kv.cache.dtype == {"fp8": torch.float8_e4m3fn, "fp8_ds_mla": torch.uint8}[kind]
     assert generate(llm, prompts, max_tokens)[0] == expected
 
 
@@ -222,20 +222,20 @@ def test_the_runner_allocates_the_layout_and_says_so(dsv3_ckpt):
               max_model_len=64, kv_cache_dtype="fp8_e4m3", kv_cache_scale=0.5, progress=False)  # vLLM's name of fp8
     runner = llm.engine.runner
     layers = runner.model.attention_layers
-    assert runner.kv_cache.shape == (len(layers), 21, 16, 40) and runner.kv_cache.dtype == torch.float8_e4m3fn
-    assert runner.kv_scales.tolist() == [0.5] * len(layers)
+    assert runner.kv.cache.shape == (len(layers), 21, 16, 40) and runner.kv.cache.dtype == torch.float8_e4m3fn
+    assert runner.kv.scales.tolist() == [0.5] * len(layers)
     for i, attn in enumerate(layers):
-        assert attn.kv_layout.kind == "fp8" and attn.kv_cache.data_ptr() == runner.kv_cache[i].data_ptr()
-        assert attn.kv_scale.data_ptr() == runner.kv_scales[i:].data_ptr() and attn.kv_scale.shape == (1,)
+        assert attn.kv_layout.kind == "fp8" and attn.kv_cache.data_ptr() == runner.kv.cache[i].data_ptr()
+        assert attn.kv_scale.data_ptr() == runner.kv.scales[i:].data_ptr() and attn.kv_scale.shape == (1,)
     r = runner.resolved
     assert (r["kv_cache_dtype"], r["kv_cache_scale"], r["kv_bytes_per_token"]) == ("fp8", 0.5, 40 * len(layers))
     assert r["kv_tokens"] == 320
     ds = LLM(str(dsv3_ckpt), attention="torch", dtype="float32", device="cpu", page_size=16, num_pages=20,
              max_model_len=64, kv_cache_dtype="fp8_ds_mla", progress=False).engine.runner
-    assert ds.kv_cache.shape[-1] == 52 and ds.kv_cache.dtype == torch.uint8 and ds.kv_scales is None
+    assert ds.kv.cache.shape[-1] == 52 and ds.kv.cache.dtype == torch.uint8 and ds.kv.scales is None
     assert (ds.resolved["kv_cache_dtype"], ds.resolved["kv_cache_scale"]) == ("fp8_ds_mla", None)
-    ds.randomize_kv_cache()  # the benchmarks' filler writes the layout (finite values, power-of-two scales)
-    scales = ds.kv_cache[..., 32:36].contiguous().view(torch.float32)
+    ds.kv.randomize(ds.dtype)  # the benchmarks' filler writes the layout (finite values, power-of-two scales)
+    scales = ds.kv.cache[..., 32:36].contiguous().view(torch.float32)
     assert torch.all(torch.log2(scales) == torch.log2(scales).round())
 
 

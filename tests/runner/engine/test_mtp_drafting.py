@@ -186,7 +186,7 @@ def test_draft_logits_equal_the_reference(dsv3_ckpt):
     finally:
         del head.compute_logits
     runner = llm.engine.runner
-    assert runner.mtp_kv_cache[runner.num_pages + 1 :].any(), "no chained pass wrote a scratch page"
+    assert runner.kv.mtp_cache[runner.num_pages + 1 :].any(), "no chained pass wrote a scratch page"
     assert llm.engine.scheduler.blocks.hits == 20
     reference = Reference(dsv3_ckpt)
     records = [(ids, drafts) for ids, _, drafts in seen[0] if drafts]
@@ -279,11 +279,11 @@ def test_an_fp8_cache_holds_the_mtp_layer_too(agreeing_ckpt, kind):
     llm = LLM(str(agreeing_ckpt), **settings, **mtp(2))
     runner = llm.engine.runner
     attn = runner.model.mtp.block.self_attn
-    assert attn.kv_cache.data_ptr() == runner.mtp_kv_cache.data_ptr() and attn.kv_layout == runner.kv_layout
-    cache = runner.mtp_kv_cache
-    assert (cache.dtype, cache.shape[1:]) == (runner.kv_cache.dtype, runner.kv_cache.shape[2:])
+    assert attn.kv_cache.data_ptr() == runner.kv.mtp_cache.data_ptr() and attn.kv_layout == runner.kv.layout
+    cache = runner.kv.mtp_cache
+    assert (cache.dtype, cache.shape[1:]) == (runner.kv.cache.dtype, runner.kv.cache.shape[2:])
     assert (attn.kv_scale is not None) == (kind == "fp8") and runner.resolved["kv_bytes_per_token"] == 4 * (
-        runner.kv_layout.bytes_per_token)
+        runner.kv.layout.bytes_per_token)
     check_same(generate(llm, params, PROMPTS[:2]), expected)
 
 
@@ -293,9 +293,9 @@ def test_the_mtp_layers_cache_and_its_scratch_pages(dsv3_ckpt):
     llm = LLM(str(dsv3_ckpt), **SETTINGS, **mtp(3))
     runner = llm.engine.runner
     pages = runner.num_pages + 1
-    assert runner.kv_cache.shape[:2] == (3, pages) and runner.mtp_kv_cache.shape[0] == pages + 8
-    assert runner.kv_pool.shape[0] == 3 * pages + pages + 8
-    assert runner.model.mtp.block.self_attn.kv_cache.data_ptr() == runner.kv_pool[3 * pages].data_ptr()
+    assert runner.kv.cache.shape[:2] == (3, pages) and runner.kv.mtp_cache.shape[0] == pages + 8
+    assert runner.kv.pool.shape[0] == 3 * pages + pages + 8
+    assert runner.model.mtp.block.self_attn.kv_cache.data_ptr() == runner.kv.pool[3 * pages].data_ptr()
     assert runner.graphs is None and runner.resolved["kv_bytes_per_token"] == 4 * 40 * 4  # 4 layers, 40 fp32 values
 
 
