@@ -11,6 +11,7 @@ visible. Without a GPU, ``import mla_runner`` (the first import here) has switch
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,14 @@ from mla_runner.models.loader import load_model
 from mla_runner.models.presets import TINY_DEEPSEEK_V3_CONFIG, TINY_KIMI_K2_CONFIG
 from mla_runner.models.tiny import make_tiny_checkpoint
 from mla_testing.oracle import load_oracle
+
+# Under pytest-xdist (the README's command runs one worker per core, up to 4) each worker gets its share of the cores:
+# torch's default of one thread per core in every worker oversubscribes them, and small ops then wait on each other
+# (a 6 s test took 97 s with two workers of two threads on two cores). Subprocesses inherit the share.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
