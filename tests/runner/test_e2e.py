@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from mla_runner import LLM, SamplingParams
 from mla_testing import INTERPRETER
-from mla_testing.oracle import oracle_greedy
+from mla_testing.oracle import oracle_greedy, random_prompts
 
 # Mixed prompt lengths (1 to 250 tokens) and different max_tokens, all in one generate call.
 PROMPT_LENGTHS = (1, 7, 33, 250)
@@ -18,13 +17,7 @@ MAX_TOKENS = (6, 3, 5, 4)
 
 
 def prompts_for(vocab: int, eos: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for n in PROMPT_LENGTHS:
-        ids = torch.randint(2, vocab - 2, (n,), generator=g).tolist()
-        out.append([t for t in ids if t != eos] or [2])
-    return out
-
+    return random_prompts(vocab, eos, PROMPT_LENGTHS)
 
 
 @pytest.fixture(scope="module", params=["dsv3", "kimi"])

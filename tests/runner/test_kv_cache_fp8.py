@@ -21,7 +21,7 @@ from mla_runner.engine.kv_cache import kv_cache_pages
 from mla_runner.errors import ConfigError
 from mla_runner.kernels.kv_cache import KVCacheLayout, dequantize_reference, quantize_reference
 from mla_testing import INTERPRETER
-from mla_testing.oracle import oracle_greedy
+from mla_testing.oracle import oracle_greedy, random_prompts
 
 PROMPT_LENGTHS = (1, 7, 33, 250)
 MAX_TOKENS = (6, 3, 5, 4)
@@ -31,12 +31,7 @@ SMALL_SCALE = 1 / 64  # an fp8 scale other than the default 1.0: the tiny latent
 
 
 def prompts_for(vocab: int, eos: int, lengths=PROMPT_LENGTHS) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for n in lengths:
-        ids = torch.randint(2, vocab - 2, (n,), generator=g).tolist()
-        out.append([t for t in ids if t != eos] or [2])
-    return out
+    return random_prompts(vocab, eos, lengths)
 
 
 @contextlib.contextmanager

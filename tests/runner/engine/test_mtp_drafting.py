@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import random
 import shutil
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +30,7 @@ from mla_runner.errors import ConfigError
 from mla_testing import INTERPRETER
 from mla_testing.mtp import Reference, edit_tensors
 from mla_testing.oracle import rel_err
+from mla_testing.speculative import check_same, completions, greedy_params, record_steps, stop_string_for
 
 SHRINK = 0.03
 MTP = "model.layers.3."  # the tiny checkpoint's MTP layer
@@ -66,44 +65,11 @@ def agreeing_ckpt(dsv3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def generate(llm: LLM, params: list[SamplingParams], prompts: list[list[int]] = PROMPTS):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [out.outputs[0] for out in outs]
+    return completions(llm, params, prompts)
 
 
 def greedy(logprobs: int | None = None) -> list[SamplingParams]:
-    return [SamplingParams(temperature=0.0, max_tokens=m, logprobs=logprobs if i == 1 else None)
-            for i, m in enumerate(MAX_TOKENS)]
-
-
-@contextmanager
-def steps(llm: LLM):
-    """Per request index, each step that emitted tokens as (the request's tokens through the last emitted one, the
-    tokens the step emitted, the drafts it made for the next step)."""
-    runner, seen = llm.engine.runner, defaultdict(list)
-    execute = runner.execute
-
-    def recording(batch):
-        out = execute(batch)
-        for req, tokens, drafts in zip(batch.requests, out.tokens, out.drafts):
-            if tokens:
-                seen[req.index].append((req.token_ids + tokens, tokens, drafts))
-        return out
-
-    runner.execute = recording
-    try:
-        yield seen
-    finally:
-        del runner.execute
-
-
-def check_same(got, expected) -> None:
-    for a, b in zip(got, expected):
-        assert (a.token_ids, a.finish_reason, a.stop_reason, a.text) == (b.token_ids, b.finish_reason,
-                                                                         b.stop_reason, b.text)
-        assert (a.logprobs is None) == (b.logprobs is None)
-        for x, y in zip(a.logprobs or (), b.logprobs or ()):
-            assert list(x) == list(y)
-            assert [v.logprob for v in x.values()] == pytest.approx([v.logprob for v in y.values()], abs=1e-4)
+    return greedy_params(MAX_TOKENS, logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +95,7 @@ def test_greedy_with_mtp_drafts_equals_greedy_without(baseline, speculative, k):
     """Four requests of 10 to 47 tokens, max_tokens 20 to 24, preempting one another; one asks for logprobs. Drafts
     are partly accepted, some steps emit several tokens, and every request stops at exactly its max_tokens."""
     llm = speculative(k)
-    with steps(llm) as seen:
+    with record_steps(llm) as seen:
         outs = generate(llm, greedy(logprobs=2))
     stats = llm.engine.stats()
     check_same(outs, baseline[1])
@@ -153,7 +119,7 @@ def test_drafts_equal_the_reference_through_chunks_preemption_and_prefix_hits(re
     one has drafts accepted, so the first pass covers several positions of a verify step."""
     root = request.getfixturevalue(ckpt)
     llm = LLM(str(root), **SETTINGS, **mtp(3, max_num_batched_tokens=24))
-    with steps(llm) as seen:
+    with record_steps(llm) as seen:
         generate(llm, greedy())
         generate(llm, greedy()[1:2], PROMPTS[1:2])
     stats = llm.engine.stats()
@@ -180,7 +146,7 @@ def test_draft_logits_equal_the_reference(dsv3_ckpt):
     compute = head.compute_logits
     head.compute_logits = lambda y: logits.append(compute(y)) or logits[-1]
     try:
-        with steps(llm) as seen:
+        with record_steps(llm) as seen:
             for prompt in (PROMPTS[2][:28], PROMPTS[2][:24] + PROMPTS[3][:6]):
                 generate(llm, [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)], [prompt])
     finally:
@@ -198,17 +164,6 @@ def test_draft_logits_equal_the_reference(dsv3_ckpt):
         assert drafts == want_drafts and rel_err(got, want_logits) < TOL, f"after {len(ids)} tokens"
 
 
-def stop_string_for(llm: LLM, ids: list[int], pos: int) -> str | None:
-    """A string whose first occurrence in the text of ``ids`` ends inside token ``pos``'s text."""
-    text, before = llm.engine.detokenize(ids, False), llm.engine.detokenize(ids[:pos], False)
-    upto = llm.engine.detokenize(ids[: pos + 1], False)
-    for width in (1, 2, 3, 4):
-        stop = upto[-width:]
-        if len(upto) > len(before) and text.startswith(upto) and text.find(stop) == len(upto) - width:
-            return stop
-    return None
-
-
 def test_a_stop_inside_a_drafted_run_ends_at_that_token(baseline, speculative, monkeypatch):
     """A stop id, a stop string and EOS, each at a token the target emits at an accepted draft's position with more
     tokens of the same step after it: the request ends there, as it does without speculation, and the rest of the
@@ -216,7 +171,7 @@ def test_a_stop_inside_a_drafted_run_ends_at_that_token(baseline, speculative, m
     base_llm, llm = baseline[0], speculative(3)
     prompts, m = [PROMPTS[1]] * 2, MAX_TOKENS[1]
     plain = [SamplingParams(temperature=0.0, max_tokens=m)] * 2
-    with steps(llm) as seen:
+    with record_steps(llm) as seen:
         ids = generate(llm, plain, prompts)[0].token_ids
     runs, done = [], 0  # the output positions of each step's tokens
     for _, tokens, _ in seen[0]:
@@ -228,7 +183,7 @@ def test_a_stop_inside_a_drafted_run_ends_at_that_token(baseline, speculative, m
     params = [SamplingParams(temperature=0.0, max_tokens=m, stop_token_ids=[token]),
               SamplingParams(temperature=0.0, max_tokens=m, stop=[stop])]
     expected = generate(base_llm, params, prompts)
-    with steps(llm) as seen:
+    with record_steps(llm) as seen:
         got = generate(llm, params, prompts)
     check_same(got, expected)
     assert got[0].token_ids == ids[: pos + 1] and (got[0].finish_reason, got[0].stop_reason) == ("stop", token)
@@ -239,7 +194,7 @@ def test_a_stop_inside_a_drafted_run_ends_at_that_token(baseline, speculative, m
     for engine in (base_llm.engine, llm.engine):
         monkeypatch.setattr(engine, "eos_token_ids", {token})
     expected = generate(base_llm, plain[:1], prompts[:1])
-    with steps(llm) as seen:
+    with record_steps(llm) as seen:
         got = generate(llm, plain[:1], prompts[:1])
     check_same(got, expected)
     assert got[0].token_ids == ids[: pos + 1] and (got[0].finish_reason, got[0].stop_reason) == ("stop", None)
@@ -304,7 +259,7 @@ def test_triton_mtp_steps_equal_greedy_without_drafts(baseline, agreeing_ckpt):
     """The target's verify steps and the MTP layer's passes through the Triton kernel (the interpreter), with their
     absorbed chunk metadata: two requests, k = 3; greedy as without drafts, the drafts the reference's."""
     llm = LLM(str(agreeing_ckpt), **{**SETTINGS, "attention": "triton", "num_pages": 12}, **mtp(3))
-    with steps(llm) as seen:
+    with record_steps(llm) as seen:
         outs = generate(llm, [SamplingParams(temperature=0.0, max_tokens=m) for m in (10, 4)], PROMPTS[2:0:-1])
     assert [o.token_ids for o in outs] == [baseline[1][2].token_ids[:10], baseline[1][1].token_ids[:4]]
     assert llm.engine.stats()["num_accepted_tokens"] > 0

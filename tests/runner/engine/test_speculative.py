@@ -8,8 +8,6 @@ acceptance, and the statistics must report it; seeded sampling must repeat and n
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +18,7 @@ from mla_runner.config import SpeculativeConfig
 from mla_runner.engine import llm_engine
 from mla_runner.errors import ConfigError
 from mla_testing import INTERPRETER
+from mla_testing.speculative import check_same, completions, greedy_params, record_steps, stop_string_for
 
 # Prompts of 5 to 97 tokens that repeat a pattern (periods 2, 4, 7, and none), so that prompt lookup drafts; chosen,
 # out of 32 random ones, for outputs on which prompt lookup's drafts are partly accepted.
@@ -41,33 +40,13 @@ PROMPTS = [(pattern * (n // len(pattern) + 1))[:n] for n, pattern in PATTERNS]
 
 
 def generate(llm: LLM, params: list[SamplingParams], prompts: list[list[int]] = PROMPTS):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [out.outputs[0] for out in outs]
+    return completions(llm, params, prompts)
 
 
 def greedy(logprobs: int | None = None) -> list[SamplingParams]:
-    return [SamplingParams(temperature=0.0, max_tokens=m, logprobs=logprobs if i == 1 else None)
-            for i, m in enumerate(MAX_TOKENS)]
+    return greedy_params(MAX_TOKENS, logprobs)
 
 
-@contextmanager
-def emissions(llm: LLM):
-    """Per request index, the tokens each of its steps emitted (a list per step that emitted any)."""
-    runner, seen = llm.engine.runner, defaultdict(list)
-    execute = runner.execute
-
-    def recording(batch):
-        out = execute(batch)
-        for req, tokens in zip(batch.requests, out.tokens):
-            if tokens:
-                seen[req.index].append(tokens)
-        return out
-
-    runner.execute = recording
-    try:
-        yield seen
-    finally:
-        del runner.execute
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +65,6 @@ def speculative(dsv3_ckpt):
             made[k] = LLM(str(dsv3_ckpt), **SETTINGS, **ngram(k))
         return made[k]
     return get
-
-
-def check_same(got, expected) -> None:
-    for a, b in zip(got, expected):
-        assert (a.token_ids, a.finish_reason, a.stop_reason, a.text) == (b.token_ids, b.finish_reason,
-                                                                         b.stop_reason, b.text)
-        assert (a.logprobs is None) == (b.logprobs is None)
-        for x, y in zip(a.logprobs or (), b.logprobs or ()):
-            assert list(x) == list(y)  # the emitted token first, then the top 2
-            assert [v.logprob for v in x.values()] == pytest.approx([v.logprob for v in y.values()], abs=1e-4)
-            assert [v.rank for v in x.values()] == [v.rank for v in y.values()]
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -131,17 +99,6 @@ def oracle(continuations: dict[tuple[int, ...], list[int]], wrong_at: tuple[int,
     return propose
 
 
-def stop_string_for(llm: LLM, ids: list[int], pos: int) -> str | None:
-    """A string whose first occurrence in the text of ``ids`` ends inside token ``pos``'s text."""
-    text, before = llm.engine.detokenize(ids, False), llm.engine.detokenize(ids[:pos], False)
-    upto = llm.engine.detokenize(ids[: pos + 1], False)
-    for width in (1, 2, 3, 4):
-        stop = upto[-width:]
-        if len(upto) > len(before) and text.startswith(upto) and text.find(stop) == len(upto) - width:
-            return stop
-    return None
-
-
 def test_a_stop_inside_a_drafted_run_ends_at_that_token(baseline, speculative, monkeypatch):
     """A stop id, a stop string and EOS, each at a token the target emits at an accepted draft's position with more
     drafts accepted after it: the request ends there, as it does without speculation, and the rest of the step's
@@ -157,13 +114,13 @@ def test_a_stop_inside_a_drafted_run_ends_at_that_token(baseline, speculative, m
               SamplingParams(temperature=0.0, max_tokens=m, stop=[stop])]
     expected = generate(base_llm, params, prompts)
     monkeypatch.setattr(llm_engine, "ngram_propose", oracle({tuple(PROMPTS[0]): ids}))
-    with emissions(llm) as seen:
+    with record_steps(llm) as seen:
         got = generate(llm, params, prompts)
     check_same(got, expected)
     assert got[0].token_ids == ids[: pos + 1] and (got[0].finish_reason, got[0].stop_reason) == ("stop", token)
     assert got[1].stop_reason == stop and got[1].token_ids == ids[: pos + 1]
     for index in (0, 1):  # the step that ended it emitted more than it kept
-        assert sum(map(len, seen[index])) > pos + 1
+        assert sum(len(emitted) for _, emitted, _ in seen[index]) > pos + 1
 
     engines = (base_llm.engine, llm.engine)
     saved = [e.eos_token_ids for e in engines]
@@ -172,14 +129,14 @@ def test_a_stop_inside_a_drafted_run_ends_at_that_token(baseline, speculative, m
             e.eos_token_ids = {token}
         plain = [SamplingParams(temperature=0.0, max_tokens=m)]
         expected = generate(base_llm, plain, prompts[:1])
-        with emissions(llm) as seen:
+        with record_steps(llm) as seen:
             got = generate(llm, plain, prompts[:1])
     finally:
         for e, eos in zip(engines, saved):
             e.eos_token_ids = eos
     check_same(got, expected)
     assert got[0].token_ids == ids[: pos + 1] and (got[0].finish_reason, got[0].stop_reason) == ("stop", None)
-    assert sum(map(len, seen[0])) > pos + 1
+    assert sum(len(emitted) for _, emitted, _ in seen[0]) > pos + 1
 
 
 @pytest.mark.parametrize("k,length", [(1, 1.8), (3, 2.5)])

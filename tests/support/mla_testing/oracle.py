@@ -95,7 +95,6 @@ class ExpertRecorder:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def oracle_greedy(oracle: nn.Module, ids: list[int], max_tokens: int, eos: int) -> list[int]:
     """transformers' greedy continuation, recomputed from scratch each token (no cache to get wrong)."""
     seq, out = list(ids), []
@@ -105,6 +104,17 @@ def oracle_greedy(oracle: nn.Module, ids: list[int], max_tokens: int, eos: int) 
         seq.append(token)
         if token == eos:
             break
+    return out
+
+
+def random_prompts(vocab: int, eos: int, lengths: Sequence[int]) -> list[list[int]]:
+    """Prompts of the given lengths, ids drawn (seed 0) from [2, vocab - 2) without ``eos`` (a prompt it empties is
+    [2])."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in lengths:
+        ids = torch.randint(2, vocab - 2, (n,), generator=g).tolist()
+        out.append([t for t in ids if t != eos] or [2])
     return out
 
 
