@@ -3,7 +3,8 @@ kernel on Hopper where it applies, the Triton kernel elsewhere, the merge of cut
 by the chosen metadata strategy:
 
 - ``metadata=persistent``: ``PersistentMetadataBuilder``, buffers sized once and refilled on the device by one Triton
-  kernel per step (no sync, no allocation): the step is captured in a CUDA graph with it.
+  kernel per step (no sync, no allocation): the step is captured in a CUDA graph with it. Steps of up to
+  ``spec.max_q_len`` tokens a request (speculative verification) have a builder of their own.
 - ``metadata=per_step``: ``PerStepMetadataBuilder``, the plan computed on the host from the step's host lengths and
   copied in (the baseline; eager).
 
@@ -71,13 +72,24 @@ class TritonPersistentBackend(TritonBackend):
         """``max_kv_splits``: a cap on the parts one request is cut into; ``dram_ratio``: the plan's DRAM floor (None:
         the device's, 0: none). See ``mla_runner.kernels.metadata``."""
         super().__init__(spec)
-        self.builder = PersistentMetadataBuilder(**self._sizes(), max_kv_splits=max_kv_splits, dram_ratio=dram_ratio)
+        options = dict(max_kv_splits=max_kv_splits, dram_ratio=dram_ratio)
+        self.builder = PersistentMetadataBuilder(**{**self._sizes(), "max_q_len": 1}, **options)
+        # steps with more than one token a request (speculative verification, spec.max_q_len > 1) plan with a builder
+        # of their own: the decode step's plan keeps the parts it makes for one token a request
+        self.multi_token_builder = (PersistentMetadataBuilder(**self._sizes(), **options) if spec.max_q_len > 1
+                                    else None)
 
     def build_metadata(self, inputs: StepInputs) -> MLAMetadata:
-        return self.builder.build(inputs.seq_lens, inputs.qo_indptr, inputs.block_table)
+        builder = self.builder if inputs.q_len == 1 else self.multi_token_builder
+        if builder is None or inputs.q_len > self.spec.max_q_len:
+            raise ValueError(f"a step of q_len {inputs.q_len} is over the max_q_len={self.spec.max_q_len} this "
+                             "backend was made for")
+        return builder.build(inputs.seq_lens, inputs.qo_indptr, inputs.block_table)
 
     def check(self) -> None:
         self.builder.check()
+        if self.multi_token_builder is not None:
+            self.multi_token_builder.check()
 
 
 class TritonPerStepBackend(TritonBackend):

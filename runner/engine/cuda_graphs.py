@@ -1,4 +1,5 @@
-"""The decode step (metadata build, model, logits) captured in CUDA graphs, one per batch-size bucket.
+"""The decode step (metadata build, model, logits) captured in CUDA graphs, one per batch-size bucket, and
+``LazyGraphs``, graphs captured the first time a step needs them (speculative steps: engine/spec_steps.py).
 
 Buckets are 1, 2, 4, 8, then multiples of 16 up to ``max_batch_size``; they are captured largest first
 into one shared memory pool, reading the engine's persistent decode buffers. A step of B requests replays
@@ -8,7 +9,8 @@ token 0 at position 0, and their latent vector written into a scratch slot no re
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -44,3 +46,26 @@ class DecodeGraphs:
         bs = self.bucket(batch_size)
         self.graphs[bs].replay()
         return self.logits[bs][:batch_size]
+
+
+class LazyGraphs:
+    """Graphs captured on first use, one per key, into one memory pool; what a captured call returned stays alive (in
+    the pool), so later captures never reuse its memory. A capture runs the call twice (warm-up and capture) on what
+    the step's buffers hold: the step must write nothing but what a replay writes."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def replay(self, key: Hashable, step: Callable[[], Any]) -> Any:
+        """Replay the graph of ``key`` (capturing ``step`` first if it has none); what the captured call returned."""
+        if key not in self._graphs:
+            graph, out = capture(step, pool=self._pool)
+            self._pool = graph.pool()
+            self._graphs[key] = (graph, out)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out

@@ -62,13 +62,10 @@ class StepDone(NamedTuple):
 
 def check_speculative_engine(cfg: RunConfig, device) -> None:
     """What the engine can verify, before any weights load: drafts through a backend that attends q_len > 1 in
-    absorbed form; MTP drafting in eager steps only."""
+    absorbed form."""
     spec: SpeculativeConfig = cfg.speculative
     if spec.method == "none":
         return
-    if spec.method == "mtp" and cfg.cuda_graphs:
-        raise ConfigError("speculative=mtp runs every step eagerly (CUDA graphs of MTP drafting are not built): "
-                          "leave cuda_graphs unset or set it to false")
     cls = backend_class(resolve_name(cfg.attention.name, device.type), cfg.metadata.strategy)
     if not cls.capabilities.absorbed_chunks:
         raise ConfigError(f"speculative={spec.method} verifies drafts with q_len > 1 in absorbed form, which "

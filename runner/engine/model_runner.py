@@ -15,14 +15,15 @@ through the non-absorbed prefill attention with the step's ``PrefillMetadata``; 
 token of the step, and at every prompt position of a request that asks for prompt logprobs (made from the hidden
 states, ``engine/prompt_logprobs.py``).
 
-A step where requests verify drafts (speculative decoding, docs/speculative.md#4-the-engine) runs eager too: each
-such request feeds its last token and its d drafts (q_len = 1 + d) and attends in absorbed form, causal over them
-after its cached tokens, together with the step's plain decodes, through the backend's ``build_chunk_metadata``
-(per-request q_len); logits at every one of its positions, which the ``Verifier`` turns into the tokens it emits.
-CUDA graphs of verify steps are not built yet. With ``speculative=mtp`` every step runs eager: after its tokens are
-known the ``MTPDrafter`` (engine/mtp_drafter.py) runs the MTP layer over the step's hidden states and returns each
-request's drafts for its next step; the MTP layer has a slice of the paged cache of its own (same pages and slots as
-the main layers).
+With speculative decoding (docs/speculative.md#4-the-engine) a request that verifies drafts feeds its last token and
+its d drafts (q_len = 1 + d) and attends in absorbed form, causal over them after its cached tokens; logits at every
+one of its positions, which the ``Verifier`` turns into the tokens it emits. A step of such requests and plain decodes
+only (the steady state) is a ``VerifyStep`` (engine/spec_steps.py): persistent buffers, the metadata built on the
+device, a graph replay per (batch bucket, q_len) with CUDA graphs. With ``speculative=mtp`` the MTP layer then drafts
+each request's next tokens from the step's hidden states: an ``MTPDraftStep`` after a verify step (a graph replay
+too), the ``MTPDrafter`` (engine/mtp_drafter.py) after a step with prompt chunks, which runs eager, as do the drafts
+of a step that also has prompt chunks (through the backend's ``build_chunk_metadata``). The MTP layer has a slice of
+the paged cache of its own (same pages and slots as the main layers).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from mla_runner.engine.prompt_logprobs import prompt_logprobs as prompt_logprobs
 from mla_runner.engine.request import Request
 from mla_runner.engine.sampler import DrawKeys, TokenLogprobs, sample
 from mla_runner.engine.scheduler import ScheduledBatch
+from mla_runner.engine.spec_steps import MTPDraftStep, VerifyStep
 from mla_runner.engine.verifier import Verifier
 from mla_runner.errors import ConfigError
 from mla_runner.kernels.kv_cache import KVCacheLayout
@@ -113,6 +115,8 @@ class DecodeBuffers:
 class ModelRunner:
     verifier: Optional[Verifier] = None  # set by speculate(): steps may verify drafts
     drafter: Optional[MTPDrafter] = None  # set by speculate() with speculative=mtp: steps draft with the MTP layer
+    verify_step: Optional[VerifyStep] = None  # set by speculate(): steps of decodes and verifications only
+    draft_step: Optional[MTPDraftStep] = None  # set by speculate() with speculative=mtp: drafting after a verify step
 
     def __init__(self, cfg: RunConfig, source: ModelSource, par: Parallel, device: torch.device, progress: bool,
                  eos_token_ids: Sequence[int] = (), fit_max_model_len: bool = False):
@@ -126,6 +130,7 @@ class ModelRunner:
         torch.manual_seed(cfg.seed)
         self.page_size = cfg.page_size
         self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
+        speculating = cfg.speculative.method != "none"
         try:
             layout = KVCacheLayout(cfg.kv_cache_dtype, args.kv_lora_rank, args.qk_rope_head_dim, self.dtype)
         except ValueError as e:  # the model's widths do not fit the layout
@@ -133,13 +138,14 @@ class ModelRunner:
         spec = AttentionSpec(num_heads=par.part(args.num_attention_heads), kv_lora_rank=args.kv_lora_rank,
                              rope_dim=args.qk_rope_head_dim, page_size=cfg.page_size, dtype=self.dtype,
                              device=device, max_batch=cfg.max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
+                             max_q_len=1 + cfg.speculative.num_tokens if speculating else 1,
                              kv_cache_dtype=cfg.kv_cache_dtype)
         # the backend and the graph decision come before the weights load: a combination that cannot run fails fast
         self.backend = make_backend(cfg.attention.name, cfg.metadata.strategy, spec,
                                     num_kv_splits=cfg.metadata.num_kv_splits, dram_ratio=cfg.metadata.dram_ratio)
         self.context_chunk_tokens = context_chunk_tokens(spec.num_heads, args.qk_nope_head_dim + args.v_head_dim,
                                                          self.dtype.itemsize, cfg.page_size)
-        use_graphs = self._use_cuda_graphs()
+        self.use_graphs = self._use_cuda_graphs()
         self.fp8 = source.use_fp8(cfg.weights, device)
         mtp = cfg.speculative.method == "mtp"
         start = time.perf_counter()
@@ -166,7 +172,9 @@ class ModelRunner:
         self.kv.attach(attention_layers)
         self.buffers = DecodeBuffers.allocate(cfg.max_batch_size, self.max_pages_per_seq, device)
         self.block_table = BlockTable(cfg.max_batch_size, self.max_pages_per_seq)
-        self.graphs = DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress) if use_graphs else None
+        # with MTP drafting every decode step is a verify step (the drafts need its hidden states): no decode graphs
+        self.graphs = (DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress)
+                       if self.use_graphs and not mtp else None)
         self.decode_sampler = DecodeSampler(cfg.max_batch_size, args.vocab_size, device)
         self._seeds: dict[int, int] = {}  # request id -> the seed of its draws
         self.profiler: Optional[StepProfiler] = None  # set by profile()
@@ -196,7 +204,7 @@ class ModelRunner:
                 "kv_cache_scale": self.cfg.kv_cache_scale if layout.kind == "fp8" else None,
                 **self.kv.describe(), "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
-                "max_model_len": self.max_model_len, "cuda_graphs": self.graphs is not None,
+                "max_model_len": self.max_model_len, "cuda_graphs": self.use_graphs,
                 "graph_batch_sizes": self.graphs.buckets if self.graphs is not None else [],
                 "load_seconds": round(self.load_seconds, 2)}
 
@@ -209,21 +217,39 @@ class ModelRunner:
 
     def _use_cuda_graphs(self) -> bool:
         """Graphs wherever the backend's step can be captured; ``cuda_graphs=true`` where it cannot is a config
-        error (checked again here, with the device resolved). None with MTP drafting, whose steps all run eager."""
+        error (checked again here, with the device resolved)."""
         cfg = self.cfg
         check_choice(cfg.attention.name, cfg.metadata.strategy, cuda_graphs=cfg.cuda_graphs, device=self.device.type)
-        possible = (self.device.type == "cuda" and self.backend.capabilities.cuda_graphs
-                    and cfg.speculative.method != "mtp")
+        possible = self.device.type == "cuda" and self.backend.capabilities.cuda_graphs
         return possible if cfg.cuda_graphs is None else cfg.cuda_graphs
+
+    @contextlib.contextmanager
+    def eager(self):
+        """Steps run inside without graph replays (a benchmark whose module hooks must see the step)."""
+        saved = self.graphs, self.verify_step, self.draft_step
+        self.graphs = self.verify_step = self.draft_step = None
+        try:
+            yield
+        finally:
+            self.graphs, self.verify_step, self.draft_step = saved
 
     # ----------------------------------------------------------------------------------------------- steps
     def speculate(self, spec: SpeculativeConfig) -> None:
         """Let steps verify drafts (``ScheduledBatch.num_drafts``), with ``spec``'s settings; with ``mtp``, draft
         with the MTP layer after each step (``StepOutput.drafts``)."""
+        if 1 + spec.num_tokens > self.backend.spec.max_q_len:
+            raise ValueError(f"speculative.num_tokens={spec.num_tokens}: the backend was made for steps of up to "
+                             f"{self.backend.spec.max_q_len} tokens a request")
         self.verifier = Verifier(spec, self.device, seed=self.cfg.seed)
+        if self.backend.capabilities.varlen_q:
+            self.verify_step = VerifyStep(self.model, self.backend, self.buffers.block_table, 1 + spec.num_tokens,
+                                          self.kv.scratch_slot, self.dtype, self.use_graphs)
         if spec.method == "mtp":
             self.drafter = MTPDrafter(self.model.mtp, self.backend, spec.num_tokens, self.page_size,
                                       self.max_model_len, self.num_pages + 1, self._chunk_metadata)
+            if self.verify_step is not None:
+                self.draft_step = MTPDraftStep(self.model.mtp, self.verify_step, spec.num_tokens, self.page_size,
+                                               self.num_pages + 1, self.drafter.scratch_per_slot)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
@@ -236,10 +262,13 @@ class ModelRunner:
             label += f", {sum(batch.num_drafts)} drafts"
         prompt_rows, targets, owners = prompt_logprob_rows(batch)
         prompt_logprobs: list[list[TokenLogprobs]] = [[] for _ in reqs]
-        graphed = D == len(reqs) and not batch.has_drafts and self.drafter is None and self.graphs is not None
+        plain = D == len(reqs) and not batch.has_drafts and self.drafter is None
+        verifying = D == len(reqs) and not plain and self.verify_step is not None
+        graphed = plain and self.graphs is not None
         with self._traced(label):
-            if D == len(reqs) and not batch.has_drafts and self.drafter is None:
-                logits = self.decode_logits(reqs)  # a prompt position's row is its request's logits row
+            if plain or verifying:
+                # a prompt position's row is its request's logits row (one row a token)
+                logits = self.decode_logits(reqs) if plain else self._verify_logits(reqs, batch.num_new)
                 if prompt_rows:
                     index = torch.tensor(prompt_rows, device=logits.device)
                     prompt_logprobs = prompt_logprobs_of(lambda lo, hi: logits[index[lo:hi]], targets, owners, reqs,
@@ -271,7 +300,11 @@ class ModelRunner:
             out = StepOutput([[] for _ in reqs], [[] for _ in reqs], prompt_logprobs, [[] for _ in reqs])
             for i, emitted, entries in zip(done, tokens, logprobs):
                 out.tokens[i], out.logprobs[i] = emitted, entries
-            if self.drafter is not None:
+            rooms = [self.drafter.room(r, t) for r, t in zip(reqs, out.tokens)] if self.drafter is not None else []
+            if self.draft_step is not None and verifying and any(rooms):  # none: every request ends with the step
+                out.drafts[:] = self.draft_step.draft(reqs, [r.num_computed for r in reqs], batch.num_new,
+                                                      out.tokens, rooms)
+            elif self.drafter is not None and not verifying:
                 out.drafts[:] = self.drafter.draft(batch, hidden, out.tokens)
         return out
 
@@ -354,20 +387,35 @@ class ModelRunner:
         last = list(range(T)) + [T + end - 1 for end in itertools.accumulate(q_lens)]
         return self.model.compute_logits(hidden[torch.tensor(last, device=device)]), hidden
 
-    def _verify_inputs(self, reqs: list[Request], num_new: list[int]
-                       ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Any]:
+    def _verify_rows(self, reqs: list[Request], num_new: list[int]
+                     ) -> tuple[list[int], list[int], list[int], list[int]]:
         """Token ids, positions and cache slots of requests that feed their last token and their drafts (``num_new``
-        = 1 + d, d = 0 for a plain decode), and the absorbed metadata of their attention: per-request q_len, each
-        causal over its own tokens after its cached ones, which is what ``build_chunk_metadata`` serves."""
+        = 1 + d, d = 0 for a plain decode), and each request's KV length after them."""
         ids, positions, slots, seq_lens = [], [], [], []
-        block_table = torch.zeros(len(reqs), max(len(r.pages) for r in reqs), dtype=torch.int32)
-        for i, (req, n) in enumerate(zip(reqs, num_new)):
+        for req, n in zip(reqs, num_new):
             start = req.num_computed
-            block_table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
             ids += [req.token_at(start), *req.draft_token_ids[: n - 1]]
             positions += range(start, start + n)
             slots += [self._slot(req, p) for p in range(start, start + n)]
             seq_lens.append(start + n)
+        return ids, positions, slots, seq_lens
+
+    def _verify_logits(self, reqs: list[Request], num_new: list[int]) -> torch.Tensor:
+        """A step of decodes and verifications only, up to its logits [sum(num_new), vocab] fp32 (``VerifyStep``: a
+        graph replay where there are graphs)."""
+        self.buffers.block_table[: len(reqs)].copy_(self.block_table.update(reqs), non_blocking=True)
+        ids, positions, slots, seq_lens = self._verify_rows(reqs, num_new)
+        return self.verify_step.logits(ids, positions, slots, list(num_new), seq_lens)
+
+    def _verify_inputs(self, reqs: list[Request], num_new: list[int]
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Any]:
+        """``_verify_rows`` on the device, and the absorbed metadata of their attention in an eager step: per-request
+        q_len, each causal over its own tokens after its cached ones, which is what ``build_chunk_metadata``
+        serves."""
+        ids, positions, slots, seq_lens = self._verify_rows(reqs, num_new)
+        block_table = torch.zeros(len(reqs), max(len(r.pages) for r in reqs), dtype=torch.int32)
+        for i, req in enumerate(reqs):
+            block_table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
         i32 = dict(dtype=torch.int32, device=self.device)
         inputs = StepInputs(seq_lens=torch.tensor(seq_lens, **i32),
                             qo_indptr=torch.tensor(list(itertools.accumulate(num_new, initial=0)), **i32),

@@ -108,6 +108,13 @@ class MTPDrafter:
             drafts[r.index] = row[: r.room]
         return drafts
 
+    def room(self, req: Request, emitted: Sequence[int]) -> int:
+        """How many drafts the request may make after a step that emitted ``emitted`` (none: a prompt's chunk)."""
+        if not emitted:
+            return 0
+        return draft_room(self.k, req.params.max_tokens, len(req.output_token_ids) + len(emitted),
+                          req.num_tokens + len(emitted), self.max_model_len)
+
     def _first_pass_rows(self, batch: ScheduledBatch, emitted: Sequence[Sequence[int]]
                          ) -> tuple[_FirstPass, list[_Drafting]]:
         """The first pass's rows (on the host) and the requests that draft."""
@@ -125,8 +132,7 @@ class MTPDrafter:
             rows.slots.append(torch.tensor(req.pages)[position // ps] * ps + position % ps)
             rows.q_lens.append(m)
             rows.contexts.append(start)
-            room = draft_room(self.k, req.params.max_tokens, len(req.output_token_ids) + len(out),
-                              req.num_tokens + len(out), self.max_model_len) if out else 0
+            room = self.room(req, out)
             if room:
                 first = self.first_scratch_page + len(drafting) * self.scratch_per_slot
                 pages = req.pages + list(range(first, first + self.scratch_per_slot))

@@ -97,7 +97,7 @@ def bench_decode(cfg: RunConfig) -> dict:
     floor_s = (weight_bytes + kv_bytes) / (ceilings.copy_gbps * 1e9)
     return {
         "mode": "decode", "tp": engine.par.world, "moe": cfg.parallel.moe, "batch": B, "context": L,
-        "cuda_graphs": runner.graphs is not None,
+        "cuda_graphs": runner.use_graphs,
         "step_ms": step_s * 1e3, "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / step_s,
         "tokens_per_s_per_request": tokens_per_step / step_s / B,
         "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
@@ -241,11 +241,10 @@ def count_experts(engine: LLMEngine) -> list[int]:
 
     runner = engine.runner
     hooks = [m.register_forward_hook(record) for name, m in runner.model.named_modules() if name.endswith("mlp.gate")]
-    graphs, runner.graphs = runner.graphs, None
     try:
-        engine.step()
+        with runner.eager():
+            engine.step()
     finally:
-        runner.graphs = graphs
         for h in hooks:
             h.remove()
     return unique

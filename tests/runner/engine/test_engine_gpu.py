@@ -1,6 +1,7 @@
 """On a GPU: the CUDA-graphed decode step equals eager execution on full-width truncated models (its sampling, in
-the decode sampler's graph, equals ``sample`` on the same logits), and the fused MoE in the model equals the expert
-loop."""
+the decode sampler's graph, equals ``sample`` on the same logits), so do the graphed verify and MTP drafting steps of
+speculative decoding with per-request q_lens that change every replay, and the fused MoE in the model equals the
+expert loop."""
 from __future__ import annotations
 
 import pytest
@@ -50,6 +51,52 @@ def test_graph_replay_equals_eager_full_width(model, layers):
             req.num_computed = req.num_tokens
             req.output_token_ids.append(token)
     assert runner.decode_sampler.num_graphs == 1  # one bucket, one combination of steps
+    del engine, runner, batch
+    torch.cuda.empty_cache()
+
+
+def test_verify_and_draft_graphs_equal_eager_with_changing_q_lens():
+    """DeepSeek-V3 widths with the MTP layer, k = 3: five requests (bucket 8) verify 0-3 drafts each, a different mix
+    every step, so the graph of (8, Q) replays with new q_lens and lengths; its logits and hidden states, and the
+    drafting graph's drafts, equal the same step run eagerly over the same padded buffers (the same work plan)."""
+    cfg = compose_config(["model=deepseek_v3", "model.random_weights=true", "model.num_layers=4", "attention=triton",
+                          "metadata=persistent", "dtype=bfloat16", "device=cuda", "max_batch_size=16",
+                          "max_model_len=8192", "progress=false", "speculative=mtp", "speculative.num_tokens=3"])
+    engine = LLMEngine(cfg)
+    runner = engine.runner
+    assert runner.use_graphs and runner.graphs is None and runner.verify_step.graphs is not None
+    batch = fill_running(engine, [4000, 17, 1, 640, 129], max_tokens=64)
+    gen = torch.Generator().manual_seed(0)
+    mixes = [[3, 0, 2, 1, 3], [1, 1, 1, 1, 1], [0, 3, 3, 0, 2], [2, 2, 0, 3, 1]]
+    for step, drafts in enumerate(mixes):
+        for req, d in zip(batch, drafts):
+            req.draft_token_ids = torch.randint(0, engine.args.vocab_size, (d,), generator=gen).tolist()
+            engine.scheduler.blocks.allocate(req, req.num_computed + 1 + d)
+        num_new = [1 + d for d in drafts]
+        T, Q = sum(num_new), max(num_new)
+        with torch.inference_mode():
+            graph_logits = runner._verify_logits(batch, num_new).clone()
+            graph_hidden = runner.verify_step.hidden[:T].clone()
+            eager_logits = runner.verify_step.forward(8, 8 * Q, Q)[:T]
+        err = (graph_logits - eager_logits).abs().max() / eager_logits.abs().max()
+        assert err < 1e-5, (step, err)
+        assert torch.equal(graph_hidden, runner.verify_step.hidden[:T])
+        # the emitted tokens: the target's argmax at 1 + (step % 2) rows of each request (drafts "accepted" or not)
+        argmax = graph_logits.argmax(-1).tolist()
+        starts = [sum(num_new[:b]) for b in range(len(batch))]
+        emitted = [argmax[s : s + min(n, 1 + step % 2)] for s, n in zip(starts, num_new)]
+        rooms = [3, 2, 3, 1, 0]
+        positions = [r.num_computed for r in batch]
+        with torch.inference_mode():
+            graph_drafts = runner.draft_step.draft(batch, positions, num_new, emitted, rooms)
+            eager_drafts = runner.draft_step.forward(8, 8 * Q, Q)[: len(batch)].tolist()
+        assert graph_drafts == [row[:room] for row, room in zip(eager_drafts, rooms)], step
+        for req, out in zip(batch, emitted):
+            req.output_token_ids += out
+            req.num_computed += len(out)
+            req.draft_token_ids = []
+            engine.scheduler.blocks.trim(req, req.num_tokens)
+    assert len(runner.verify_step.graphs) == len({max(m) + 1 for m in mixes})
     del engine, runner, batch
     torch.cuda.empty_cache()
 
