@@ -37,14 +37,14 @@ def measure(budget: int, pairs: str, args) -> dict:
         *([] if pairs == "default" else [f"chunk_attention_budget={pairs}"])])
     engine = LLMEngine(cfg)
     runner, absorbed = engine.runner, []
-    build = runner._chunk_metadata
+    build = runner.eager_step.chunk_metadata
 
     def record_form(*a):
         meta = build(*a)
         absorbed.append(meta.absorbed is not None)
         return meta
 
-    runner._chunk_metadata = record_form
+    runner.eager_step.chunk_metadata = record_form
     gen = torch.Generator().manual_seed(0)
     vocab = engine.args.vocab_size
 

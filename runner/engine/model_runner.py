@@ -21,14 +21,13 @@ one of its positions, which the ``Verifier`` turns into the tokens it emits. A s
 only (the steady state) is a ``VerifyStep`` (engine/spec_steps.py): persistent buffers, the metadata built on the
 device, a graph replay per (batch bucket, q_len) with CUDA graphs. With ``speculative=mtp`` the MTP layer then drafts
 each request's next tokens from the step's hidden states: an ``MTPDraftStep`` after a verify step (a graph replay
-too), the ``MTPDrafter`` (engine/mtp_drafter.py) after a step with prompt chunks, which runs eager, as do the drafts
-of a step that also has prompt chunks (through the backend's ``build_chunk_metadata``). The MTP layer has a slice of
-the paged cache of its own (same pages and slots as the main layers).
+too), the ``MTPDrafter`` (engine/mtp_drafter.py, eager) after a step with prompt chunks, whose verifications run eager
+too (through the backend's ``build_chunk_metadata``). The MTP layer has a slice of the paged cache of its own (same
+pages and slots as the main layers).
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 import time
 from collections.abc import Sequence
@@ -39,12 +38,13 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from mla_runner.attention import AttentionSpec, StepInputs, check_choice, make_backend
-from mla_runner.attention.prefill import absorbed_is_cheaper, build_prefill_metadata, context_chunk_tokens
+from mla_runner.attention.prefill import context_chunk_tokens
 from mla_runner.config import TORCH_DTYPES, RunConfig, SpeculativeConfig
 from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
 from mla_runner.engine.cuda_graphs import DecodeGraphs
 from mla_runner.engine.decode_sampler import DecodeSampler
+from mla_runner.engine.eager_step import EagerStep, slot_of, verify_rows
 from mla_runner.engine.kv_cache import KVCache, kv_cache_pages
 from mla_runner.engine.mtp_drafter import MTPDrafter, scratch_pages_per_slot
 from mla_runner.engine.profiling import StepProfiler
@@ -57,7 +57,7 @@ from mla_runner.engine.spec_steps import MTPDraftStep, VerifyStep
 from mla_runner.engine.verifier import Verifier
 from mla_runner.errors import ConfigError
 from mla_runner.kernels.kv_cache import KVCacheLayout
-from mla_runner.models.context import ForwardContext, PrefillMetadata
+from mla_runner.models.context import ForwardContext
 from mla_runner.models.parallel import Parallel
 
 
@@ -143,8 +143,6 @@ class ModelRunner:
         # the backend and the graph decision come before the weights load: a combination that cannot run fails fast
         self.backend = make_backend(cfg.attention.name, cfg.metadata.strategy, spec,
                                     num_kv_splits=cfg.metadata.num_kv_splits, dram_ratio=cfg.metadata.dram_ratio)
-        self.context_chunk_tokens = context_chunk_tokens(spec.num_heads, args.qk_nope_head_dim + args.v_head_dim,
-                                                         self.dtype.itemsize, cfg.page_size)
         self.use_graphs = self._use_cuda_graphs()
         self.fp8 = source.use_fp8(cfg.weights, device)
         mtp = cfg.speculative.method == "mtp"
@@ -175,6 +173,10 @@ class ModelRunner:
         # with MTP drafting every decode step is a verify step (the drafts need its hidden states): no decode graphs
         self.graphs = (DecodeGraphs(self._decode_forward, cfg.max_batch_size, progress)
                        if self.use_graphs and not mtp else None)
+        self.eager_step = EagerStep(self.model, self.backend, cfg.page_size,
+                                    context_chunk_tokens(spec.num_heads, args.qk_nope_head_dim + args.v_head_dim,
+                                                         self.dtype.itemsize, cfg.page_size),
+                                    device, self._decode_part)
         self.decode_sampler = DecodeSampler(cfg.max_batch_size, args.vocab_size, device)
         self._seeds: dict[int, int] = {}  # request id -> the seed of its draws
         self.profiler: Optional[StepProfiler] = None  # set by profile()
@@ -246,7 +248,7 @@ class ModelRunner:
                                           self.kv.scratch_slot, self.dtype, self.use_graphs)
         if spec.method == "mtp":
             self.drafter = MTPDrafter(self.model.mtp, self.backend, spec.num_tokens, self.page_size,
-                                      self.max_model_len, self.num_pages + 1, self._chunk_metadata)
+                                      self.max_model_len, self.num_pages + 1, self.eager_step.chunk_metadata)
             if self.verify_step is not None:
                 self.draft_step = MTPDraftStep(self.model.mtp, self.verify_step, spec.num_tokens, self.page_size,
                                                self.num_pages + 1, self.drafter.scratch_per_slot)
@@ -274,7 +276,7 @@ class ModelRunner:
                     prompt_logprobs = prompt_logprobs_of(lambda lo, hi: logits[index[lo:hi]], targets, owners, reqs,
                                                          self.device)
             else:
-                logits, hidden = self._mixed_logits(batch)
+                logits, hidden = self.eager_step.logits(batch)
                 if prompt_rows:
                     index = torch.tensor(prompt_rows, device=self.device)
                     prompt_logprobs = prompt_logprobs_of(
@@ -325,7 +327,7 @@ class ModelRunner:
         buf = self.buffers
         buf.input_ids[:B].copy_(torch.tensor([req.token_at(req.num_computed) for req in batch]), non_blocking=True)
         buf.positions[:B].copy_(torch.tensor([req.num_computed for req in batch]), non_blocking=True)
-        buf.slot_mapping[:B].copy_(torch.tensor([self._slot(req, req.num_computed) for req in batch]),
+        buf.slot_mapping[:B].copy_(torch.tensor([slot_of(req, req.num_computed, self.page_size) for req in batch]),
                                    non_blocking=True)
         buf.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
         buf.block_table[:B].copy_(self.block_table.update(batch), non_blocking=True)
@@ -346,101 +348,21 @@ class ModelRunner:
         buf.seq_lens[B:bs].zero_()
         return self.graphs.replay(B)
 
-    def _mixed_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """An eager step: its first ``num_decode`` requests (one token each, or their last token and drafts) through
-        the backend's absorbed attention, the prompt chunks after them in the form ``_chunk_metadata`` picks; logits
-        [rows, vocab] at every token of the first ones and at each chunk's last token, and the final hidden states
-        [T, hidden_size] of the step's tokens in batch order."""
-        D, device, buf, size = batch.num_decode, self.device, self.buffers, self.page_size
-        chunks, q_lens = batch.requests[D:], batch.num_new[D:]
-        metadata = None
-        if batch.has_drafts:
-            (first_ids, first_positions, first_slots), metadata = self._verify_inputs(batch.requests[:D],
-                                                                                      batch.num_new[:D])
-        else:
-            first_ids, first_positions, first_slots = buf.input_ids[:D], buf.positions[:D], buf.slot_mapping[:D]
-            if D:
-                seq_lens = self._fill_decode_inputs(batch.requests[:D])
-                metadata = self.backend.build_metadata(StepInputs(
-                    seq_lens=buf.seq_lens[:D], qo_indptr=buf.qo_indptr[: D + 1], block_table=buf.block_table[:D],
-                    seq_lens_host=seq_lens, q_lens_host=[1] * D))
-        T = first_ids.shape[0]
-        ids, positions, slots = [first_ids], [first_positions], [first_slots]
-        prefill = None
-        if chunks:
-            block_table = torch.zeros(len(chunks), max(len(r.pages) for r in chunks), dtype=torch.int32)
-            for i, (req, n) in enumerate(zip(chunks, q_lens)):
-                start = req.num_computed
-                pages = torch.tensor(req.pages, dtype=torch.int64)
-                block_table[i, : len(req.pages)] = pages.to(torch.int32)
-                pos = torch.arange(start, start + n)
-                ids.append(torch.tensor(req.token_ids[start : start + n]))
-                positions.append(pos)
-                slots.append(pages[pos // size] * size + pos % size)
-            prefill = self._chunk_metadata(q_lens, [r.num_computed for r in chunks], block_table.to(device))
-        on_device = [t.to(device, non_blocking=True) for t in (*ids[1:], *positions[1:], *slots[1:])]
-        P = len(chunks)
-        ctx = ForwardContext(positions=torch.cat([positions[0], *on_device[P : 2 * P]]),
-                             slot_mapping=torch.cat([slots[0], *on_device[2 * P :]]),
-                             backend=self.backend, attn_metadata=metadata, prefill=prefill)
-        hidden = self.model(torch.cat([ids[0], *on_device[:P]]), ctx)
-        last = list(range(T)) + [T + end - 1 for end in itertools.accumulate(q_lens)]
-        return self.model.compute_logits(hidden[torch.tensor(last, device=device)]), hidden
-
-    def _verify_rows(self, reqs: list[Request], num_new: list[int]
-                     ) -> tuple[list[int], list[int], list[int], list[int]]:
-        """Token ids, positions and cache slots of requests that feed their last token and their drafts (``num_new``
-        = 1 + d, d = 0 for a plain decode), and each request's KV length after them."""
-        ids, positions, slots, seq_lens = [], [], [], []
-        for req, n in zip(reqs, num_new):
-            start = req.num_computed
-            ids += [req.token_at(start), *req.draft_token_ids[: n - 1]]
-            positions += range(start, start + n)
-            slots += [self._slot(req, p) for p in range(start, start + n)]
-            seq_lens.append(start + n)
-        return ids, positions, slots, seq_lens
-
     def _verify_logits(self, reqs: list[Request], num_new: list[int]) -> torch.Tensor:
         """A step of decodes and verifications only, up to its logits [sum(num_new), vocab] fp32 (``VerifyStep``: a
         graph replay where there are graphs)."""
         self.buffers.block_table[: len(reqs)].copy_(self.block_table.update(reqs), non_blocking=True)
-        ids, positions, slots, seq_lens = self._verify_rows(reqs, num_new)
+        ids, positions, slots, seq_lens = verify_rows(reqs, num_new, self.page_size)
         return self.verify_step.logits(ids, positions, slots, list(num_new), seq_lens)
 
-    def _verify_inputs(self, reqs: list[Request], num_new: list[int]
-                       ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Any]:
-        """``_verify_rows`` on the device, and the absorbed metadata of their attention in an eager step: per-request
-        q_len, each causal over its own tokens after its cached ones, which is what ``build_chunk_metadata``
-        serves."""
-        ids, positions, slots, seq_lens = self._verify_rows(reqs, num_new)
-        block_table = torch.zeros(len(reqs), max(len(r.pages) for r in reqs), dtype=torch.int32)
-        for i, req in enumerate(reqs):
-            block_table[i, : len(req.pages)] = torch.tensor(req.pages, dtype=torch.int32)
-        i32 = dict(dtype=torch.int32, device=self.device)
-        inputs = StepInputs(seq_lens=torch.tensor(seq_lens, **i32),
-                            qo_indptr=torch.tensor(list(itertools.accumulate(num_new, initial=0)), **i32),
-                            block_table=block_table.to(self.device), q_len=max(num_new), seq_lens_host=seq_lens,
-                            q_lens_host=list(num_new))
-        tensors = tuple(torch.tensor(x, dtype=torch.int64).to(self.device, non_blocking=True)
-                        for x in (ids, positions, slots))
-        return tensors, self.backend.build_chunk_metadata(inputs)
-
-    def _chunk_metadata(self, q_lens: list[int], context_lens: list[int], block_table: torch.Tensor
-                        ) -> PrefillMetadata:
-        """The step's prompt chunks: in absorbed form where the backend runs it and it takes fewer FLOPs (short chunks
-        after a long context: ``absorbed_is_cheaper``), else non-absorbed with context slices."""
-        a = self.args
-        if self.backend.capabilities.absorbed_chunks and absorbed_is_cheaper(
-                q_lens, context_lens, a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim, a.v_head_dim):
-            seq_lens = [c + n for c, n in zip(context_lens, q_lens)]
-            cu_q = list(itertools.accumulate(q_lens, initial=0))
-            i32 = dict(dtype=torch.int32, device=self.device)
-            inputs = StepInputs(seq_lens=torch.tensor(seq_lens, **i32), qo_indptr=torch.tensor(cu_q, **i32),
-                                block_table=block_table, q_len=max(q_lens), seq_lens_host=seq_lens,
-                                q_lens_host=list(q_lens))
-            return PrefillMetadata(num_tokens=cu_q[-1], cu_seqlens_q=inputs.qo_indptr, max_q_len=max(q_lens),
-                                   absorbed=self.backend.build_chunk_metadata(inputs))
-        return build_prefill_metadata(q_lens, context_lens, block_table, self.page_size, self.context_chunk_tokens)
+    def _decode_part(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """Plain decodes of an eager step, from the decode buffers: token ids, positions, slots and their metadata."""
+        D, buf = len(reqs), self.buffers
+        seq_lens = self._fill_decode_inputs(reqs)
+        metadata = self.backend.build_metadata(StepInputs(
+            seq_lens=buf.seq_lens[:D], qo_indptr=buf.qo_indptr[: D + 1], block_table=buf.block_table[:D],
+            seq_lens_host=seq_lens, q_lens_host=[1] * D))
+        return buf.input_ids[:D], buf.positions[:D], buf.slot_mapping[:D], metadata
 
     def _decode_forward(self, bs: int, seq_lens_host: list[int] | None = None) -> torch.Tensor:
         """Metadata, model and logits over the first ``bs`` decode slots: the part CUDA graphs capture (host
@@ -491,6 +413,3 @@ class ModelRunner:
         """Forget a finished request's seed and sampling rows."""
         self._seeds.pop(req.request_id, None)
         self.decode_sampler.release(req)
-
-    def _slot(self, req: Request, position: int) -> int:
-        return req.pages[position // self.page_size] * self.page_size + position % self.page_size

@@ -111,14 +111,14 @@ def test_chunked_prefill_and_prefix_caching_equal_transformers(shared_flavour, a
     llm = LLM(str(ckpt), attention=attention, dtype="float32", device=device, page_size=8, max_model_len=280,
               max_batch_size=4, max_num_batched_tokens=budget, enable_prefix_caching=prefix_caching, progress=False)
     runner, forms = llm.engine.runner, []
-    build = runner._chunk_metadata
+    build = runner.eager_step.chunk_metadata
 
     def record_form(*args):
         meta = build(*args)
         forms.append("absorbed" if meta.absorbed is not None else "non-absorbed")
         return meta
 
-    runner._chunk_metadata = record_form
+    runner.eager_step.chunk_metadata = record_form
     tokens, outs = generate_each(llm, prompts, max_tokens)
     assert tokens == expected
     # first chunks (no context) run non-absorbed; at the tiny widths a chunk of 16-32 tokens after as many cached ones

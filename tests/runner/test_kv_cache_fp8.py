@@ -134,14 +134,14 @@ def test_chunked_prefill_and_prefix_hits_read_the_fp8_cache(dsv3_ckpt, dsv3_orac
     llm = LLM(str(dsv3_ckpt), attention="torch", dtype="float32", device="cpu", page_size=8, max_model_len=280,
               max_batch_size=4, max_num_batched_tokens=32, kv_cache_dtype=kind, progress=False)
     runner, forms = llm.engine.runner, []
-    build = runner._chunk_metadata
+    build = runner.eager_step.chunk_metadata
 
     def record_form(*args):
         meta = build(*args)
         forms.append("absorbed" if meta.absorbed is not None else "context" if meta.context else "first")
         return meta
 
-    runner._chunk_metadata = record_form
+    runner.eager_step.chunk_metadata = record_form
     tokens, outs = generate(llm, prompts, max_tokens)
     assert tokens == expected
     assert set(forms) == {"absorbed", "context", "first"}, forms
