@@ -35,20 +35,19 @@ class _Rows:
     ``max_rows`` rows; lengths and query offsets of up to ``max_batch`` requests."""
 
     def __init__(self, max_rows: int, max_batch: int, device: torch.device):
-        i64, i32 = dict(dtype=torch.int64, device=device), dict(dtype=torch.int32, device=device)
-        self.ids, self.positions, self.slots = (torch.zeros(max_rows, **i64) for _ in range(3))
-        self.seq_lens = torch.zeros(max_batch, **i32)
-        self.qo_indptr = torch.zeros(max_batch + 1, **i32)
+        # two copies a step: the rows' three columns in one tensor, the requests' two in another
+        self.columns = torch.zeros(3, max_rows, dtype=torch.int64, device=device)
+        self.ids, self.positions, self.slots = self.columns
+        self.lengths = torch.zeros(2, max_batch + 1, dtype=torch.int32, device=device)
+        self.seq_lens, self.qo_indptr = self.lengths[0, :max_batch], self.lengths[1]
 
     def fill(self, ids: list[int], positions: list[int], slots: list[int], q_lens: list[int], seq_lens: list[int]
              ) -> None:
         """Rows and requests from the host (padding included)."""
         rows, B = len(ids), len(q_lens)
-        for buf, values in ((self.ids, ids), (self.positions, positions), (self.slots, slots)):
-            buf[:rows].copy_(torch.tensor(values, dtype=torch.int64), non_blocking=True)
-        self.seq_lens[:B].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
-        self.qo_indptr[: B + 1].copy_(torch.tensor(list(itertools.accumulate(q_lens, initial=0)), dtype=torch.int32),
-                                      non_blocking=True)
+        self.columns[:, :rows].copy_(torch.tensor([ids, positions, slots], dtype=torch.int64), non_blocking=True)
+        lengths = torch.tensor([[*seq_lens, 0], list(itertools.accumulate(q_lens, initial=0))], dtype=torch.int32)
+        self.lengths[:, : B + 1].copy_(lengths, non_blocking=True)
 
     def context(self, backend: AttentionBackend, block_table: torch.Tensor, bs: int, rows: int, q_len: int,
                 seq_lens_host: list[int] | None, q_lens_host: list[int] | None) -> ForwardContext:
