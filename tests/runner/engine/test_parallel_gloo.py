@@ -1,6 +1,7 @@
 """Two CPU processes over gloo, as torchrun would start them: the same greedy tokens as one process and logits
-equal up to fp32 summation order, for both flavours and both MoE layouts; and ``torchrun -m mla_runner`` itself.
-With two GPUs, the same over NCCL with the decode steps as CUDA-graph replays."""
+equal up to fp32 summation order, for both flavours and both MoE layouts, and with MTP speculative decoding (k = 2:
+every rank drafts and verifies alike); and ``torchrun -m mla_runner`` itself. With two GPUs, the same over NCCL with
+the decode, verify and drafting steps as CUDA-graph replays."""
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ PROMPTS = ([5], [7, 3, 9, 11, 2, 40, 41, 8, 6], list(range(20, 60)))
 MAX_TOKENS = 5
 # Relative max logit error allowed against one process, fp32: the all-reduces only change summation order.
 LOGIT_RTOL = 1e-5
-CASES = [("dsv3", "ep", "torch"), ("dsv3", "tp", "torch"), ("kimi", "ep", "torch"), ("kimi", "tp", "torch"),
-         ("dsv3", "ep", "triton")]
+CASES = [("dsv3", "ep", "torch", None), ("dsv3", "tp", "torch", None), ("kimi", "ep", "torch", None),
+         ("kimi", "tp", "torch", None), ("dsv3", "ep", "triton", None), ("dsv3", "tp", "triton", "mtp")]
 
 
 def _free_port() -> int:
@@ -59,17 +60,18 @@ def _worker(rank: int, world: int, port: int, ckpts: dict[str, str], out_file: s
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     results, full = {}, {}
-    for flavour, moe, attention in CASES:
-        llm = _llm(ckpts[flavour], device, attention=attention, **{"parallel.moe": moe})
+    for flavour, moe, attention, method in CASES:
+        spec = {"speculative_config": {"method": method, "num_speculative_tokens": 2}} if method else {}
+        llm = _llm(ckpts[flavour], device, attention=attention, **{"parallel.moe": moe}, **spec)
         if device == "cuda":
-            assert (llm.engine.runner.graphs is not None) == (attention == "triton")
+            assert llm.engine.runner.use_graphs == (attention == "triton")
         tokens = _generate(llm)
         if flavour not in full:
             model = load_model(ckpts[flavour], dtype=torch.float32, progress=False, device=llm.engine.runner.device)
             full[flavour] = _logits(model)
         ref = full[flavour]
         err = float((_logits(llm.engine.runner.model) - ref).abs().max() / ref.abs().max())
-        results["/".join((flavour, moe, attention))] = {"tokens": tokens, "logit_err": err}
+        results["/".join((flavour, moe, attention, str(method)))] = {"tokens": tokens, "logit_err": err}
     if rank == 0:
         Path(out_file).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -95,10 +97,10 @@ def test_two_ranks_match_one_process(dsv3_ckpt: Path, kimi_ckpt: Path, tmp_path:
     mp.spawn(_worker, args=(2, _free_port(), ckpts, str(out), device), nprocs=2, join=True)
     results = json.loads(out.read_text())
     single = {flavour: _generate(_llm(ckpt, device)) for flavour, ckpt in ckpts.items()}
-    for flavour, moe, attention in CASES:
-        got = results["/".join((flavour, moe, attention))]
-        assert got["tokens"] == single[flavour], (flavour, moe, attention)
-        assert got["logit_err"] < LOGIT_RTOL, (flavour, moe, attention, got["logit_err"])
+    for flavour, moe, attention, method in CASES:
+        got = results["/".join((flavour, moe, attention, str(method)))]
+        assert got["tokens"] == single[flavour], (flavour, moe, attention, method)
+        assert got["logit_err"] < LOGIT_RTOL, (flavour, moe, attention, method, got["logit_err"])
 
 
 def test_torchrun_runs_the_cli_and_rank0_alone_writes(dsv3_ckpt: Path, tmp_path: Path):
