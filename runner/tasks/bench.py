@@ -100,6 +100,7 @@ def bench_decode(cfg: RunConfig) -> dict:
         "cuda_graphs": runner.use_graphs,
         "step_ms": step_s * 1e3, "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / step_s,
         "tokens_per_s_per_request": tokens_per_step / step_s / B,
+        "tokens_per_s_per_gpu": tokens_per_step / step_s / engine.par.world,
         "weight_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
         "gb_s": (weight_bytes + kv_bytes) / step_s / 1e9,
         **_roofline(runner.device, "floor_ms", floor_s * 1e3, floor_s / step_s),

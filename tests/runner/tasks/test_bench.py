@@ -29,7 +29,7 @@ def test_bench_modes(tmp_path, mode, attention, metadata):
         if gpu:
             assert row["roofline_fraction"] == pytest.approx(row["floor_us"] / row["time_us"])
     elif mode == "decode":
-        assert row["tokens_per_s"] == pytest.approx(3 / (row["step_ms"] * 1e-3))
+        assert row["tokens_per_s"] == pytest.approx(3 / (row["step_ms"] * 1e-3)) == row["tokens_per_s_per_gpu"]
         if gpu:
             assert 0 < row["roofline_fraction"] < 1
     if mode != "metadata" and not gpu:  # a CPU's measured rates bound nothing there: no floor, no fraction
@@ -54,6 +54,19 @@ def test_decode_bytes_count_the_experts_routed_to():
     embedding = args.vocab_size * args.hidden_size * 4
     expected = every_param - all_experts - embedding + 2 * args.hidden_size * 4 + sum(unique) * expert
     assert touched_weight_bytes(model, 2, unique) == expected
+
+
+def test_decode_with_mtp_counts_the_tokens_its_steps_emit(tmp_path):
+    """k = 2 with forced acceptance length 3 (every draft accepted): each timed step emits 3 tokens a request, and the
+    row carries the acceptance figures; the experts are counted from an eager step (count_experts runs one, with its
+    router hooks, where the steps are graph replays)."""
+    cfg = compose_config(["task=bench", "task.mode=decode", "task.batch=3", "task.context=70", "task.iters=3",
+                          "task.warmup=1", "page_size=16", "device=auto", "dtype=float32", "progress=false",
+                          "speculative=mtp", "speculative.num_tokens=2", "speculative.force_acceptance_length=3"])
+    (row,) = run_bench(cfg, tmp_path)["rows"]
+    assert row["tokens_per_step"] == 9 and row["mean_acceptance_length"] == 3.0 and row["acceptance_rate"] == 1.0
+    assert row["tokens_per_s"] == pytest.approx(9 / (row["step_ms"] * 1e-3)) == row["tokens_per_s_per_gpu"]
+    assert row["tokens_per_s_per_request"] == pytest.approx(row["tokens_per_s"] / 3)
 
 
 @pytest.mark.parametrize("mode", ["prefill", "throughput"])
