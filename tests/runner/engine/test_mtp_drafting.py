@@ -27,7 +27,14 @@ from mla_runner.errors import ConfigError
 from mla_testing import INTERPRETER
 from mla_testing.mtp import Reference, edit_tensors
 from mla_testing.oracle import rel_err
-from mla_testing.speculative import check_same, completions, greedy_params, record_steps, stop_string_for
+from mla_testing.speculative import (
+    check_same,
+    completions,
+    engines_by_k,
+    greedy_params,
+    record_steps,
+    stop_string_for,
+)
 
 SHRINK = 0.03
 MTP = "model.layers.3."  # the tiny checkpoint's MTP layer
@@ -78,13 +85,7 @@ def baseline(agreeing_ckpt):
 @pytest.fixture(scope="module")
 def speculative(agreeing_ckpt):
     """Engines on the agreeing checkpoint by k, made once."""
-    made: dict[int, LLM] = {}
-
-    def get(k: int) -> LLM:
-        if k not in made:
-            made[k] = LLM(str(agreeing_ckpt), **SETTINGS, **mtp(k))
-        return made[k]
-    return get
+    return engines_by_k(lambda k: LLM(str(agreeing_ckpt), **SETTINGS, **mtp(k)))
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -18,7 +18,14 @@ from mla_runner.config import SpeculativeConfig
 from mla_runner.engine import llm_engine
 from mla_runner.errors import ConfigError
 from mla_testing import INTERPRETER
-from mla_testing.speculative import check_same, completions, greedy_params, record_steps, stop_string_for
+from mla_testing.speculative import (
+    check_same,
+    completions,
+    engines_by_k,
+    greedy_params,
+    record_steps,
+    stop_string_for,
+)
 
 # Prompts of 5 to 97 tokens that repeat a pattern (periods 2, 4, 7, and none), so that prompt lookup drafts; chosen,
 # out of 32 random ones, for outputs on which prompt lookup's drafts are partly accepted.
@@ -47,8 +54,6 @@ def greedy(logprobs: int | None = None) -> list[SamplingParams]:
     return greedy_params(MAX_TOKENS, logprobs)
 
 
-
-
 @pytest.fixture(scope="module")
 def baseline(dsv3_ckpt):
     llm = LLM(str(dsv3_ckpt), **SETTINGS)
@@ -58,13 +63,7 @@ def baseline(dsv3_ckpt):
 @pytest.fixture(scope="module")
 def speculative(dsv3_ckpt):
     """Engines by k, made once."""
-    made: dict[int, LLM] = {}
-
-    def get(k: int) -> LLM:
-        if k not in made:
-            made[k] = LLM(str(dsv3_ckpt), **SETTINGS, **ngram(k))
-        return made[k]
-    return get
+    return engines_by_k(lambda k: LLM(str(dsv3_ckpt), **SETTINGS, **ngram(k)))
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -1,14 +1,26 @@
-"""Helpers of the engine's speculative-decoding tests (n-gram and MTP drafting): completions, greedy settings, the
-comparison of two runs' outputs, a recorder of each step's tokens and drafts, a stop string ending at a token."""
+"""Helpers of the engine's speculative-decoding tests (n-gram and MTP drafting): engines by number of drafts,
+completions, greedy settings, the comparison of two runs' outputs, a recorder of each step's tokens and drafts, a stop
+string ending at a token."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import pytest
 
 from mla_runner import LLM, SamplingParams
+
+
+def engines_by_k(make: Callable[[int], LLM]) -> Callable[[int], LLM]:
+    """``make(k)``'s engine for each number of drafts k, made on first use and kept (a module fixture's value)."""
+    made: dict[int, LLM] = {}
+
+    def get(k: int) -> LLM:
+        if k not in made:
+            made[k] = make(k)
+        return made[k]
+    return get
 
 
 def completions(llm: LLM, params: list[SamplingParams], prompts: list[list[int]]):
