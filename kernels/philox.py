@@ -23,12 +23,12 @@ WEYL_A, WEYL_B = 0x9E3779B9, 0xBB67AE85  # the key increments
 MASK32 = 0xFFFFFFFF
 SEED_MASK = (1 << 63) - 1  # seeds are reduced to 63 bits on the host (``seed_key``)
 # the same constants for the kernel (Triton reads module globals only as constexpr)
-_ROUNDS: tl.constexpr = ROUNDS
-_MUL_A: tl.constexpr = MUL_A
-_MUL_B: tl.constexpr = MUL_B
-_WEYL_A: tl.constexpr = WEYL_A
-_WEYL_B: tl.constexpr = WEYL_B
-_MASK32: tl.constexpr = MASK32
+_ROUNDS = tl.constexpr(ROUNDS)
+_MUL_A = tl.constexpr(MUL_A)
+_MUL_B = tl.constexpr(MUL_B)
+_WEYL_A = tl.constexpr(WEYL_A)
+_WEYL_B = tl.constexpr(WEYL_B)
+_MASK32 = tl.constexpr(MASK32)
 
 
 def seed_key(seed: int) -> int:
