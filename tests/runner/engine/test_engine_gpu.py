@@ -4,6 +4,8 @@ speculative decoding with per-request q_lens that change every replay, and the f
 expert loop."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -52,6 +54,7 @@ def test_graph_replay_equals_eager_full_width(model, layers):
             req.output_token_ids.append(token)
     assert runner.decode_sampler.num_graphs == 1  # one bucket, one combination of steps
     del engine, runner, batch
+    gc.collect()  # the runner and its graphs' step functions refer to each other
     torch.cuda.empty_cache()
 
 
@@ -98,6 +101,7 @@ def test_verify_and_draft_graphs_equal_eager_with_changing_q_lens():
             engine.scheduler.blocks.trim(req, req.num_tokens)
     assert len(runner.verify_step.graphs) == len({max(m) + 1 for m in mixes})
     del engine, runner, batch
+    gc.collect()  # the runner and its graphs' step functions refer to each other
     torch.cuda.empty_cache()
 
 
