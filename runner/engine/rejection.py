@@ -26,6 +26,7 @@ docs/speculative.md derives the formulas and states what the tests check.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
@@ -172,7 +173,8 @@ def forced_num_accepted(acceptance_length: float, num_drafts: torch.Tensor,
 
 
 class AcceptanceStats:
-    """Counts over a run's verify steps, kept on the device (``add`` never waits for it); ``summary`` reads them.
+    """Counts over a run's verify steps, kept on the device (``add`` never waits for it) or, for a step verified on
+    the host, there (``add_host``); ``summary`` reads both.
 
     Per draft position j: how many request-steps drafted a token there (d > j) and how many accepted it
     (accepted > j); the acceptance rate at j is their ratio. The mean acceptance length is the tokens emitted per
@@ -183,6 +185,7 @@ class AcceptanceStats:
         self.drafted = torch.zeros(max_drafts, dtype=torch.long, device=device)
         self.accepted = torch.zeros(max_drafts, dtype=torch.long, device=device)
         self.steps = torch.zeros((), dtype=torch.long, device=device)  # request-steps with >= 1 draft
+        self.host = [[0] * max_drafts, [0] * max_drafts, 0]  # the same three, from add_host
 
     def add(self, num_drafts: torch.Tensor, num_accepted: torch.Tensor) -> None:
         j = torch.arange(self.drafted.shape[0], device=self.drafted.device)
@@ -190,10 +193,25 @@ class AcceptanceStats:
         self.accepted += (num_accepted[:, None] > j).sum(dim=0)
         self.steps += (num_drafts > 0).sum()
 
+    def add_host(self, num_drafts: Sequence[int], num_accepted: Sequence[int]) -> None:
+        drafted, accepted, _ = self.host
+        for d, a in zip(num_drafts, num_accepted):
+            for j in range(d):
+                drafted[j] += 1
+            for j in range(a):
+                accepted[j] += 1
+        self.host[2] += sum(d > 0 for d in num_drafts)
+
+    def counts(self) -> tuple[list[int], list[int], int]:
+        """Per draft position the tokens drafted and accepted there, and the request-steps that drafted."""
+        drafted = [a + b for a, b in zip(self.drafted.tolist(), self.host[0])]
+        accepted = [a + b for a, b in zip(self.accepted.tolist(), self.host[1])]
+        return drafted, accepted, int(self.steps) + self.host[2]
+
     def summary(self) -> dict[str, float | list[float]]:
         """``acceptance_rate_per_position`` (NaN at a position never drafted), ``mean_acceptance_length`` (NaN before
         any draft), ``num_draft_tokens``, ``num_accepted_tokens``, ``num_verify_steps`` (request-steps that drafted)."""
-        drafted, accepted, steps = self.drafted.tolist(), self.accepted.tolist(), int(self.steps)
+        drafted, accepted, steps = self.counts()
         return {
             "acceptance_rate_per_position": [a / d if d else math.nan for a, d in zip(accepted, drafted)],
             "mean_acceptance_length": 1 + sum(accepted) / steps if steps else math.nan,

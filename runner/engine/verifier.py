@@ -8,6 +8,11 @@ as it would be with the drafts before that row accepted, then temperature, min_p
 ``rejection.verify`` keeps the longest acceptable prefix of the drafts plus one token of the target's. Requests of
 the step that drafted nothing (plain decodes, prompts that end) take one row and are sampled by ``sample``, as in a
 step without drafts. Everything stays on the device until the one copy of the emitted tokens to the host.
+
+A step whose requests all want the argmax and nothing else (greedy, no logprobs, no penalties, past ``min_tokens``:
+the usual case, and every benchmark's) is verified on the host instead: one argmax over the rows, one copy of it, and
+the longest matching prefix of each request's drafts found in Python. That takes about 0.1 ms where the general path
+launches some forty small kernels (1.6 ms at batch 1 on an H100, more than a third of a 4-layer model's verify step).
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ class Verifier:
         ``logits`` [sum(d_b + 1), V] fp32: request b's d_b + 1 rows in turn, its drafts ``reqs[b].draft_token_ids
         [:d_b]``; ``seeds``: request b's sampling seed. A request without drafts is sampled by ``sample`` itself, as in
         a step without drafts."""
+        if all(_argmax_only(req) for req in reqs):
+            return self._emit_argmax(logits, reqs, num_drafts), [[] for _ in reqs]
         device, B = logits.device, len(reqs)
         starts = list(itertools.accumulate((d + 1 for d in num_drafts), initial=0))
         plain = [b for b, d in enumerate(num_drafts) if d == 0]
@@ -76,6 +83,34 @@ class Verifier:
             for b, host in zip(drafted, drafted_logprobs):
                 entries[b] = host[: host_counts[b]] if reqs[b].params.logprobs is not None else []
         return emitted, entries
+
+    def _emit_argmax(self, logits: torch.Tensor, reqs: Sequence[Request], num_drafts: Sequence[int]
+                     ) -> list[list[int]]:
+        """``emit`` for requests that all take the argmax: each keeps its drafts as far as they equal the target's
+        argmax at their rows (or as many as forced acceptance says), then the target's argmax at the next row."""
+        target = logits.argmax(dim=-1)
+        T = target.shape[0]
+        drafted = [d for d in num_drafts if d]
+        if self.force_acceptance_length is not None and drafted:  # the draws of the device path: requests that drafted
+            counts = torch.tensor(drafted, dtype=torch.long).to(logits.device, non_blocking=True)
+            target = torch.cat([target, forced_num_accepted(self.force_acceptance_length, counts,
+                                                            self.forced_generator)])
+        host = target.tolist()
+        forced = iter(host[T:]) if len(host) > T else None
+        accepted_counts, emitted, row = [], [], 0
+        for req, d in zip(reqs, num_drafts):
+            drafts, rows = req.draft_token_ids[:d], host[row : row + d + 1]
+            row += d + 1
+            if forced is not None and d:
+                accepted = next(forced)
+            else:
+                accepted = 0
+                while accepted < d and drafts[accepted] == rows[accepted]:
+                    accepted += 1
+            accepted_counts.append(accepted)
+            emitted.append(drafts[:accepted] + [rows[accepted]])
+        self.stats.add_host(num_drafts, accepted_counts)
+        return emitted
 
     def _verify(self, logits: torch.Tensor, reqs: Sequence[Request], num_drafts: Sequence[int],
                 seeds: Sequence[int], eos_token_ids: Sequence[int]) -> VerifyOutput:
@@ -127,3 +162,9 @@ class Verifier:
         host = top_logprobs(logprobs, tokens.flatten().clamp(min=0), max(k for k in ks if k is not None)).to_host(
             [k for k in ks for _ in range(width)])
         return [host[b * width : (b + 1) * width] for b in range(B)]
+
+
+def _argmax_only(req: Request) -> bool:
+    """Whether the request's next tokens are the argmax of the raw logits and it asks for nothing else."""
+    p = req.params
+    return p.greedy and p.logprobs is None and not p.penalized and len(req.output_token_ids) >= p.min_tokens

@@ -171,3 +171,35 @@ def test_acceptance_statistics_per_position():
     assert s["mean_acceptance_length"] == pytest.approx(1 + 8 / 5)  # 5 request-steps drafted, 8 drafts accepted
     assert (s["num_draft_tokens"], s["num_accepted_tokens"], s["num_verify_steps"]) == (12, 8, 5)
     assert math.isnan(AcceptanceStats(2).summary()["mean_acceptance_length"])
+
+
+@pytest.mark.parametrize("forced", [None, 2.5])
+def test_argmax_requests_are_verified_on_the_host_as_on_the_device(forced):
+    """Verifier.emit's host path (every request greedy, nothing else asked) emits what the device path emits for
+    the same requests once one of them asks for logprobs (which sends the step down the device path), and counts the
+    same statistics: drafts matching the argmax up to a mismatch, all of them, none, a request without drafts."""
+    from types import SimpleNamespace
+
+    from mla_runner.config import SpeculativeConfig
+    from mla_runner.engine.verifier import Verifier
+    from mla_runner.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    V, num_drafts = 11, [3, 3, 0, 2]
+    logits = torch.randn(sum(num_drafts) + len(num_drafts), V, generator=gen)
+    argmax = logits.argmax(-1).tolist()
+    drafts = [argmax[0:1] + [(argmax[1] + 1) % V, 4], argmax[4:7], [], [(argmax[9] + 1) % V, 5]]
+
+    def requests(logprobs):
+        return [SimpleNamespace(params=SamplingParams(temperature=0.0, logprobs=logprobs if i == 0 else None),
+                                draft_token_ids=d, output_token_ids=[1, 2], prompt_token_ids=[3])
+                for i, d in enumerate(drafts)]
+
+    spec = SpeculativeConfig(method="ngram", num_tokens=3, force_acceptance_length=forced)
+    host, device = Verifier(spec, torch.device("cpu")), Verifier(spec, torch.device("cpu"))
+    got, entries = host.emit(logits, requests(None), num_drafts, [0] * 4, ())
+    want, _ = device.emit(logits, requests(1), num_drafts, [0] * 4, ())
+    assert got == want and entries == [[]] * 4
+    assert host.stats.summary() == device.stats.summary()
+    if forced is None:
+        assert got == [argmax[0:2], argmax[4:8], argmax[8:9], argmax[9:10]]
