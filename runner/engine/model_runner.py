@@ -42,7 +42,7 @@ from mla_runner.attention.prefill import context_chunk_tokens
 from mla_runner.config import TORCH_DTYPES, RunConfig, SpeculativeConfig
 from mla_runner.engine.block_manager import BlockTable
 from mla_runner.engine.checkpoint import ModelSource
-from mla_runner.engine.cuda_graphs import DecodeGraphs
+from mla_runner.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from mla_runner.engine.decode_sampler import DecodeSampler
 from mla_runner.engine.eager_step import EagerStep, slot_of, verify_rows
 from mla_runner.engine.kv_cache import KVCache, kv_cache_pages
@@ -207,7 +207,7 @@ class ModelRunner:
                 **self.kv.describe(), "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
                 "max_model_len": self.max_model_len, "cuda_graphs": self.use_graphs,
-                "graph_batch_sizes": self.graphs.buckets if self.graphs is not None else [],
+                "graph_batch_sizes": batch_buckets(self.cfg.max_batch_size) if self.use_graphs else [],
                 "load_seconds": round(self.load_seconds, 2)}
 
     def _default_num_pages(self, bytes_per_page: int) -> int:
