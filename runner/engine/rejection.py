@@ -185,7 +185,8 @@ class AcceptanceStats:
         self.drafted = torch.zeros(max_drafts, dtype=torch.long, device=device)
         self.accepted = torch.zeros(max_drafts, dtype=torch.long, device=device)
         self.steps = torch.zeros((), dtype=torch.long, device=device)  # request-steps with >= 1 draft
-        self.host = [[0] * max_drafts, [0] * max_drafts, 0]  # the same three, from add_host
+        # the same three, counted by add_host
+        self.host_drafted, self.host_accepted, self.host_steps = [0] * max_drafts, [0] * max_drafts, 0
 
     def add(self, num_drafts: torch.Tensor, num_accepted: torch.Tensor) -> None:
         j = torch.arange(self.drafted.shape[0], device=self.drafted.device)
@@ -194,19 +195,18 @@ class AcceptanceStats:
         self.steps += (num_drafts > 0).sum()
 
     def add_host(self, num_drafts: Sequence[int], num_accepted: Sequence[int]) -> None:
-        drafted, accepted, _ = self.host
         for d, a in zip(num_drafts, num_accepted):
             for j in range(d):
-                drafted[j] += 1
+                self.host_drafted[j] += 1
             for j in range(a):
-                accepted[j] += 1
-        self.host[2] += sum(d > 0 for d in num_drafts)
+                self.host_accepted[j] += 1
+        self.host_steps += sum(d > 0 for d in num_drafts)
 
     def counts(self) -> tuple[list[int], list[int], int]:
         """Per draft position the tokens drafted and accepted there, and the request-steps that drafted."""
-        drafted = [a + b for a, b in zip(self.drafted.tolist(), self.host[0])]
-        accepted = [a + b for a, b in zip(self.accepted.tolist(), self.host[1])]
-        return drafted, accepted, int(self.steps) + self.host[2]
+        drafted = [a + b for a, b in zip(self.drafted.tolist(), self.host_drafted)]
+        accepted = [a + b for a, b in zip(self.accepted.tolist(), self.host_accepted)]
+        return drafted, accepted, int(self.steps) + self.host_steps
 
     def summary(self) -> dict[str, float | list[float]]:
         """``acceptance_rate_per_position`` (NaN at a position never drafted), ``mean_acceptance_length`` (NaN before

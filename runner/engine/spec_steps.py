@@ -27,6 +27,7 @@ import torch
 
 from mla_runner.attention import AttentionBackend, StepInputs
 from mla_runner.engine.cuda_graphs import LazyGraphs, batch_buckets
+from mla_runner.engine.eager_step import slot_of
 from mla_runner.models.context import ForwardContext
 
 
@@ -138,7 +139,7 @@ class MTPDraftStep:
         for req, start, offset, out in zip(reqs, positions, itertools.accumulate(q_lens, initial=0), emitted):
             ids += out
             first_positions += range(start, start + len(out))
-            slots += [req.pages[p // ps] * ps + p % ps for p in range(start, start + len(out))]
+            slots += [slot_of(req, p, ps) for p in range(start, start + len(out))]
             hidden_rows += range(offset, offset + len(out))
             m.append(len(out))
         pad = _Padding(self.verify.buckets, B, len(ids), Q)
@@ -149,11 +150,14 @@ class MTPDraftStep:
         self.last_rows[: pad.bs].copy_(torch.tensor(pad.requests_of(list(itertools.accumulate(m)), 1)) - 1,
                                        non_blocking=True)
         width = self.chain_table.shape[1]
+        # the chained passes' pages: each request's own, then its batch slot's scratch pages
+        chain_pages: list[list[int]] = []
         if self.k > 1:
             table = torch.zeros(B, width, dtype=torch.int32)
             for b, req in enumerate(reqs):
                 first = self.first_scratch_page + b * self.scratch_per_slot
-                row = (req.pages + list(range(first, first + self.scratch_per_slot)))[:width]
+                chain_pages.append(req.pages + list(range(first, first + self.scratch_per_slot)))
+                row = chain_pages[-1][:width]
                 table[b, : len(row)] = torch.tensor(row, dtype=torch.int32)
             self.chain_table[:B].copy_(table, non_blocking=True)
         chain_lens = []
@@ -164,7 +168,7 @@ class MTPDraftStep:
                 active = j <= room
                 at.append(p if active else 0)
                 lens.append(p + 1 if active else 1)
-                chain_slots.append(self._chain_slot(b, reqs[b], p) if active else scratch)
+                chain_slots.append(chain_pages[b][p // ps] * ps + p % ps if active else scratch)
             # the token of a chained row is the previous pass's draft, on the device: the ids buffer goes unread
             rows.fill([0] * pad.bs, pad.requests_of(at, 0), pad.requests_of(chain_slots, scratch), [1] * pad.bs,
                       pad.requests_of(lens, 0))
@@ -174,14 +178,6 @@ class MTPDraftStep:
         else:
             drafts = self.graphs.replay((pad.bs, Q), functools.partial(self.forward, pad.bs, pad.rows, Q))
         return [row[:room] for row, room in zip(drafts[:B].tolist(), rooms)]
-
-    def _chain_slot(self, b: int, req, position: int) -> int:
-        page_index, offset = divmod(position, self.page_size)
-        if page_index < len(req.pages):
-            page = req.pages[page_index]
-        else:
-            page = self.first_scratch_page + b * self.scratch_per_slot + page_index - len(req.pages)
-        return page * self.page_size + offset
 
     def forward(self, bs: int, rows: int, q_len: int, seq_lens_host: list[int] | None = None,
                 q_lens_host: list[int] | None = None, chain_lens_host: list[list[int]] | None = None
