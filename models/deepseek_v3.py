@@ -11,6 +11,9 @@ the same on every rank: the embedding and each layer's attention and MLP/MoE out
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -104,3 +107,30 @@ class DeepseekV3ForCausalLM(nn.Module):
             prepare_layer(layer)
         if self.mtp is not None:
             self.mtp.post_load(self)
+
+    def repeat_layers(self, depth: int) -> None:
+        """Run ``depth`` decoder layers: each one past the loaded layers is a new module over the weights (loaded
+        and derived) of the last loaded layer of its kind, dense or MoE, and gets its own KV cache from the engine.
+        A step then reads as many bytes of weights and cache as a model of that depth (at ~0.4 GB a layer no layer's
+        weights stay in the 50 MB L2 until the next copy runs), in the memory of the truncation: benchmarks of a
+        full-depth step on one GPU (``model.depth``). Its outputs are not the model's. Call after ``post_load``."""
+        layers = self.model.layers
+        loaded = len(layers)
+        for i in range(loaded, depth):
+            moe = self.args.is_moe_layer(i)
+            source = next((layer for layer in reversed(layers[:loaded]) if isinstance(layer.mlp, MoE) == moe), None)
+            if source is None:
+                raise ValueError(f"layer {i} is a {'MoE' if moe else 'dense'} layer and none of the {loaded} loaded "
+                                 "layers is one to repeat")
+            layers.append(_sharing_copy(source))
+        self.args = dataclasses.replace(self.args, num_hidden_layers=max(depth, loaded))
+
+
+def _sharing_copy(module: nn.Module) -> nn.Module:
+    """A new module tree over the same tensors: each module's own dicts (parameters, buffers, hooks, submodules) and
+    attributes are new containers, so assigning to the copy (a KV cache, a hook) leaves ``module`` as it was."""
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
+    for name, child in module._modules.items():
+        new._modules[name] = None if child is None else _sharing_copy(child)
+    return new

@@ -53,6 +53,10 @@ class ModelConfig:
     path: Optional[str] = None
     seed: int = 0
     num_layers: Optional[int] = None  # keep only the first N decoder layers (studies, benchmarks)
+    # with num_layers: run this many decoder layers, those past num_layers over the weights of the last kept layer
+    # of their kind (each with its own KV cache): a full-depth step's time in a truncation's memory (benchmarks;
+    # the outputs are not the model's)
+    depth: Optional[int] = None
     random_weights: bool = False  # the preset's shapes with random weights made on the device (no checkpoint)
     # run the Python code a checkpoint's tokenizer ships (Kimi-K2's tiktoken tokenizer): only when asked
     trust_remote_code: bool = False
@@ -61,6 +65,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_positive("model.num_layers", self.num_layers, allow_none=True)
+        _check_positive("model.depth", self.depth, allow_none=True)
 
 
 @dataclass

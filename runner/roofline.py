@@ -103,12 +103,13 @@ def touched_weight_bytes(model: torch.nn.Module, batch: int, unique_experts: lis
     """Weights one decode step reads: everything but the routed experts and the embedding table, plus the
     experts actually routed to and one embedding row per token."""
     total = 0
-    for name, p in model.named_parameters():
+    # every occurrence: a layer repeated over the same tensors (model.depth) reads them again
+    for name, p in model.named_parameters(remove_duplicate=False):
         if "embed_tokens" in name:
             total += batch * p.shape[1] * p.element_size()
         elif ".experts." not in name:
             total += p.numel() * p.element_size()
-    experts = [m for name, m in model.named_modules() if re.search(r"\.experts\.\d+$", name)]
+    experts = [m for name, m in model.named_modules(remove_duplicate=False) if re.search(r"\.experts\.\d+$", name)]
     if experts:  # every MoE layer's experts have the same shapes
         total += sum(p.numel() * p.element_size() for p in experts[0].parameters()) * sum(unique_experts)
     return total

@@ -32,8 +32,9 @@ class ModelSource:
     """The architecture of the configured model, and where its weights will come from."""
 
     cfg: ModelConfig
-    args: ModelArgs  # truncated to cfg.num_layers when set
+    args: ModelArgs  # as run: truncated to cfg.num_layers when set, or cfg.depth layers where that is set
     path: Optional[Path]  # None: random weights
+    loaded_args: Optional[ModelArgs] = None  # the layers loaded, where cfg.depth repeats them (else args)
 
     @classmethod
     def resolve(cls, cfg: ModelConfig) -> ModelSource:
@@ -49,11 +50,14 @@ class ModelSource:
                 raise ConfigError(f"model={cfg.name} runs {expected} checkpoints, {path} holds a {args.model_type} "
                                   f"one: use model={args.model_type} (or pass the directory to LLM(), which "
                                   "picks it)")
+        full_depth = args.num_hidden_layers
         if cfg.num_layers is not None:
             if cfg.num_layers > args.num_hidden_layers:
                 raise ConfigError(f"model.num_layers={cfg.num_layers} is more than the model's "
                                   f"{args.num_hidden_layers}")
             args = dataclasses.replace(args, num_hidden_layers=cfg.num_layers)
+        if cfg.depth is not None:
+            return cls(cfg, _deepened(args, cfg, full_depth), path, loaded_args=args)
         return cls(cfg, args, path)
 
     def use_fp8(self, weights: str, device: torch.device) -> bool:
@@ -72,10 +76,15 @@ class ModelSource:
     def load(self, dtype: torch.dtype, device: torch.device, progress: bool,
              fp8: bool = False, par: Parallel = Parallel(), mtp: bool = False) -> DeepseekV3ForCausalLM:
         """The model, or this rank's shard of it (``par``); ``mtp``: with its MTP module (``model.mtp``)."""
+        args = self.loaded_args or self.args
         if self.path is None:
-            return random_model(self.args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8, par=par, mtp=mtp)
-        return load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers, progress=progress,
-                          fp8=fp8, par=par, mtp=mtp)
+            model = random_model(args, dtype=dtype, device=device, seed=self.cfg.seed, fp8=fp8, par=par, mtp=mtp)
+        else:
+            model = load_model(self.path, dtype=dtype, device=device, num_layers=self.cfg.num_layers,
+                               progress=progress, fp8=fp8, par=par, mtp=mtp)
+        if self.loaded_args is not None:
+            model.repeat_layers(self.args.num_hidden_layers)
+        return model
 
     def generation_config(self) -> dict[str, Any]:
         """The checkpoint's generation_config.json (its recommended sampling, extra EOS ids); {} without one and for
@@ -88,6 +97,23 @@ class ModelSource:
     def tokenizer(self) -> Any:
         """The checkpoint's tokenizer; None for random weights (prompts are token ids then)."""
         return None if self.path is None else load_tokenizer(self.path, trust_remote_code=self.cfg.trust_remote_code)
+
+
+def _deepened(args: ModelArgs, cfg: ModelConfig, full_depth: int) -> ModelArgs:
+    """``args`` (truncated to ``cfg.num_layers``) with ``cfg.depth`` layers, checked: every layer past the truncation
+    repeats a kept layer of its kind (``DeepseekV3ForCausalLM.repeat_layers``)."""
+    if cfg.num_layers is None or not cfg.num_layers < cfg.depth:
+        raise ConfigError(f"model.depth={cfg.depth} repeats the layers that model.num_layers keeps: set "
+                          "model.num_layers below it")
+    if cfg.depth > full_depth:
+        raise ConfigError(f"model.depth={cfg.depth} is more than the model's {full_depth} layers")
+    kept = {args.is_moe_layer(i) for i in range(cfg.num_layers)}
+    missing = {args.is_moe_layer(i) for i in range(cfg.num_layers, cfg.depth)} - kept
+    if missing:
+        raise ConfigError(f"model.depth={cfg.depth}: layers past model.num_layers={cfg.num_layers} are MoE layers "
+                          f"and none of the kept ones is (the first {args.first_k_dense_replace} are dense): keep "
+                          f"at least {args.first_k_dense_replace + 1}")
+    return dataclasses.replace(args, num_hidden_layers=cfg.depth)
 
 
 def checkpoint_dir(cfg: ModelConfig) -> Path:

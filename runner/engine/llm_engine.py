@@ -130,6 +130,9 @@ class LLMEngine:
                  "(%.2f GiB); max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"],
                  r["dtype"], r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_bytes_per_token"], r["kv_pages"],
                  r["page_size"], r["kv_tokens"], r["kv_cache_gib"], cfg.max_model_len, graphs, r["load_seconds"])
+        if cfg.model.depth is not None:
+            log.info("model.depth=%d: layers %d-%d run over the weights of the last kept layer of their kind; the "
+                     "outputs are not the model's", cfg.model.depth, cfg.model.num_layers, cfg.model.depth - 1)
 
     # ----------------------------------------------------------------------------------------- requests
     def make_requests(self, index: int, prompt_token_ids: list[int], params: SamplingParams,
