@@ -128,9 +128,21 @@ class DeepseekV3ForCausalLM(nn.Module):
 
 def _sharing_copy(module: nn.Module) -> nn.Module:
     """A new module tree over the same tensors: each module's own dicts (parameters, buffers, hooks, submodules) and
-    attributes are new containers, so assigning to the copy (a KV cache, a hook) leaves ``module`` as it was."""
-    new = module.__class__.__new__(module.__class__)
-    new.__dict__ = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()}
-    for name, child in module._modules.items():
-        new._modules[name] = None if child is None else _sharing_copy(child)
-    return new
+    attributes are new containers, so assigning to the copy (a KV cache, a hook) leaves ``module`` as it was; a tuple
+    of modules of the tree held as an attribute (MLA's fused input projections) names their copies."""
+    copies: dict[int, nn.Module] = {}
+
+    def copy_tree(m: nn.Module) -> nn.Module:
+        new = m.__class__.__new__(m.__class__)
+        new.__dict__ = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in m.__dict__.items()}
+        copies[id(m)] = new
+        for name, child in m._modules.items():
+            new._modules[name] = None if child is None else copy_tree(child)
+        return new
+
+    root = copy_tree(module)
+    for new in root.modules():
+        for k, v in new.__dict__.items():
+            if isinstance(v, tuple) and v and all(isinstance(x, nn.Module) for x in v):
+                new.__dict__[k] = tuple(copies.get(id(x), x) for x in v)
+    return root

@@ -31,6 +31,7 @@ def test_repeated_layers_generate_what_copied_weights_do():
     assert layers[2] is not layers[1] and layers[2].self_attn is not layers[1].self_attn
     assert layers[2].self_attn.kv_b_proj.weight is layers[1].self_attn.kv_b_proj.weight
     assert layers[2].self_attn.w_uk is layers[1].self_attn.w_uk  # derived weights shared too
+    assert layers[1].self_attn.input_projections_fused and layers[2].self_attn.input_projections_fused
     assert len({layer.self_attn.kv_cache.data_ptr() for layer in layers}) == 3
 
     full = LLMEngine(compose_config(BASE))
