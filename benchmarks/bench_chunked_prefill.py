@@ -10,13 +10,14 @@ number of chunk steps (and how many ran the chunk in absorbed form) and the newc
 is wall time with the device synchronized.
 Model: DeepSeek-V3 widths with random weights truncated to ``--layers`` layers (3 dense + 1 MoE at 4), FP8 weights.
 
-    python benchmarks/bench_chunked_prefill.py [--budgets 2048,8192] [--pairs default,0] [--decoders 32]
-        [--prompt 32768] [--json PATH]
+    python benchmarks/bench_chunked_prefill.py [--budgets 2048,8192] [--pairs default,0] [--piecewise on,off]
+        [--decoders 32] [--prompt 32768] [--json PATH]
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -25,7 +26,7 @@ import time
 import torch
 
 
-def measure(budget: int, pairs: str, args) -> dict:
+def measure(budget: int, pairs: str, piecewise: str, args) -> dict:
     from mla_runner.compose import compose_config
     from mla_runner.engine import LLMEngine
     from mla_runner.sampling import SamplingParams
@@ -37,6 +38,8 @@ def measure(budget: int, pairs: str, args) -> dict:
         *([] if pairs == "default" else [f"chunk_attention_budget={pairs}"])])
     engine = LLMEngine(cfg)
     runner, absorbed = engine.runner, []
+    if piecewise == "off":  # every step with a chunk runs the model's forward eagerly
+        runner.eager_step.piecewise = None
     build = runner.eager_step.chunk_metadata
 
     def record_form(*a):
@@ -78,7 +81,7 @@ def measure(budget: int, pairs: str, args) -> dict:
     while newcomer.first_token_time is None:
         loaded.append(step())
     base = statistics.median(quiet[len(quiet) // 2:])
-    return {"budget": budget, "chunk_attention_budget": cfg.chunk_attention_budget,
+    return {"budget": budget, "chunk_attention_budget": cfg.chunk_attention_budget, "piecewise": piecewise,
             "absorbed_steps": sum(absorbed), "decode_step_ms": base * 1e3,
             "loaded_median_ms": statistics.median(loaded) * 1e3,
             "loaded_max_ms": max(loaded) * 1e3, "max_over_decode": max(loaded) / base, "chunk_steps": len(loaded),
@@ -90,6 +93,8 @@ def main() -> None:
     p.add_argument("--budgets", default="2048,8192", help="max_num_batched_tokens values, comma-separated")
     p.add_argument("--pairs", default="default",
                    help="chunk_attention_budget values, comma-separated ('default': the config's, 0: no bound)")
+    p.add_argument("--piecewise", default="on",
+                   help="on, off or on,off: steps with chunks of up to 2048 tokens as piecewise CUDA graphs or eager")
     p.add_argument("--decoders", type=int, default=32)
     p.add_argument("--context", type=int, default=2048, help="tokens of each decoding request")
     p.add_argument("--prompt", type=int, default=32768, help="tokens of the prompt that arrives")
@@ -102,17 +107,17 @@ def main() -> None:
     rows = []
     print(f"{torch.cuda.get_device_name()}: {args.decoders} requests of {args.context} tokens decoding, a prompt of "
           f"{args.prompt} tokens arriving; DeepSeek-V3 widths, {args.layers} layers, FP8 weights")
-    print("| max_num_batched_tokens | chunk_attention_budget | decode step ms | loaded median ms | loaded max ms | "
-          "max / decode | chunk steps (absorbed) | newcomer TTFT s |\n|---|---|---|---|---|---|---|---|")
-    for budget in map(int, args.budgets.split(",")):
-        for pairs in args.pairs.split(","):
-            r = measure(budget, pairs, args)
-            rows.append(r)
-            print(f"| {budget} | {r['chunk_attention_budget']} | {r['decode_step_ms']:.2f} | "
-                  f"{r['loaded_median_ms']:.2f} | {r['loaded_max_ms']:.2f} | {r['max_over_decode']:.2f} | "
-                  f"{r['chunk_steps']} ({r['absorbed_steps']}) | {r['newcomer_ttft_s']:.3f} |", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+    print("| max_num_batched_tokens | chunk_attention_budget | piecewise | decode step ms | loaded median ms | "
+          "loaded max ms | max / decode | chunk steps (absorbed) | newcomer TTFT s |\n" + "|---" * 9 + "|")
+    for budget, pairs, piecewise in itertools.product(map(int, args.budgets.split(",")), args.pairs.split(","),
+                                                      args.piecewise.split(",")):
+        r = measure(budget, pairs, piecewise, args)
+        rows.append(r)
+        print(f"| {budget} | {r['chunk_attention_budget']} | {piecewise} | {r['decode_step_ms']:.2f} | "
+              f"{r['loaded_median_ms']:.2f} | {r['loaded_max_ms']:.2f} | {r['max_over_decode']:.2f} | "
+              f"{r['chunk_steps']} ({r['absorbed_steps']}) | {r['newcomer_ttft_s']:.3f} |", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=1)

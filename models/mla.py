@@ -117,6 +117,13 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden] (this rank's partial sum); writes the T new latent vectors into
         ``kv_cache`` first."""
+        return self.o_proj(self.attend(*self.project(x, ctx, rope), ctx).flatten(1))
+
+    def project(self, x: torch.Tensor, ctx: ForwardContext, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention's inputs of x [T, hidden]: q_nope [T, H, nope], rotated q_pe [T, H, rope] and the latent
+        vectors [T, kv_lora_rank + rope], which it writes into ``kv_cache`` at ``ctx.slot_mapping`` (the only part
+        of ``ctx`` it reads: no host work, so a CUDA graph can hold it)."""
         if self.kv_cache is None or self.w_uk is None:
             raise RuntimeError("MLA needs kv_cache assigned and absorb_weights() called before forward")
         cos, sin = rope
@@ -128,26 +135,31 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(-1, self.n_heads, self.nope_dim + self.rope_dim).split([self.nope_dim, self.rope_dim], -1)
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], -1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
-        fp8 = self.kv_layout is not None and self.kv_layout.is_fp8
-        if fp8:  # quantized in the kernel that scatters it
+        if self.kv_layout is not None and self.kv_layout.is_fp8:  # quantized in the kernel that scatters it
             write_latent(self.kv_cache, latent, ctx.slot_mapping, self.kv_layout, self.kv_scale)
         else:
             self.kv_cache.view(-1, latent.shape[-1])[ctx.slot_mapping] = latent.to(self.kv_cache.dtype)
+        return q_nope, apply_rope(q_pe, cos, sin), latent
 
-        q_pe = apply_rope(q_pe, cos, sin)
+    def attend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, ctx: ForwardContext,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``project``'s outputs for the step's T tokens over the cache -> [T, H, v_dim] (into ``out``
+        where given)."""
         if ctx.prefill is None:
             o = self._absorbed(q_nope, q_pe, ctx)
-        else:
-            D = x.shape[0] - ctx.prefill.num_tokens
-            o = q_nope.new_empty(x.shape[0], self.n_heads, self.v_dim)
-            if D:
-                o[:D] = self._absorbed(q_nope[:D], q_pe[:D], ctx, ctx.attn_metadata)
-            if ctx.prefill.absorbed is not None:
-                o[D:] = self._absorbed(q_nope[D:], q_pe[D:], ctx, ctx.prefill.absorbed)
-            else:  # the chunks' own keys as the cache holds them
-                own = self._read_cache(ctx.slot_mapping[D:], latent.dtype) if fp8 else latent[D:]
-                o[D:] = self._prefill(q_nope[D:], q_pe[D:], own, ctx)
-        return self.o_proj(o.flatten(1))
+            return o if out is None else out.copy_(o)
+        T = q_nope.shape[0]
+        D = T - ctx.prefill.num_tokens
+        o = q_nope.new_empty(T, self.n_heads, self.v_dim) if out is None else out
+        if D:
+            o[:D] = self._absorbed(q_nope[:D], q_pe[:D], ctx, ctx.attn_metadata)
+        if ctx.prefill.absorbed is not None:
+            o[D:] = self._absorbed(q_nope[D:], q_pe[D:], ctx, ctx.prefill.absorbed)
+        else:  # the chunks' own keys as the cache holds them
+            fp8 = self.kv_layout is not None and self.kv_layout.is_fp8
+            own = self._read_cache(ctx.slot_mapping[D:], latent.dtype) if fp8 else latent[D:]
+            o[D:] = self._prefill(q_nope[D:], q_pe[D:], own, ctx)
+        return o
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, ctx: ForwardContext,
                   metadata: Any = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from mla_runner.attention import AttentionBackend, StepInputs
 from mla_runner.attention.prefill import absorbed_is_cheaper, build_prefill_metadata
+from mla_runner.engine.piecewise import PiecewiseForward
 from mla_runner.engine.request import Request
 from mla_runner.engine.scheduler import ScheduledBatch
 from mla_runner.models.context import ForwardContext, PrefillMetadata
@@ -49,6 +50,8 @@ class EagerStep:
         self.model, self.backend, self.args = model, backend, model.args
         self.page_size, self.context_chunk_tokens, self.device = page_size, context_chunk_tokens, device
         self.decode_part = decode_part
+        # set by the model runner where graphs run (a GPU): steps of up to its largest bucket replay its pieces
+        self.piecewise: PiecewiseForward | None = None
 
     def logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [rows, vocab] at every token of the first ``num_decode`` requests and at each chunk's last token,
@@ -82,7 +85,11 @@ class EagerStep:
         ctx = ForwardContext(positions=torch.cat([positions[0], *on_device[P : 2 * P]]),
                              slot_mapping=torch.cat([slots[0], *on_device[2 * P :]]),
                              backend=self.backend, attn_metadata=metadata, prefill=prefill)
-        hidden = self.model(torch.cat([ids[0], *on_device[:P]]), ctx)
+        input_ids = torch.cat([ids[0], *on_device[:P]])
+        if self.piecewise is not None and self.piecewise.bucket(input_ids.shape[0]) is not None:
+            hidden = self.piecewise.forward(input_ids, ctx)
+        else:
+            hidden = self.model(input_ids, ctx)
         last = list(range(T)) + [T + end - 1 for end in itertools.accumulate(q_lens)]
         return self.model.compute_logits(hidden[torch.tensor(last, device=device)]), hidden
 

@@ -47,6 +47,7 @@ from mla_runner.engine.decode_sampler import DecodeSampler
 from mla_runner.engine.eager_step import EagerStep, slot_of, verify_rows
 from mla_runner.engine.kv_cache import KVCache, kv_cache_pages
 from mla_runner.engine.mtp_drafter import MTPDrafter, scratch_pages_per_slot
+from mla_runner.engine.piecewise import PiecewiseForward
 from mla_runner.engine.profiling import StepProfiler
 from mla_runner.engine.prompt_logprobs import prompt_logprob_rows
 from mla_runner.engine.prompt_logprobs import prompt_logprobs as prompt_logprobs_of
@@ -177,6 +178,9 @@ class ModelRunner:
                                     context_chunk_tokens(spec.num_heads, args.qk_nope_head_dim + args.v_head_dim,
                                                          self.dtype.itemsize, cfg.page_size),
                                     device, self._decode_part)
+        if self.use_graphs:
+            self.eager_step.piecewise = PiecewiseForward(self.model, self.kv.scratch_slot, device, self.dtype,
+                                                         graphs=True)
         self.decode_sampler = DecodeSampler(cfg.max_batch_size, args.vocab_size, device)
         self._seeds: dict[int, int] = {}  # request id -> the seed of its draws
         self.profiler: Optional[StepProfiler] = None  # set by profile()
@@ -228,12 +232,12 @@ class ModelRunner:
     @contextlib.contextmanager
     def eager(self):
         """Steps run inside without graph replays (a benchmark whose module hooks must see the step)."""
-        saved = self.graphs, self.verify_step, self.draft_step
-        self.graphs = self.verify_step = self.draft_step = None
+        saved = self.graphs, self.verify_step, self.draft_step, self.eager_step.piecewise
+        self.graphs = self.verify_step = self.draft_step = self.eager_step.piecewise = None
         try:
             yield
         finally:
-            self.graphs, self.verify_step, self.draft_step = saved
+            self.graphs, self.verify_step, self.draft_step, self.eager_step.piecewise = saved
 
     # ----------------------------------------------------------------------------------------------- steps
     def speculate(self, spec: SpeculativeConfig) -> None:

@@ -131,6 +131,31 @@ def test_chunked_prefill_and_prefix_caching_equal_transformers(shared_flavour, a
         assert cached == [0] * len(prompts)
 
 
+def test_piecewise_steps_equal_transformers(shared_flavour):
+    """Steps with prompt chunks through ``PiecewiseForward`` (graphs on a GPU; here its pieces run as they are, over
+    the same padded buffers): every step with a chunk (at most 16 tokens) runs the bucket of 16, padding rows
+    included, and the tokens are transformers'. On a GPU the test above runs the captured pieces."""
+    from mla_runner.engine.piecewise import PiecewiseForward
+
+    _, ckpt, prompts, max_tokens, expected = shared_flavour
+    llm = LLM(str(ckpt), attention="torch", dtype="float32", device="cpu", page_size=8, max_model_len=280,
+              max_batch_size=4, max_num_batched_tokens=16, progress=False)
+    runner = llm.engine.runner
+    piecewise = PiecewiseForward(runner.model, runner.kv.scratch_slot, runner.device, runner.dtype, graphs=False,
+                                 buckets=(16,))
+    sizes = []
+    forward = piecewise.forward
+
+    def counted(input_ids, ctx):
+        sizes.append(input_ids.shape[0])
+        return forward(input_ids, ctx)
+
+    piecewise.forward = counted
+    runner.eager_step.piecewise = piecewise
+    assert generate_each(llm, prompts, max_tokens)[0] == expected
+    assert len(sizes) > 10 and min(sizes) < 16  # padded steps among them
+
+
 def test_prefix_caching_under_preemption_equals_transformers(shared_flavour):
     _, ckpt, prompts, max_tokens, expected = shared_flavour
     llm = LLM(str(ckpt), attention="torch", dtype="float32", device="cpu", page_size=4, num_pages=80,
