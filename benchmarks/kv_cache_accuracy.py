@@ -76,14 +76,16 @@ def build_engine(overrides: list[str], kind: str):
 
 
 def teacher_forced(engine, prompts: list[list[int]], feed=None) -> Taps:
-    """Each prompt prefilled alone (max_tokens=1: no decode step), the hooks recording every position."""
+    """Each prompt prefilled alone (max_tokens=1: no decode step), the hooks recording every position (eager: the
+    piecewise graphs of steps with chunks call no module's forward)."""
     from mla_runner.sampling import SamplingParams
 
     taps = Taps(engine.runner.model, feed)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        for i, ids in enumerate(prompts):
-            engine.run([engine.make_request(i, ids, params)], progress=False)
+        with engine.runner.eager():
+            for i, ids in enumerate(prompts):
+                engine.run([engine.make_request(i, ids, params)], progress=False)
     finally:
         taps.close()
     return taps

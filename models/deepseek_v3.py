@@ -43,9 +43,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args.hidden_size, par.part(args.intermediate_size)) if dense else MoE(args, par)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        attn = self.self_attn
-        return self.after_attention(x, attn.attend(*self.attention_inputs(x, ctx, rope), ctx))
+        return self._mlp_residual(x + self.par.all_reduce(self.self_attn(self.input_layernorm(x), ctx, rope)))
 
+    # The same layer in two parts around its attention (``MLA.attend``), for steps that run the rest in CUDA graphs
+    # (engine/piecewise.py); hooks on the MLA module see only ``forward``.
     def attention_inputs(self, x: torch.Tensor, ctx: ForwardContext, rope: tuple[torch.Tensor, torch.Tensor]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer up to its attention: ``MLA.project`` of the normalized x (writes the new latent vectors)."""
@@ -53,7 +54,9 @@ class DecoderLayer(nn.Module):
 
     def after_attention(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The layer after its attention: o [T, H, v_dim] through o_proj into the residual x, then the MLP or MoE."""
-        x = x + self.par.all_reduce(self.self_attn.o_proj(o.flatten(1)))
+        return self._mlp_residual(x + self.par.all_reduce(self.self_attn.o_proj(o.flatten(1))))
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.par.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
