@@ -35,11 +35,10 @@ def measure(budget: int, pairs: str, piecewise: str, args) -> dict:
         "model=deepseek_v3", "model.random_weights=true", f"model.num_layers={args.layers}", "weights=fp8",
         f"max_batch_size={args.decoders + 1}", f"max_model_len={args.prompt + 64}", f"max_num_batched_tokens={budget}",
         "progress=false", f"num_pages={(args.decoders * (args.context + 1024) + args.prompt + 1024) // 64 + 8}",
+        f"piecewise_cuda_graphs={piecewise == 'on'}",
         *([] if pairs == "default" else [f"chunk_attention_budget={pairs}"])])
     engine = LLMEngine(cfg)
     runner, absorbed = engine.runner, []
-    if piecewise == "off":  # every step with a chunk runs the model's forward eagerly
-        runner.eager_step.piecewise = None
     build = runner.eager_step.chunk_metadata
 
     def record_form(*a):

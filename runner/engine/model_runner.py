@@ -178,7 +178,7 @@ class ModelRunner:
                                     context_chunk_tokens(spec.num_heads, args.qk_nope_head_dim + args.v_head_dim,
                                                          self.dtype.itemsize, cfg.page_size),
                                     device, self._decode_part)
-        if self.use_graphs:
+        if self.use_graphs and cfg.piecewise_cuda_graphs:
             self.eager_step.piecewise = PiecewiseForward(self.model, self.kv.scratch_slot, device, self.dtype,
                                                          graphs=True)
         self.decode_sampler = DecodeSampler(cfg.max_batch_size, args.vocab_size, device)
