@@ -35,7 +35,7 @@ def measure(budget: int, pairs: str, piecewise: str, args) -> dict:
         "model=deepseek_v3", "model.random_weights=true", f"model.num_layers={args.layers}", "weights=fp8",
         f"max_batch_size={args.decoders + 1}", f"max_model_len={args.prompt + 64}", f"max_num_batched_tokens={budget}",
         "progress=false", f"num_pages={(args.decoders * (args.context + 1024) + args.prompt + 1024) // 64 + 8}",
-        f"piecewise_cuda_graphs={piecewise == 'on'}",
+        f"piecewise_cuda_graphs={str(piecewise == 'on').lower()}",
         *([] if pairs == "default" else [f"chunk_attention_budget={pairs}"])])
     engine = LLMEngine(cfg)
     runner, absorbed = engine.runner, []
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--budgets", default="2048,8192", help="max_num_batched_tokens values, comma-separated")
     p.add_argument("--pairs", default="default",
                    help="chunk_attention_budget values, comma-separated ('default': the config's, 0: no bound)")
-    p.add_argument("--piecewise", default="on",
+    p.add_argument("--piecewise", default="off",
                    help="on, off or on,off: steps with chunks of up to 2048 tokens as piecewise CUDA graphs or eager")
     p.add_argument("--decoders", type=int, default=32)
     p.add_argument("--context", type=int, default=2048, help="tokens of each decoding request")

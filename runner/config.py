@@ -258,7 +258,7 @@ class RunConfig:
     cuda_graphs: Optional[bool] = None  # capture the decode step; unset: on wherever it can work
     # with graphs: steps with prompt chunks of up to 2048 tokens replay graphs of everything but the attention
     # (docs/scheduling.md section 2); false: they run eagerly
-    piecewise_cuda_graphs: bool = True
+    piecewise_cuda_graphs: bool = False
     progress: bool = True  # progress bars
     profile: bool = False  # a torch.profiler trace of steps 3-7 of a generate run: trace.json in the run directory
     # fp8: FP8 linear layers keep e4m3 weights + block scales (Triton block-scaled GEMMs; on a CPU through the

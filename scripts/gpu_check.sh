@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks and the benchmarks behind the README's tables, in one command on a CUDA machine:
-#   bash scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel] [benchmarks]   (no stage named: the first three)
+#   bash scripts/gpu_check.sh OUT_DIR [tests] [decode] [kernel] [speculative] [chunked] [benchmarks]
+#   (no stage named: the first three)
 # The GPU tests (marked gpu; they skip on a CPU), then the sweeps; each sweep writes summary.md / summary.csv / plots.
+# speculative: MTP decoding at DeepSeek-V3's depth (61 layers over 3 dense + 1 MoE layer's weights, model.depth) at
+# forced acceptance, beside no speculation; the attention at q_len 1-4 beside FlashMLA (docs/speculative.md).
+# chunked: decodes under a 32k-token prompt with steps with chunks as piecewise graphs and eager, and offline
+# throughput (docs/scheduling.md).
 # benchmarks (only when named; several minutes): the scripts of benchmarks/ (benchmarks/README.md), their tables in
 # OUT_DIR/bench_*.md (the MLA decode grid's: bench_mla_decode.txt, its JSON: mla_decode.json).
 set -uo pipefail
@@ -39,6 +44,26 @@ python -m mla_runner -m hydra.sweep.dir="$out/kernel" task=bench task.mode=kerne
 python -m mla_runner -m hydra.sweep.dir="$out/metadata" +sweep=metadata_grid $model task.context=16384 \
   progress=false 2>&1 | tail -n 2
 fi
+if stage speculative; then
+for spec in "speculative=none" \
+    "speculative=mtp speculative.num_tokens=1 speculative.force_acceptance_length=1.8" \
+    "speculative=mtp speculative.num_tokens=3 speculative.force_acceptance_length=2.5"; do
+  for batch in 1 32; do  # one process a row: each holds its own model
+    python -m mla_runner hydra.run.dir="$out/speculative/b${batch}_${spec//[ =.]/_}" task=bench task.mode=decode \
+      $model model.num_layers=4 model.depth=61 weights=fp8 $spec task.batch=$batch task.context=4096 \
+      progress=false 2>&1 | grep "mode=decode"
+  done
+done
+python -m mla_runner -m hydra.sweep.dir="$out/verify_attention" task=bench task.mode=kernel $model \
+  attention=triton,flashmla task.q_len=1,2,3,4 task.batch=1,32,128 task.context=4096 progress=false 2>&1 | tail -n 2
+fi
+if stage chunked; then
+python benchmarks/bench_chunked_prefill.py --budgets 8192 --piecewise on,off --json "$out/chunked.json" \
+  > "$out/chunked.md" 2>&1 || echo "bench_chunked_prefill failed: see $out/chunked.md"
+python -m mla_runner -m hydra.sweep.dir="$out/throughput" task=bench task.mode=throughput $model \
+  model.num_layers=4 weights=fp8,bf16 piecewise_cuda_graphs=true,false task.batch=64 task.context=2000 \
+  task.output_len=64 max_batch_size=64 progress=false 2>&1 | tail -n 2
+fi
 # The benchmark scripts: one layer's MLA decode over the whole grid beside FlashMLA (the README's table), the fused
 # MoE and its router, the FP8 GEMM, MLA's fused input projections.
 if stage benchmarks; then
@@ -49,6 +74,6 @@ for cmd in "bench_fused_moe" "bench_fused_moe --routing" "bench_fp8_gemm" "bench
   python "benchmarks/$script.py" ${cmd#"$script"} > "$out/$name.md" 2>&1 || echo "$cmd failed: see $out/$name.md"
 done
 fi
-for d in decode_deepseek_v3 decode_kimi_k2 decode_eager kernel metadata; do
+for d in decode_deepseek_v3 decode_kimi_k2 decode_eager kernel metadata verify_attention throughput; do
   [ -f "$out/$d/summary.md" ] && { echo "== $d"; cat "$out/$d/summary.md"; }
 done

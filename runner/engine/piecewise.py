@@ -1,5 +1,5 @@
 """Steps with prompt chunks in CUDA graphs, piece by piece: everything but the attention replayed, the attention
-eager.
+eager (``piecewise_cuda_graphs=true``).
 
 A step that carries a prompt chunk beside the running decodes cannot be one graph: its chunk's metadata (the context
 slices, the form it is attended in) is planned on the host every step. Run eagerly, a 4-layer DeepSeek-V3 step with a

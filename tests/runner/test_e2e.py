@@ -131,19 +131,23 @@ def test_chunked_prefill_and_prefix_caching_equal_transformers(shared_flavour, a
         assert cached == [0] * len(prompts)
 
 
-def test_piecewise_steps_equal_transformers(shared_flavour):
-    """Steps with prompt chunks through ``PiecewiseForward`` (graphs on a GPU; here its pieces run as they are, over
-    the same padded buffers): every step with a chunk (at most 16 tokens) runs the bucket of 16, padding rows
-    included, and the tokens are transformers'. On a GPU the test above runs the captured pieces."""
+@pytest.mark.parametrize("device", ["cpu", GPU])
+def test_piecewise_steps_equal_transformers(shared_flavour, device):
+    """Steps with prompt chunks through ``PiecewiseForward``: at most 16 tokens a step, each replaying the bucket of
+    64 (its padding rows included), and the tokens are transformers'. On a GPU the pieces are captured graphs around
+    the Triton attention; on a CPU they run as they are, over the same buffers."""
     from mla_runner.engine.piecewise import PiecewiseForward
 
     _, ckpt, prompts, max_tokens, expected = shared_flavour
-    llm = LLM(str(ckpt), attention="torch", dtype="float32", device="cpu", page_size=8, max_model_len=280,
-              max_batch_size=4, max_num_batched_tokens=16, progress=False)
+    llm = LLM(str(ckpt), attention="torch" if device == "cpu" else "triton", dtype="float32", device=device,
+              page_size=8, max_model_len=280, max_batch_size=4, max_num_batched_tokens=16, progress=False,
+              piecewise_cuda_graphs=True)
     runner = llm.engine.runner
-    piecewise = PiecewiseForward(runner.model, runner.kv.scratch_slot, runner.device, runner.dtype, graphs=False,
-                                 buckets=(16,))
-    sizes = []
+    if device == "cpu":
+        assert runner.eager_step.piecewise is None  # graphs only where they run
+        runner.eager_step.piecewise = PiecewiseForward(runner.model, runner.kv.scratch_slot, runner.device,
+                                                       runner.dtype, graphs=False)
+    piecewise, sizes = runner.eager_step.piecewise, []
     forward = piecewise.forward
 
     def counted(input_ids, ctx):
@@ -151,9 +155,10 @@ def test_piecewise_steps_equal_transformers(shared_flavour):
         return forward(input_ids, ctx)
 
     piecewise.forward = counted
-    runner.eager_step.piecewise = piecewise
     assert generate_each(llm, prompts, max_tokens)[0] == expected
-    assert len(sizes) > 10 and min(sizes) < 16  # padded steps among them
+    assert len(sizes) > 10 and max(sizes) <= 16
+    if device != "cpu":
+        assert len(piecewise.graphs) == len(runner.model.model.layers) + 1  # one bucket's pieces
 
 
 def test_prefix_caching_under_preemption_equals_transformers(shared_flavour):
