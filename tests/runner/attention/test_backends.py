@@ -197,17 +197,80 @@ def test_flashmla_matches_the_reference_at_every_declared_head_count(heads):
 
 
 def test_only_the_backends_that_read_fp8_caches_take_them():
-    """flashmla and aiter read model-dtype caches only: an FP8 kv_cache_dtype with them is a one-line config error
-    naming the backend that reads it; torch and triton take every layout."""
-    for name in ("flashmla", "aiter"):
-        for kind in ("fp8", "fp8_ds_mla"):
+    """aiter reads model-dtype caches only, flashmla those and the per-tensor ``fp8`` layout: another kv_cache_dtype
+    with them is a one-line config error naming the backend that reads it; torch and triton take every layout."""
+    refused = {"aiter": (("fp8", "fp8_ds_mla"), "kv_cache_dtype=auto"),
+               "flashmla": (("fp8_ds_mla",), "kv_cache_dtype=auto or fp8")}
+    for name, (kinds, needs) in refused.items():
+        for kind in kinds:
             with pytest.raises(ConfigError) as info:
                 check_choice(name, "persistent", kv_cache_dtype=kind)
-            assert str(info.value) == f"attention={name} needs kv_cache_dtype=auto (here {kind}); use attention=triton"
+            assert str(info.value) == f"attention={name} needs {needs} (here {kind}); use attention=triton"
         assert check_choice(name, "persistent", kv_cache_dtype="auto") is BACKENDS[name]
+    assert check_choice("flashmla", "persistent", kv_cache_dtype="fp8") is BACKENDS["flashmla"]
     for name in ("torch", "triton", "auto"):
         for kind in ("auto", "fp8", "fp8_ds_mla"):
             check_choice(name, "persistent", kv_cache_dtype=kind, device="cpu" if name != "triton" else None)
+
+
+def test_fp8_flashmla_library_is_found_where_vllm_puts_it(tmp_path, monkeypatch):
+    """vLLM's FP8 FlashMLA library: the file inside an installed vllm package (vllm not imported), else none, and
+    $MLA_RUNNER_FLASHMLA_FP8 before either; without it, loading says what to install."""
+    from mla_runner.kernels import flashmla
+
+    monkeypatch.delenv(flashmla.FP8_LIBRARY_ENV, raising=False)
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("raise ImportError('vllm must not be imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert flashmla.fp8_library() is None
+    (tmp_path / "vllm" / flashmla.FP8_LIBRARY_NAME).write_bytes(b"")
+    assert flashmla.fp8_library() == tmp_path / "vllm" / flashmla.FP8_LIBRARY_NAME
+    monkeypatch.setenv(flashmla.FP8_LIBRARY_ENV, str(tmp_path / "elsewhere.so"))
+    assert flashmla.fp8_library() == tmp_path / "elsewhere.so"
+    monkeypatch.delenv(flashmla.FP8_LIBRARY_ENV)
+    monkeypatch.setattr(flashmla, "fp8_library", lambda: None)
+    flashmla.fp8_ops.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"needs vLLM's FP8 FlashMLA .*pip install vllm, or set "
+                                               r"MLA_RUNNER_FLASHMLA_FP8="):
+            flashmla.fp8_ops()
+        spec = AttentionSpec(num_heads=128, kv_lora_rank=512, rope_dim=64, page_size=64, dtype=torch.bfloat16,
+                             device=torch.device("cpu"), kv_cache_dtype="fp8")
+        with pytest.raises(ConfigError, match=r"^attention=flashmla with kv_cache_dtype=fp8 needs vLLM's FP8 "
+                                              r"FlashMLA .*; or use attention=triton$"):
+            BACKENDS["flashmla"](spec)
+    finally:
+        flashmla.fp8_ops.cache_clear()
+
+
+def _fp8_flashmla_loads() -> bool:
+    from mla_runner.kernels import flashmla
+
+    try:
+        return HAS_FLASHMLA and flashmla.fp8_ops() is not None
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_fp8_flashmla_reads_the_fp8_cache(q_len):
+    """attention=flashmla over an ``fp8`` cache (vLLM's FP8 FlashMLA, where it loads): the attention of the
+    dequantized cache within 5e-2 (its query is quantized to e4m3 too: 2.8-3.6e-2 measured at full size)."""
+    if not _fp8_flashmla_loads():
+        pytest.skip("needs a Hopper GPU, flash_mla and vLLM's FP8 FlashMLA library")
+    from mla_runner.kernels.kv_cache import KVCacheLayout, dequantize_reference, quantize_reference
+
+    lens = [4000, 3, 129, 64, 1000]
+    p = make_problem(lens, [q_len] * len(lens), 128, 64, dtype=torch.bfloat16, device="cuda")
+    layout = KVCacheLayout("fp8", 512, 64, torch.bfloat16)
+    scale = torch.tensor([1 / 16], device="cuda")
+    fp8 = quantize_reference(p.kv_cache.view(-1, 576).float(), layout, scale).view(*p.kv_cache.shape[:2], 576)
+    want = mla_attention_reference(p.q, dequantize_reference(fp8, layout, scale).to(torch.bfloat16), p.qo_indptr,
+                                   p.seq_lens, p.block_table, SCALE, 512)
+    backend = make_backend("flashmla", "persistent", spec_for(p, 128, kv_cache_dtype="fp8"))
+    out = backend.forward(p.q, fp8, backend.build_metadata(inputs_of(p)), SCALE, kv_scale=scale)
+    assert rel_err(out, want) < 5e-2
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="Triton on a CPU needs its interpreter")
