@@ -1,7 +1,7 @@
 """Decode attention over an FP8 latent cache, on a CUDA GPU: our Triton kernel reading ``fp8`` and ``fp8_ds_mla``
 caches beside our bf16 kernel, FlashMLA's bf16 decode (``flash_mla``, when it imports) and the FP8 FlashMLA kernel
-vLLM ships (``--flashmla-fp8 PATH``: vLLM's ``_flashmla_extension_C.abi3.so``, FP8 query and cache with per-tensor
-scales).
+vLLM ships (``--flashmla-fp8 PATH``: vLLM's ``_flashmla_extension_C.abi3.so``, by default the one
+``mla_runner.kernels.flashmla.fp8_library`` finds; FP8 query and cache with per-tensor scales).
 
 Run from the repository root::
 
@@ -42,14 +42,17 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def flashmla_fp8(path: str | None):
-    """The FP8 FlashMLA ops of vLLM's extension library, or None (with the reason printed) where it cannot load."""
-    if path is None:
+    """The FP8 FlashMLA ops of vLLM's extension library (``path``, else where ``flashmla.fp8_library`` finds it), or
+    None (with the reason printed) where it cannot load."""
+    from mla_runner.kernels import flashmla
+
+    if path is None and flashmla.fp8_library() is None:
         return None
     try:
-        torch.ops.load_library(path)
+        torch.ops.load_library(path or str(flashmla.fp8_library()))
         return torch.ops._flashmla_extension_C
     except Exception as e:  # noqa: BLE001 - the benchmark runs without it
-        print(f"FP8 FlashMLA not loaded from {path}: {type(e).__name__}: {e}")
+        print(f"FP8 FlashMLA not loaded from {path or flashmla.fp8_library()}: {type(e).__name__}: {e}")
         return None
 
 
@@ -124,7 +127,9 @@ def shape_row(H: int, B: int, L: int, layers: int, ceilings, fm8) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--flashmla-fp8", metavar="PATH", help="vLLM's _flashmla_extension_C.abi3.so")
+    p.add_argument("--flashmla-fp8", metavar="PATH",
+                   help="vLLM's _flashmla_extension_C.abi3.so (default: $MLA_RUNNER_FLASHMLA_FP8, or an installed "
+                   "vllm's)")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", default="16,64,128")
     p.add_argument("--json", metavar="PATH")
