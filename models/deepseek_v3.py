@@ -124,9 +124,9 @@ class DeepseekV3ForCausalLM(nn.Module):
     def repeat_layers(self, depth: int) -> None:
         """Run ``depth`` decoder layers: each one past the loaded layers is a new module over the weights (loaded
         and derived) of the last loaded layer of its kind, dense or MoE, and gets its own KV cache from the engine.
-        A step then reads as many bytes of weights and cache as a model of that depth (at ~0.6 GB a layer at batch 1, no layer's
-        weights stay in the 50 MB L2 until the next copy runs), in the memory of the truncation: benchmarks of a
-        full-depth step on one GPU (``model.depth``). Its outputs are not the model's. Call after ``post_load``."""
+        A step then reads as many bytes of weights and cache as a model of that depth (at ~0.6 GB a layer at batch 1,
+        no layer's weights stay in the 50 MB L2 until the next copy runs), in the memory of the truncation: benchmarks
+        of a full-depth step on one GPU (``model.depth``). Its outputs are not the model's. Call after ``post_load``."""
         layers = self.model.layers
         loaded = len(layers)
         for i in range(loaded, depth):
