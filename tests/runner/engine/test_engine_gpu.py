@@ -1,7 +1,7 @@
 """On a GPU: the CUDA-graphed decode step equals eager execution on full-width truncated models (its sampling, in
 the decode sampler's graph, equals ``sample`` on the same logits), so do the graphed verify and MTP drafting steps of
-speculative decoding with per-request q_lens that change every replay, and the fused MoE in the model equals the
-expert loop."""
+speculative decoding with per-request q_lens that change every replay, steps with prompt chunks as piecewise graphs
+equal the same steps eager, and the fused MoE in the model equals the expert loop."""
 from __future__ import annotations
 
 import gc
@@ -12,6 +12,7 @@ import torch
 from mla_runner.compose import compose_config
 from mla_runner.engine import LLMEngine
 from mla_runner.engine.sampler import DrawKeys, sample
+from mla_runner.engine.scheduler import ScheduledBatch
 from mla_runner.sampling import SamplingParams
 from mla_runner.tasks.bench import fill_running
 
@@ -102,6 +103,49 @@ def test_verify_and_draft_graphs_equal_eager_with_changing_q_lens():
     assert len(runner.verify_step.graphs) == len({max(m) + 1 for m in mixes})
     del engine, runner, batch
     gc.collect()  # the runner and its graphs' step functions refer to each other
+    torch.cuda.empty_cache()
+
+
+def test_piecewise_steps_equal_eager_full_width():
+    """DeepSeek-V3 widths, FP8 weights: three decodes beside a prompt chunk in each of its forms (no context,
+    non-absorbed; a short chunk after a long context, absorbed; a long chunk after a context slice), in buckets of 64,
+    64 and 2048 tokens: the piecewise graphs' logits (captured on first use, then replayed) equal the eager step's."""
+    cfg = compose_config(["model=deepseek_v3", "model.random_weights=true", "model.num_layers=4", "weights=fp8",
+                          "attention=triton", "metadata=persistent", "dtype=bfloat16", "device=cuda",
+                          "max_batch_size=16", "max_model_len=8192", "progress=false", "piecewise_cuda_graphs=true"])
+    engine = LLMEngine(cfg)
+    step = engine.runner.eager_step
+    piecewise = step.piecewise
+    assert piecewise is not None
+    reqs = fill_running(engine, [4000, 17, 640, 3000], max_tokens=8)
+    decodes, chunk = reqs[:3], reqs[3]
+    for req in decodes:
+        engine.scheduler.blocks.allocate(req, req.num_computed + 1)
+    forms, build = [], step.chunk_metadata
+
+    def record_form(*args):
+        meta = build(*args)
+        forms.append(meta.absorbed is not None)
+        return meta
+
+    step.chunk_metadata = record_form
+    for context, n in [(0, 61), (2900, 40), (1000, 1400)]:
+        chunk.num_computed = context
+        batch = ScheduledBatch([*decodes, chunk], [1, 1, 1, n])
+        assert piecewise.bucket(batch.num_tokens) is not None
+        with torch.inference_mode():
+            captured = step.logits(batch)[0].clone()
+            replayed = step.logits(batch)[0].clone()
+            step.piecewise = None
+            eager = step.logits(batch)[0].clone()
+            step.piecewise = piecewise
+        assert torch.equal(captured, replayed), (context, n)
+        err = (captured - eager).abs().max() / eager.abs().max()
+        assert err < 2e-2, (context, n, err)
+    assert forms[::3] == [False, True, False]
+    assert len(piecewise.graphs) == 2 * (len(engine.runner.model.model.layers) + 1)  # buckets 64 and 2048
+    del engine
+    gc.collect()
     torch.cuda.empty_cache()
 
 
