@@ -126,6 +126,8 @@ class LLMEngine:
         self._request_ids = itertools.count()
         r = self.runner.resolved
         graphs = f"on for batches {', '.join(map(str, r['graph_batch_sizes']))}" if r["cuda_graphs"] else "off"
+        if r["piecewise_cuda_graphs"]:
+            graphs += " and, around their attention, steps with prompt chunks"
         log.info("%s on %s: %s, weights %s, attention=%s; KV cache %s, %d bytes a token: %d pages of %d = %d tokens "
                  "(%.2f GiB); max_model_len %d; CUDA graphs %s; loaded in %.1f s", cfg.model.name, r["device"],
                  r["dtype"], r["weights"], r["attention"], r["kv_cache_dtype"], r["kv_bytes_per_token"], r["kv_pages"],

@@ -211,6 +211,7 @@ class ModelRunner:
                 **self.kv.describe(), "page_size": self.page_size,
                 "kv_pages": self.num_pages, "kv_tokens": self.num_pages * self.page_size,
                 "max_model_len": self.max_model_len, "cuda_graphs": self.use_graphs,
+                "piecewise_cuda_graphs": self.eager_step.piecewise is not None,
                 "graph_batch_sizes": batch_buckets(self.cfg.max_batch_size) if self.use_graphs else [],
                 "load_seconds": round(self.load_seconds, 2)}
 

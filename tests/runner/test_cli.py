@@ -97,6 +97,7 @@ def test_a_run_says_what_it_resolved_and_measured(env, tmp_path):
     assert "auto" not in resolved.values() and resolved["weights"] in ("fp8", resolved["dtype"])
     assert resolved["kv_tokens"] == resolved["kv_pages"] * resolved["page_size"] == resolved["kv_pages"] * 64
     assert resolved["cuda_graphs"] == bool(resolved["graph_batch_sizes"])
+    assert resolved["piecewise_cuda_graphs"] is False  # off by default, and graphs only on a GPU
     for name in ("ttft_s", "tpot_s"):
         assert 0 < metrics[f"{name}_median"] <= metrics[f"{name}_p99"]
     assert metrics["tokens_per_s"] == pytest.approx(metrics["generated_tokens"] / metrics["seconds"], rel=0.01)
