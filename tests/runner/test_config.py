@@ -168,7 +168,7 @@ def test_kv_cache_dtype_options_and_their_errors():
         (["kv_cache_scale=inf"], "kv_cache_scale=inf is not valid"),
         (["kv_cache_dtype=fp8", "dtype=float16"], "kv_cache_dtype=fp8 needs dtype=bfloat16 or float32"),
         (["kv_cache_dtype=fp8_ds_mla", "attention=flashmla"],
-         "attention=flashmla needs kv_cache_dtype=auto (here fp8_ds_mla); use attention=triton"),
+         "attention=flashmla needs kv_cache_dtype=auto or fp8 (here fp8_ds_mla); use attention=triton"),
         (["kv_cache_dtype=fp8", "attention=aiter"], "attention=aiter needs kv_cache_dtype=auto (here fp8)"),
     ]
     for overrides, message in cases:

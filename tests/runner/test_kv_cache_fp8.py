@@ -236,8 +236,8 @@ def test_the_runner_allocates_the_layout_and_says_so(dsv3_ckpt):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype='fp8_e5m2' is not supported: choose one of 'auto', 'fp8'"),
-    ({"kv_cache_dtype": "fp8", "attention": "flashmla", "device": "cuda"},
-     r"^attention=flashmla needs kv_cache_dtype=auto \(here fp8\); use attention=triton$"),
+    ({"kv_cache_dtype": "fp8_ds_mla", "attention": "flashmla", "device": "cuda"},
+     r"^attention=flashmla needs kv_cache_dtype=auto or fp8 \(here fp8_ds_mla\); use attention=triton$"),
     ({"kv_cache_dtype": "fp8", "dtype": "float16"}, "kv_cache_dtype=fp8 needs dtype=bfloat16 or float32"),
     ({"calculate_kv_scales": True}, r"LLM\(calculate_kv_scales=...\): not supported: .*kv_cache_scale"),
 ])
