@@ -26,7 +26,8 @@ import torch
 from mla_runner.engine.cuda_graphs import LazyGraphs
 from mla_runner.models.context import ForwardContext
 
-# Token counts of a step that replay graphs: steps of more tokens run eagerly (their kernels outlast their launches)
+# Token counts of a step that replay graphs (the fixed buffers hold the largest); steps of more tokens run eagerly,
+# where a layer's GEMMs over thousands of tokens take long beside its launches
 TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
