@@ -50,7 +50,8 @@ class EagerStep:
         self.model, self.backend, self.args = model, backend, model.args
         self.page_size, self.context_chunk_tokens, self.device = page_size, context_chunk_tokens, device
         self.decode_part = decode_part
-        # set by the model runner where graphs run (a GPU): steps of up to its largest bucket replay its pieces
+        # set by the model runner where graphs run and piecewise_cuda_graphs is on: steps of up to its largest bucket
+        # replay its pieces
         self.piecewise: PiecewiseForward | None = None
 
     def logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
