@@ -23,6 +23,7 @@ import json
 import torch
 
 from mla_runner.kernels.cuda_graph import graph_time
+from mla_runner.kernels.fp8_block import FP8_MAX
 from mla_runner.kernels.kv_cache import KVCacheLayout, per_tensor_scale, write_latent
 from mla_runner.kernels.metadata import PersistentMetadataBuilder
 from mla_runner.kernels.mla_decode import decode_impl, default_config, mla_decode
@@ -34,7 +35,6 @@ PAGE = 64
 # (H, B, L): the grid of issue #30 (64 and 128 heads at 4k-16k) and the 16 heads a rank holds at TP 8
 SHAPES = [(64, 64, 8192), (64, 128, 16384), (64, 32, 32768), (128, 64, 8192), (128, 128, 4096), (128, 128, 16384),
           (16, 64, 8192), (16, 128, 16384)]
-FP8_MAX = 448.0
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -32,7 +32,6 @@ from typing import Optional
 
 import torch
 
-FP8_MAX = 448.0
 LAYOUTS = ("auto", "fp8", "fp8_calibrated", "fp8_ds_mla")
 LOGIT_ROWS = 64  # positions whose logits are compared at once (rows x vocab in float64)
 
@@ -126,6 +125,8 @@ def first_divergence(got: list[int], ref: list[int]) -> int:
 
 
 def measure(args, overrides: list[str]) -> dict:
+    from mla_runner.kernels.fp8_block import FP8_MAX
+
     ref_engine = build_engine(overrides, "auto")
     r = ref_engine.runner.resolved
     gen = torch.Generator().manual_seed(args.seed)

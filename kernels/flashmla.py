@@ -24,11 +24,12 @@ from typing import Any, Optional
 
 import torch
 
+from mla_runner.kernels.fp8_block import FP8_MAX
+
 PAGE_SIZE = 64
 HEAD_COUNTS = (8, 16, 32, 64, 128)
 FP8_LIBRARY_ENV = "MLA_RUNNER_FLASHMLA_FP8"
 FP8_LIBRARY_NAME = "_flashmla_extension_C.abi3.so"
-FP8_MAX = 448.0  # e4m3's largest finite value
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -64,21 +65,28 @@ def plan(seq_lens: torch.Tensor, block_table: torch.Tensor, q_len: int, num_head
     return FlashMLAPlan(sched, seq_lens, block_table, q_len)
 
 
-def flashmla_decode(q: torch.Tensor, kv_cache: torch.Tensor, step: FlashMLAPlan, sm_scale: float,
-                    kv_lora_rank: int = 512) -> torch.Tensor:
-    """q [B * q_len, H, 576] bf16, kv_cache [pages, 64, 576] -> [B * q_len, H, 512]."""
-    from flash_mla import flash_mla_with_kvcache
-
+def _shape(q: torch.Tensor, kv_cache: torch.Tensor, step: FlashMLAPlan) -> tuple[int, int, int, int]:
+    """(T, H, D, B) of a call, checked against what both dense kernels take: the head counts, the page size, one q_len
+    for every request."""
     T, H, D = q.shape
     if H not in HEAD_COUNTS:
         raise ValueError(f"FlashMLA runs {', '.join(map(str, HEAD_COUNTS))} heads, got {H}")
     if kv_cache.shape[1] != PAGE_SIZE:
         raise ValueError(f"FlashMLA needs page size {PAGE_SIZE}, got {kv_cache.shape[1]}")
-    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
-        raise ValueError(f"FlashMLA's dense decode needs bf16 q and cache, got {q.dtype} and {kv_cache.dtype}")
     B = step.seq_lens.shape[0]
     if T != B * step.q_len:
         raise ValueError(f"FlashMLA needs the same q_len for every request: {T} tokens for {B} requests")
+    return T, H, D, B
+
+
+def flashmla_decode(q: torch.Tensor, kv_cache: torch.Tensor, step: FlashMLAPlan, sm_scale: float,
+                    kv_lora_rank: int = 512) -> torch.Tensor:
+    """q [B * q_len, H, 576] bf16, kv_cache [pages, 64, 576] -> [B * q_len, H, 512]."""
+    from flash_mla import flash_mla_with_kvcache
+
+    T, H, D, B = _shape(q, kv_cache, step)
+    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+        raise ValueError(f"FlashMLA's dense decode needs bf16 q and cache, got {q.dtype} and {kv_cache.dtype}")
     out, _ = flash_mla_with_kvcache(
         q.view(B, step.q_len, H, D), kv_cache.view(kv_cache.shape[0], PAGE_SIZE, 1, D), step.block_table,
         step.seq_lens, kv_lora_rank, step.sched, softmax_scale=sm_scale, causal=True, use_legacy=True)
@@ -124,15 +132,10 @@ def flashmla_decode_fp8(q: torch.Tensor, kv_cache: torch.Tensor, step: FlashMLAP
     """q [B * q_len, H, 576] bf16, kv_cache e4m3 [pages, 64, 576] holding x / ``kv_scale`` ([1] float32) -> [B * q_len,
     H, 512] in q's dtype. The query goes in as e4m3 too, with one scale for the step's whole query (its largest
     magnitude over 448, computed on the device: no sync)."""
-    T, H, D = q.shape
-    if H not in HEAD_COUNTS:
-        raise ValueError(f"FlashMLA runs {', '.join(map(str, HEAD_COUNTS))} heads, got {H}")
-    if kv_cache.dtype != torch.float8_e4m3fn or kv_cache.shape[1] != PAGE_SIZE or kv_cache.shape[-1] != D:
+    T, H, D, B = _shape(q, kv_cache, step)
+    if kv_cache.dtype != torch.float8_e4m3fn or kv_cache.shape[-1] != D:
         raise ValueError(f"FP8 FlashMLA needs an e4m3 cache [pages, {PAGE_SIZE}, {D}], got {kv_cache.dtype} "
                          f"{tuple(kv_cache.shape)}")
-    B = step.seq_lens.shape[0]
-    if T != B * step.q_len:
-        raise ValueError(f"FlashMLA needs the same q_len for every request: {T} tokens for {B} requests")
     q_scale = (q.abs().amax().float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
     q8 = (q.float() / q_scale).to(torch.float8_e4m3fn)
     metadata, num_splits = step.sched

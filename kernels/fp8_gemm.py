@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0
+from mla_runner.kernels.fp8_block import FP8_MAX
+
 SCALE_BLOCK = 128
 MODES = ("weight_only", "act_quant")
 

@@ -29,9 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+from mla_runner.kernels.fp8_block import FP8_MAX
+
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_ds_mla")
 FMT_CODE = {"auto": 0, "fp8": 1, "fp8_ds_mla": 2}  # the kernels' KV_FMT
-FP8_MAX = 448.0  # largest finite e4m3 (float8_e4m3fn) value
 GROUP = 128  # fp8_ds_mla: latent values per scale
 AMAX_FLOOR = 1e-4  # fp8_ds_mla: a group's amax is floored at this (all-zero groups get a finite scale, 2^-22)
 

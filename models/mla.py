@@ -98,6 +98,11 @@ class MLA(nn.Module):
         return True
 
     @property
+    def fp8_cache(self) -> bool:
+        """Whether ``kv_cache`` holds an FP8 layout (written quantized, read back dequantized)."""
+        return self.kv_layout is not None and self.kv_layout.is_fp8
+
+    @property
     def input_projections_fused(self) -> bool:
         """Whether forward runs the fused GEMM: fused, and neither module replaced since (tests swap FP8Linear
         layers for emulations after loading; those then run on their own). ``w_qkv_a = None`` unfuses."""
@@ -135,7 +140,7 @@ class MLA(nn.Module):
         q_nope, q_pe = q.view(-1, self.n_heads, self.nope_dim + self.rope_dim).split([self.nope_dim, self.rope_dim], -1)
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], -1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)], dim=-1)
-        if self.kv_layout is not None and self.kv_layout.is_fp8:  # quantized in the kernel that scatters it
+        if self.fp8_cache:  # quantized in the kernel that scatters it
             write_latent(self.kv_cache, latent, ctx.slot_mapping, self.kv_layout, self.kv_scale)
         else:
             self.kv_cache.view(-1, latent.shape[-1])[ctx.slot_mapping] = latent.to(self.kv_cache.dtype)
@@ -156,8 +161,7 @@ class MLA(nn.Module):
         if ctx.prefill.absorbed is not None:
             o[D:] = self._absorbed(q_nope[D:], q_pe[D:], ctx, ctx.prefill.absorbed)
         else:  # the chunks' own keys as the cache holds them
-            fp8 = self.kv_layout is not None and self.kv_layout.is_fp8
-            own = self._read_cache(ctx.slot_mapping[D:], latent.dtype) if fp8 else latent[D:]
+            own = self._read_cache(ctx.slot_mapping[D:], latent.dtype) if self.fp8_cache else latent[D:]
             o[D:] = self._prefill(q_nope[D:], q_pe[D:], own, ctx)
         return o
 
@@ -197,6 +201,6 @@ class MLA(nn.Module):
     def _read_cache(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The latent vectors of cache ``slots`` [S] as [S, kv_lora_rank + rope] of ``dtype``: dequantized from an
         FP8 layout (``gather_latent``), else as stored."""
-        if self.kv_layout is not None and self.kv_layout.is_fp8:
+        if self.fp8_cache:
             return gather_latent(self.kv_cache, slots, self.kv_layout, self.kv_scale, dtype)
         return self.kv_cache.view(-1, self.kv_cache.shape[-1])[slots].to(dtype)
